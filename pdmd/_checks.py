@@ -1,0 +1,50 @@
+"""Input checks shared by the public math functions: bad input raises ValueError naming the argument."""
+from __future__ import annotations
+
+import torch
+
+
+def as_time(name: str, t, like: torch.Tensor | None = None, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """Turn a float or tensor time into a float tensor, checking it is finite and in [low, high]."""
+    if not torch.is_tensor(t):
+        wide = like is None or like.dtype == torch.float64
+        t = torch.tensor(float(t), dtype=torch.float64 if wide else torch.float32)
+    elif t.dtype not in (torch.float32, torch.float64):
+        t = t.float()  # integers and half precision times are computed in float32
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} has non-finite values")
+    if bool((t < low).any()) or bool((t > high).any()):
+        raise ValueError(f"{name} must lie in [{low}, {high}], got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
+    return t
+
+
+def per_sample(name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Expand a scalar or [B] time to [B] for the batch of ``x``."""
+    if t.dim() == 0:
+        return t.expand(x.shape[0])
+    if t.dim() != 1 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} must be a scalar or have shape [{x.shape[0]}] (the batch size), got {tuple(t.shape)}")
+    return t
+
+
+def finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(x):
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have a non-empty leading batch dimension, got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} has non-finite values")
+    return x
+
+
+def same_shape(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, x in others.items():
+        if x.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but {ref_name} has shape {tuple(ref.shape)}")
+
+
+def s_before_t(s: torch.Tensor, t: torch.Tensor, strict: bool) -> None:
+    bad = (s >= t) if strict else (s > t)
+    if bool(bad.any()):
+        rel = "<" if strict else "<="
+        raise ValueError(f"s must be {rel} t for every sample (s is the earlier, less noisy time)")

@@ -1,0 +1,28 @@
+"""pdmd: a Phased DMD trainer, and pdmd_kernels, its fused ops (importable on their own)."""
+from setuptools import setup
+
+setup(
+    name="pdmd",
+    version="0.1.0",
+    description="Phased Distribution Matching Distillation: fast, lean, tested.",
+    python_requires=">=3.10",
+    packages=["pdmd", "pdmd_kernels"],
+    package_dir={"pdmd": "pdmd", "pdmd_kernels": "kernels/pdmd_kernels"},
+    install_requires=[
+        # torch is not pinned: a GPU user keeps the build they have; the README's CPU path installs
+        # a CPU build first so that this line never pulls a multi-GB CUDA wheel.
+        "torch>=2.4",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
+        "lora": ["peft"],
+        "models": ["diffusers", "transformers", "peft"],
+        "gpu": ["triton", "bitsandbytes", "xformers"],
+    },
+    entry_points={"console_scripts": ["pdmd=pdmd.cli:main"]},
+)
