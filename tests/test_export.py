@@ -1,0 +1,141 @@
+"""Experts exported as diffusers LoRA files: reloaded into the diffusers classes they give the in-memory outputs,
+and a diffusers pipeline run with ``expert_sampling`` reproduces pdmd's own few-step sampling."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pdmd.export import activate_adapter, expert_sampling, export_experts, load_experts, read_manifest
+from pdmd.models import QwenImageDenoiser, WanDenoiser, WanMoEDenoiser
+from tiny_models import tiny_qwen, tiny_wan
+
+torch.set_grad_enabled(False)
+WAN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+QWEN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+STEPS, BOUNDS = [1.0, 0.75, 0.5, 0.25], [0.5]
+
+
+def _add_experts(module, targets, names, seed=0):
+    """peft LoRA adapters on the teacher's own module (as the trainer does), with random non-zero weights."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    for name in names:
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, target_modules=targets), module, adapter_name=name)
+    g = torch.Generator().manual_seed(seed)
+    for n, p in module.named_parameters():
+        if "lora_" in n:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _pdmd_sampling(denoiser_of_step, x, cond, manifest):
+    """pdmd's Euler (flow ODE) sampler over the manifest's steps, each step by its expert."""
+    steps = manifest["steps"]
+    for i, row in enumerate(steps):
+        model = denoiser_of_step(row)
+        activate_adapter(model, row["expert"])
+        v = model(x, row["t"], cond)
+        nxt = steps[i + 1]["sigma"] if i + 1 < len(steps) else 0.0
+        x = x + (nxt - row["sigma"]) * v
+    return x
+
+
+def test_wan21_export_reload_and_pipeline_sampling(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    base = tiny_wan(0)
+    d = WanDenoiser(copy.deepcopy(base), shift=5.0)
+    _add_experts(d, WAN_TARGETS, ["expert_1", "expert_2"])
+    m = export_experts(d, tmp_path, STEPS, BOUNDS)
+    assert [r["expert"] for r in m["steps"]] == ["expert_1", "expert_1", "expert_2", "expert_2"]
+    assert [e["component"] for e in m["experts"]] == ["transformer", "transformer"]
+    assert m["steps"][1]["sigma"] == pytest.approx(0.9375) and m["steps"][2]["timestep"] == pytest.approx(1000 * 2.5 / 3)
+    with safe_open(str(tmp_path / "expert_1.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("transformer.blocks.") and ".lora_" in k for k in keys)
+    assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == 2
+    assert read_manifest(tmp_path) == m
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                       transformer=copy.deepcopy(base))
+    load_experts(pipe, tmp_path)
+    x, cond = torch.randn(1, 4, 1, 8, 8), torch.randn(1, 6, 16)
+    reloaded = WanDenoiser(pipe.transformer, 5.0)
+    for name in ("expert_1", "expert_2"):
+        activate_adapter(reloaded, name)
+        activate_adapter(d, name)
+        torch.testing.assert_close(reloaded(x, 0.6, cond), d(x, 0.6, cond), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(d(x, 0.6, cond), WanDenoiser(base, 5.0)(x, 0.6, cond), atol=1e-3)
+
+    with expert_sampling(pipe, m) as kw:
+        out = pipe(prompt_embeds=cond, latents=x, height=64, width=64, num_frames=1, output_type="latent", **kw).frames
+    torch.testing.assert_close(out, _pdmd_sampling(lambda row: d, x, cond, m), atol=1e-5, rtol=1e-5)
+    assert pipe.transformer.forward.__func__ is type(pipe.transformer).forward  # switching removed after the block
+
+
+def test_wan22_a14b_experts_go_to_transformer_and_transformer_2(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    high, low = tiny_wan(1), tiny_wan(2)
+    moe = WanMoEDenoiser(copy.deepcopy(high), copy.deepcopy(low), shift=12.0, boundary_sigma=0.875)
+    tb = moe.boundary_time
+    steps = [1.0, (1 + tb) / 2, tb, tb / 2]
+    _add_experts(moe.for_phase(1), WAN_TARGETS, ["expert_1"], seed=1)
+    _add_experts(moe.for_phase(2), WAN_TARGETS, ["expert_2"], seed=2)
+    m = export_experts(moe, tmp_path, steps, [tb])
+    assert [e["component"] for e in m["experts"]] == ["transformer", "transformer_2"]
+    assert m["steps"][2]["sigma"] < m["boundary_ratio"] < m["steps"][1]["sigma"]
+    assert m["phase_boundary_sigmas"][0] == pytest.approx(0.875)
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       transformer=copy.deepcopy(high), transformer_2=copy.deepcopy(low), boundary_ratio=0.875)
+    load_experts(pipe, tmp_path)
+    x, cond = torch.randn(1, 4, 1, 8, 8), torch.randn(1, 6, 16)
+    with expert_sampling(pipe, m) as kw:
+        out = pipe(prompt_embeds=cond, latents=x, height=64, width=64, num_frames=1, output_type="latent", **kw).frames
+    expect = _pdmd_sampling(lambda row: moe.for_phase(1 if row["expert"] == "expert_1" else 2), x, cond, m)
+    torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_qwen_export_reload_and_pipeline_sampling(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    base = tiny_qwen(3)
+    d = QwenImageDenoiser(copy.deepcopy(base), shift=2.3)
+    _add_experts(d, QWEN_TARGETS, ["expert_1", "expert_2"], seed=3)
+    m = export_experts(d, tmp_path, STEPS, BOUNDS, sampler="euler")
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                             transformer=copy.deepcopy(base))
+    load_experts(pipe, tmp_path)
+    x, cond = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 16)
+    reloaded = QwenImageDenoiser(pipe.transformer, 2.3)
+    for name in ("expert_1", "expert_2"):
+        activate_adapter(reloaded, name)
+        activate_adapter(d, name)
+        torch.testing.assert_close(reloaded(x, 0.4, cond), d(x, 0.4, cond), atol=1e-6, rtol=1e-6)
+    packed = QwenImagePipeline._pack_latents(x, 1, 4, 8, 8)
+    with expert_sampling(pipe, m) as kw:
+        out = pipe(prompt_embeds=cond, prompt_embeds_mask=torch.ones(1, 5, dtype=torch.long), latents=packed,
+                   height=64, width=64, output_type="latent", **kw).images
+    expect = QwenImagePipeline._pack_latents(_pdmd_sampling(lambda row: d, x, cond, m), 1, 4, 8, 8)
+    torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_export_input_errors(tmp_path):
+    d = WanDenoiser(tiny_wan(), 5.0)
+    _add_experts(d, WAN_TARGETS, ["expert_1", "expert_2"])
+    with pytest.raises(ValueError, match="steps"):
+        export_experts(d, tmp_path, [0.9, 0.5], BOUNDS)
+    with pytest.raises(ValueError, match="not among the steps"):
+        export_experts(d, tmp_path, STEPS, [0.6])
+    with pytest.raises(ValueError, match="adapters"):
+        export_experts(d, tmp_path, STEPS, BOUNDS, adapters=["expert_1"])
+    with pytest.raises(ValueError, match="no LoRA layers named 'expert_3'"):
+        export_experts(d, tmp_path, STEPS, BOUNDS, adapters=["expert_1", "expert_3"])
+    with pytest.raises(ValueError, match="sampler"):
+        export_experts(d, tmp_path, STEPS, BOUNDS, sampler="dpm")
+    with pytest.raises(ValueError, match="manifest"):
+        read_manifest(tmp_path / "none")
