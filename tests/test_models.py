@@ -116,6 +116,15 @@ def test_wan_moe_switches_at_the_boundary_and_per_sample():
         WanMoEDenoiser(high, low, 12.0, 1.5)
 
 
+def test_latent_shapes():
+    assert WanDenoiser(tiny_wan(), 5.0).latent_shape(81, 720, 1280) == (4, 21, 90, 160)
+    assert QwenImageDenoiser(tiny_qwen(), 2.0).latent_shape(928, 1664) == (4, 116, 208)
+    with pytest.raises(ValueError, match="frames"):
+        WanDenoiser(tiny_wan(), 5.0).latent_shape(80, 720, 1280)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        QwenImageDenoiser(tiny_qwen(), 2.0).latent_shape(1382, 1382)
+
+
 def test_null_cond_uses_the_stored_negative_prompt():
     cond = {"embeds": torch.randn(2, 3, 4), "mask": torch.ones(2, 3), "neg_embeds": torch.randn(2, 5, 4), "neg_mask": torch.ones(2, 5)}
     nc = null_cond(cond)

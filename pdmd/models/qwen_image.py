@@ -67,6 +67,13 @@ class QwenImageDenoiser(DiffusersDenoiser):
         super().__init__(get_schedule("flow", shift))
         self.transformer = transformer
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, H, W) of the unpacked latents for ``height`` x ``width`` pixels (8x VAE, 2x2 packing)."""
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v < 16 or v % 16:
+                raise ValueError(f"{name} must be a positive multiple of 16 pixels, got {v!r}")
+        return (self.transformer.config.in_channels // 4, height // 8, width // 8)
+
     def forward(self, x_t: torch.Tensor, t, cond) -> torch.Tensor:
         if x_t.dim() != 4 or x_t.shape[2] % 2 or x_t.shape[3] % 2:
             raise ValueError(f"x_t must be latents [B, C, H, W] with even H and W, got shape {tuple(x_t.shape)}")

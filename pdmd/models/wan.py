@@ -46,6 +46,11 @@ class WanDenoiser(DiffusersDenoiser):
         super().__init__(get_schedule("flow", shift))
         self.transformer = transformer
 
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, F, H, W) of the latents for a video of ``frames`` x ``height`` x ``width`` pixels (Wan VAE: 4x time, 8x space)."""
+        _check_size(frames, height, width, 16)
+        return (self.transformer.config.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
+
     def forward(self, x_t: torch.Tensor, t, cond) -> torch.Tensor:
         x, one_frame = _as_video(x_t)
         embeds, _ = split_cond(cond)  # Wan attends to the zero padding, as its pipeline does: no mask
@@ -85,6 +90,9 @@ class WanMoEDenoiser(DiffusersDenoiser):
         """The model's own switch in pdmd time (the default phase boundary)."""
         return time_of_sigma(self.schedule, self.boundary_sigma)
 
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return self.high.latent_shape(frames, height, width)
+
     def forward(self, x_t: torch.Tensor, t, cond) -> torch.Tensor:
         sigma = sigma_of(self.schedule, t, x_t)
         use_high = sigma >= self.boundary_sigma
@@ -103,6 +111,16 @@ class WanMoEDenoiser(DiffusersDenoiser):
         super().for_phase(phase)
         which = self.phase_transformers[min(phase, len(self.phase_transformers)) - 1]
         return self.high if which == "high" else self.low
+
+
+def _check_size(frames, height, width, multiple):
+    for name, v in (("frames", frames), ("height", height), ("width", width)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if height % multiple or width % multiple:
+        raise ValueError(f"height and width must be multiples of {multiple}, got {height} x {width}")
+    if (frames - 1) % 4:
+        raise ValueError(f"frames must be 4 n + 1 (Wan's VAE), got {frames}")
 
 
 def _take(cond, idx):
