@@ -25,8 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_toy1d)
     from .diversity import add_cli as add_diversity
+    from .export import add_cli as add_sample
 
     add_diversity(sub)
+    add_sample(sub)
     return p
 
 

@@ -9,7 +9,8 @@ sigma, diffusers timestep, expert, sampler).
 On the diffusers side, ``load_experts(pipe, folder)`` loads the files (``load_lora_weights``, into
 ``transformer_2`` where the manifest says so) and ``expert_sampling(pipe, manifest)`` is a context manager that
 runs the manifest's sigmas and switches adapters by timestep while the pipeline runs (needed when several
-experts share one transformer, as Wan 2.1 and Qwen-Image do).
+experts share one transformer, as Wan 2.1 and Qwen-Image do). ``sample`` (``pdmd sample``) does all of this
+from a local pipeline folder and writes the images in the layout ``pdmd eval diversity`` reads.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .models.base import DiffusersDenoiser
 from .models.qwen_image import QwenImageDenoiser
 from .models.wan import WanDenoiser, WanMoEDenoiser
 
-__all__ = ["lora_state_dict", "activate_adapter", "export_experts", "read_manifest", "load_experts", "expert_sampling",
+__all__ = ["lora_state_dict", "activate_adapter", "export_experts", "read_manifest", "load_experts", "expert_sampling", "sample",
            "SAMPLERS"]
 
 MANIFEST = "manifest.json"
@@ -228,3 +229,81 @@ def expert_sampling(pipe, manifest: dict):
         pipe.scheduler = old_scheduler
         for t in patched:
             del t.forward  # back to the class's forward
+
+
+def sample(pipeline_dir, experts_dir, prompts, out_dir, seeds=range(8), height=None, width=None, frames=None,
+           dtype: str = "bfloat16", device: str | None = None, progress: bool = True) -> Path:
+    """Sample with the exported experts through the diffusers pipeline of a local folder.
+
+    Writes ``out_dir/<prompt index>/<seed>.png`` (the layout ``pdmd eval diversity`` reads; videos as
+    ``<seed>/frame_XXXX.png``, plus ``<seed>.mp4`` when imageio is installed) and ``prompts.json``.
+    """
+    import diffusers
+    from tqdm import tqdm
+
+    from .models._local import component_dir, dtype_kwargs
+
+    manifest = read_manifest(experts_dir)
+    root = component_dir(pipeline_dir, None, "pipeline", config_name="model_index.json")
+    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+        raise ValueError(f"dtype must name a torch dtype (bfloat16, float16, float32), got {dtype!r}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("prompts must not be empty")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = getattr(diffusers, manifest["pipeline"]).from_pretrained(str(root), local_files_only=True,
+                                                                    **dtype_kwargs(getattr(torch, dtype))).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    load_experts(pipe, experts_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prompts.json").write_text(json.dumps({f"{i:03d}": p for i, p in enumerate(prompts)}, indent=1))
+    size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    video = manifest["pipeline"] == "WanPipeline"
+    if video and frames is not None:
+        size["num_frames"] = frames
+    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
+    with expert_sampling(pipe, manifest) as kw:
+        for i, prompt, seed in tqdm(jobs, desc="sampling", disable=not progress):
+            folder = out / f"{i:03d}"
+            folder.mkdir(exist_ok=True)
+            gen = torch.Generator(device).manual_seed(int(seed))
+            if video:
+                clip = pipe(prompt, generator=gen, output_type="pil", **size, **kw).frames[0]
+                if len(clip) == 1:
+                    clip[0].save(folder / f"{seed}.png")
+                    continue
+                (folder / str(seed)).mkdir(exist_ok=True)
+                for j, frame in enumerate(clip):
+                    frame.save(folder / str(seed) / f"frame_{j:04d}.png")
+                if diffusers.utils.is_imageio_available():
+                    diffusers.utils.export_to_video(clip, str(folder / f"{seed}.mp4"), fps=16)
+            else:
+                pipe(prompt, generator=gen, output_type="pil", **size, **kw).images[0].save(folder / f"{seed}.png")
+    return out
+
+
+def add_cli(sub) -> None:
+    """``pdmd sample``: few-step samples from exported experts and a local diffusers pipeline folder."""
+    s = sub.add_parser("sample", help="sample a diffusers pipeline (local folder) with exported pdmd experts")
+    s.add_argument("--pipeline", required=True, help="local diffusers pipeline folder (model_index.json)")
+    s.add_argument("--experts", required=True, help="folder written by pdmd.export.export_experts (manifest.json)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts", help="text file, one prompt per line")
+    s.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
+    s.add_argument("--height", type=int)
+    s.add_argument("--width", type=int)
+    s.add_argument("--frames", type=int, help="Wan: number of frames (1 for images)")
+    s.add_argument("--dtype", default="bfloat16")
+    s.add_argument("--device")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    prompts = args.prompt or [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+    out = sample(args.pipeline, args.experts, prompts, args.out, args.seeds, args.height, args.width, args.frames,
+                 args.dtype, args.device)
+    print(f"wrote {len(prompts) * len(args.seeds)} samples under {out}")
+    return 0

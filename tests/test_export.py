@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -139,3 +140,33 @@ def test_export_input_errors(tmp_path):
         export_experts(d, tmp_path, STEPS, BOUNDS, sampler="dpm")
     with pytest.raises(ValueError, match="manifest"):
         read_manifest(tmp_path / "none")
+
+
+def test_pdmd_sample_cli_from_a_local_pipeline_folder(tmp_path):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from PIL import Image
+    from test_prompts import _tokenizer, _wan_encoder
+    from tiny_models import WAN_CONFIG, _randomise
+
+    from pdmd.cli import main
+
+    torch.manual_seed(0)
+    tr = _randomise(WanTransformer3DModel(**dict(WAN_CONFIG, in_channels=16, out_channels=16)), 0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    tok = _tokenizer(["a cat", "a dog"])
+    WanPipeline(tokenizer=tok, text_encoder=_wan_encoder(len(tok)), vae=vae.eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                transformer=copy.deepcopy(tr)).save_pretrained(tmp_path / "pipe")
+    d = WanDenoiser(tr, 5.0)
+    _add_experts(d, WAN_TARGETS, ["expert_1", "expert_2"])
+    export_experts(d, tmp_path / "experts", STEPS, BOUNDS)
+    assert main(["sample", "--pipeline", str(tmp_path / "pipe"), "--experts", str(tmp_path / "experts"), "--prompt", "a cat",
+                 "--prompt", "a dog", "--seeds", "0", "1", "--height", "32", "--width", "32", "--frames", "1",
+                 "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    imgs = {p: np.asarray(Image.open(p)) for p in sorted((tmp_path / "out").glob("*/*.png"))}
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in imgs] == ["000/0.png", "000/1.png", "001/0.png", "001/1.png"]
+    a, b = list(imgs.values())[:2]
+    assert a.shape == (32, 32, 3) and not np.array_equal(a, b)
+    assert json.loads((tmp_path / "out" / "prompts.json").read_text()) == {"000": "a cat", "001": "a dog"}
+    with pytest.raises(ValueError, match="model_index.json"):
+        main(["sample", "--pipeline", str(tmp_path / "experts"), "--experts", str(tmp_path / "experts"), "--prompt", "x",
+              "--out", str(tmp_path / "o2")])

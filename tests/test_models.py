@@ -143,6 +143,8 @@ def test_load_from_local_folders(tmp_path):
     x, cond = torch.randn(1, 4, 1, 4, 4), torch.randn(1, 4, 16)
     torch.testing.assert_close(d(x, 0.7, cond), WanDenoiser(w, 3.0)(x, 0.7, cond))
     assert load_denoiser("wan", root / "transformer", shift=5.0).schedule.shift == 5.0
+    half = load_denoiser("wan", root, dtype=torch.bfloat16)
+    assert half.transformer.dtype == torch.bfloat16 and half(x, 0.7, cond).dtype == torch.float32
 
     a14b = save_pipeline_dir(tmp_path / "a14b", "WanPipeline", {"transformer": w, "transformer_2": tiny_wan(6)},
                              dict(EULER, shift=12.0), boundary_ratio=0.875)

@@ -55,3 +55,13 @@ def optional_json(path, *names: str) -> dict:
         if (root / n).is_file():
             return read_json(root / n)
     return {}
+
+
+def dtype_kwargs(dtype) -> dict:
+    """The from_pretrained keyword for a dtype: diffusers >= 0.42 calls it ``dtype`` (``torch_dtype`` before)."""
+    if dtype is None:
+        return {}
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype": dtype}

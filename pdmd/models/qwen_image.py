@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..schedules import get_schedule
-from ._local import component_dir, load_diffusers, optional_json
+from ._local import component_dir, dtype_kwargs, load_diffusers, optional_json
 from .base import DiffusersDenoiser, sigma_of, split_cond
 
 __all__ = ["QwenImageDenoiser", "load_qwen_image", "qwen_image_shift", "pack_latents", "unpack_latents"]
@@ -109,5 +109,5 @@ def load_qwen_image(path, resolution: tuple[int, int] | None = None, shift: floa
         if resolution is None:
             raise ValueError("resolution: Qwen-Image's shift depends on the resolution; pass resolution=(height, width) or shift=")
         shift = qwen_image_shift(*resolution, optional_json(root / "scheduler", "scheduler_config.json"))
-    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    kw = dtype_kwargs(dtype)
     return QwenImageDenoiser(load_diffusers(QwenImageTransformer2DModel, root, "transformer", "Qwen-Image transformer", **kw), shift)

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from ..schedules import get_schedule
-from ._local import component_dir, load_diffusers, optional_json
+from ._local import component_dir, dtype_kwargs, load_diffusers, optional_json
 from .base import DiffusersDenoiser, sigma_of, split_cond, time_of_sigma
 
 __all__ = ["WanDenoiser", "WanMoEDenoiser", "load_wan", "scheduler_shift"]
@@ -145,7 +145,7 @@ def load_wan(path, shift: float | None = None, dtype: torch.dtype | None = None,
         shift = scheduler_shift(root)
         if shift is None:
             raise ValueError(f"shift: {str(root)!r} has no scheduler config with a flow shift; pass shift= (Wan: 3.0 at 480p, 5.0 at 720p; A14B: 12.0)")
-    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    kw = dtype_kwargs(dtype)
     high = load_diffusers(WanTransformer3DModel, root, "transformer", "Wan transformer", **kw)
     second = index.get("transformer_2")
     if not (isinstance(second, list) and second and second[0]):
