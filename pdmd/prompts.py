@@ -190,9 +190,19 @@ class PromptCache:
 
     def batch(self, indices: Sequence[int]) -> dict:
         """``cond`` for the given prompts: prompt and negative embeddings, padded, with their masks."""
-        rows = [self[int(i)] for i in indices]
-        if not rows:
-            raise ValueError("indices must not be empty")
+        indices = [int(i) for i in indices]
+        if not indices or any(not 0 <= i < len(self) for i in indices):
+            raise ValueError(f"indices must be a non-empty list of integers in [0, {len(self)})")
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for k, i in enumerate(indices):
+            s, j = divmod(i, self.meta["shard_size"])
+            by_shard.setdefault(s, []).append((k, j))
+        rows: list = [None] * len(indices)
+        for s, items in by_shard.items():  # one file open per shard
+            with safe_open(str(self._shard(s)), "pt") as f:
+                part, off = f.get_slice("embeds"), self._offsets[s]
+                for k, j in items:
+                    rows[k] = part[int(off[j]):int(off[j + 1])]
         n = self.pad_to or max(len(r) for r in rows)
         n_neg = self.pad_to or len(self.negative)
         embeds, mask = self._pad(rows, n)
