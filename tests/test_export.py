@@ -15,8 +15,8 @@ from pdmd.models import QwenImageDenoiser, WanDenoiser, WanMoEDenoiser
 from tiny_models import tiny_qwen, tiny_wan
 
 torch.set_grad_enabled(False)
-WAN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
-QWEN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+WAN_TARGETS = list(WanDenoiser.lora_targets)
+QWEN_TARGETS = list(QwenImageDenoiser.lora_targets)
 STEPS, BOUNDS = [1.0, 0.75, 0.5, 0.25], [0.5]
 
 
@@ -33,14 +33,18 @@ def _add_experts(module, targets, names, seed=0):
 
 
 def _pdmd_sampling(denoiser_of_step, x, cond, manifest):
-    """pdmd's Euler (flow ODE) sampler over the manifest's steps, each step by its expert."""
+    """pdmd's few-step sampler over the manifest's steps, each step by its expert: the Euler (flow ODE) step,
+    or x0 then fresh noise ("renoise", drawn from the global generator as diffusers does)."""
     steps = manifest["steps"]
     for i, row in enumerate(steps):
         model = denoiser_of_step(row)
         activate_adapter(model, row["expert"])
         v = model(x, row["t"], cond)
         nxt = steps[i + 1]["sigma"] if i + 1 < len(steps) else 0.0
-        x = x + (nxt - row["sigma"]) * v
+        if manifest["sampler"] == "euler":
+            x = x + (nxt - row["sigma"]) * v
+        else:
+            x = (1 - nxt) * (x - row["sigma"] * v) + nxt * torch.randn(x.shape)
     return x
 
 
@@ -51,6 +55,10 @@ def test_wan21_export_reload_and_pipeline_sampling(tmp_path):
     d = WanDenoiser(copy.deepcopy(base), shift=5.0)
     _add_experts(d, WAN_TARGETS, ["expert_1", "expert_2"])
     m = export_experts(d, tmp_path, STEPS, BOUNDS)
+    from peft.tuners.lora import LoraLayer
+
+    hit = {t for n, mod in d.named_modules() if isinstance(mod, LoraLayer) for t in WAN_TARGETS if n.endswith(t)}
+    assert hit == set(WAN_TARGETS)  # every target layer exists in the real class
     assert [r["expert"] for r in m["steps"]] == ["expert_1", "expert_1", "expert_2", "expert_2"]
     assert [e["component"] for e in m["experts"]] == ["transformer", "transformer"]
     assert m["steps"][1]["sigma"] == pytest.approx(0.9375) and m["steps"][2]["timestep"] == pytest.approx(1000 * 2.5 / 3)
@@ -75,6 +83,13 @@ def test_wan21_export_reload_and_pipeline_sampling(tmp_path):
         out = pipe(prompt_embeds=cond, latents=x, height=64, width=64, num_frames=1, output_type="latent", **kw).frames
     torch.testing.assert_close(out, _pdmd_sampling(lambda row: d, x, cond, m), atol=1e-5, rtol=1e-5)
     assert pipe.transformer.forward.__func__ is type(pipe.transformer).forward  # switching removed after the block
+
+    m = export_experts(d, tmp_path / "renoise", STEPS, BOUNDS, sampler="renoise")
+    with expert_sampling(pipe, m) as kw:
+        torch.manual_seed(7)
+        out = pipe(prompt_embeds=cond, latents=x, height=64, width=64, num_frames=1, output_type="latent", **kw).frames
+    torch.manual_seed(7)
+    torch.testing.assert_close(out, _pdmd_sampling(lambda row: d, x, cond, m), atol=1e-5, rtol=1e-5)
 
 
 def test_wan22_a14b_experts_go_to_transformer_and_transformer_2(tmp_path):
@@ -108,6 +123,10 @@ def test_qwen_export_reload_and_pipeline_sampling(tmp_path):
     d = QwenImageDenoiser(copy.deepcopy(base), shift=2.3)
     _add_experts(d, QWEN_TARGETS, ["expert_1", "expert_2"], seed=3)
     m = export_experts(d, tmp_path, STEPS, BOUNDS, sampler="euler")
+    from peft.tuners.lora import LoraLayer
+
+    hit = {t for n, mod in d.named_modules() if isinstance(mod, LoraLayer) for t in QWEN_TARGETS if n.endswith(t)}
+    assert hit == set(QWEN_TARGETS)
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
                              transformer=copy.deepcopy(base))
     load_experts(pipe, tmp_path)

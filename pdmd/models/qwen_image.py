@@ -63,6 +63,10 @@ def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class QwenImageDenoiser(DiffusersDenoiser):
     """``model(x_t [B, C, H, W], t, cond) -> eps - x0`` around a QwenImageTransformer2DModel."""
 
+    # Linear layers of every block that the experts' LoRA targets (joint attention, image and text MLPs)
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+
     def __init__(self, transformer, shift: float):
         super().__init__(get_schedule("flow", shift))
         self.transformer = transformer

@@ -42,6 +42,9 @@ def _as_video(x_t: torch.Tensor) -> tuple[torch.Tensor, bool]:
 class WanDenoiser(DiffusersDenoiser):
     """One Wan transformer: ``model(x_t, t, cond) -> eps - x0`` with t pdmd time before the shift."""
 
+    # Linear layers of every block that the experts' LoRA targets (self/cross attention and feed-forward)
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+
     def __init__(self, transformer, shift: float):
         super().__init__(get_schedule("flow", shift))
         self.transformer = transformer
@@ -75,6 +78,7 @@ class WanMoEDenoiser(DiffusersDenoiser):
 
     def __init__(self, high, low, shift: float, boundary_sigma: float, phase_transformers: Sequence[str] = ("high", "low")):
         super().__init__(get_schedule("flow", shift))
+        self.lora_targets = WanDenoiser.lora_targets
         if not 0.0 < float(boundary_sigma) < 1.0:
             raise ValueError(f"boundary_sigma must lie in (0, 1), got {boundary_sigma!r}")
         bad = [p for p in phase_transformers if p not in ("high", "low")]
