@@ -5,7 +5,8 @@ diverse), each averaged over prompts.
 Feature networks come from local files only:
 - DINOv3: a transformers ``DINOv3ViTModel`` folder (its pooled CLS feature; resizing and normalisation from the
   folder's ``preprocessor_config.json``, done in torch so torchvision is not needed);
-- LPIPS: the ``lpips`` package when it imports (it needs torchvision). Otherwise ``LPIPS`` below computes the same
+- LPIPS: the ``lpips`` package when it imports (it needs torchvision) and torchvision's AlexNet checkpoint is in
+  the torch hub cache. Otherwise ``LPIPS`` below computes the same
   quantity: backbone features unit-normalised over channels, squared differences, per-layer 1x1 linear weights,
   spatial mean, sum over layers, on a pluggable backbone. ``alexnet_backbone`` is AlexNet's feature stack in
   plain torch with torchvision's parameter names (loads torchvision's ``alexnet-owt-*.pth``), and the linear
@@ -115,21 +116,28 @@ def _lpips_package_file() -> Path | None:
     return path if path.is_file() else None
 
 
-def load_lpips(alexnet_weights=None, lin_weights=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """An LPIPS(alex) distance ``fn(x, y) -> [B]`` on images in [-1, 1].
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet checkpoint, as cached by torch.hub
 
-    The lpips package is used when it imports and no local AlexNet file is given; otherwise the torch
-    implementation above with ``alexnet_weights`` (torchvision's checkpoint) and the package's linear weights
-    (or ``lin_weights``).
+
+def load_lpips(alexnet_weights=None, lin_weights=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """An LPIPS(alex) distance ``fn(x, y) -> [B]`` on images in [-1, 1], from local files only.
+
+    ``alexnet_weights`` defaults to torchvision's cached checkpoint (``$TORCH_HOME/hub/checkpoints``). The lpips
+    package runs when it imports and no ``alexnet_weights`` was given; otherwise the torch implementation above,
+    with the package's linear weights (or ``lin_weights``).
     """
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
     if alexnet_weights is None:
+        if not cached.is_file():
+            raise ValueError(f"LPIPS: no AlexNet weights: pass alexnet_weights= (torchvision's {ALEXNET_FILE}, a local "
+                             f"file) or place it at {str(cached)!r}")
         try:
             import lpips
-        except ImportError as e:
-            raise ValueError("LPIPS: the lpips package does not import here (it needs torchvision): pass alexnet_weights= "
-                             "(torchvision's alexnet-owt-*.pth, a local file) to use pdmd's own LPIPS") from e
-        net = lpips.LPIPS(net="alex", verbose=False).eval()
-        return lambda x, y: net(x, y).flatten()
+        except ImportError:  # it imports torchvision, which may not install beside this torch build
+            alexnet_weights = cached
+        else:
+            net = lpips.LPIPS(net="alex", verbose=False).eval()  # torchvision finds the cached file: no download
+            return lambda x, y: net(x, y).flatten()
     lin_path = lin_weights or _lpips_package_file()
     if lin_path is None:
         raise ValueError("LPIPS: no linear-layer weights: install the lpips package (pip install --no-deps lpips) or pass lin_weights=")

@@ -126,7 +126,10 @@ def export_experts(model: DiffusersDenoiser, out_dir, steps: Sequence[float], ph
     adapters = list(adapters) if adapters is not None else [f"expert_{k}" for k in range(1, n + 1)]
     if len(adapters) != n:
         raise ValueError(f"adapters must name one adapter per phase ({n}), got {adapters}")
-    sig = lambda t: float(model.schedule.sigma(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+
+    def sig(t: float) -> float:
+        return float(model.schedule.sigma(torch.tensor(t, dtype=torch.float64)))
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     edges = [1.0] + bounds + [0.0]
@@ -147,14 +150,13 @@ def export_experts(model: DiffusersDenoiser, out_dir, steps: Sequence[float], ph
                 "phase_boundary_sigmas": [sig(b) for b in bounds], "experts": experts, "steps": step_rows}
     if kind == "wan-a14b":
         # WanPipeline sends timesteps >= boundary_ratio * 1000 to `transformer`: put the switch between the
-        # last high-noise step and the first low-noise one
+        # last high-noise step and the first low-noise one (0: all steps high; above 1: all low)
         comp = {e["name"]: e["component"] for e in experts}
         hi = [r["sigma"] for r in step_rows if comp[r["expert"]] == "transformer"]
         lo = [r["sigma"] for r in step_rows if comp[r["expert"]] == "transformer_2"]
-        if hi and lo:
-            if min(hi) <= max(lo):
-                raise ValueError("phase_transformers interleave high and low transformers across steps: WanPipeline cannot run that")
-            manifest["boundary_ratio"] = 0.5 * (min(hi) + max(lo))
+        if hi and lo and min(hi) <= max(lo):
+            raise ValueError("phase_transformers interleave high and low transformers across steps: WanPipeline cannot run that")
+        manifest["boundary_ratio"] = 0.5 * (min(hi) + max(lo)) if hi and lo else (0.0 if hi else 1.5)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 

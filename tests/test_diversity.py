@@ -70,16 +70,20 @@ def _dino_dir(tmp_path):
     return tmp_path / "dino"
 
 
-def test_lpips_loader_is_a_distance(tmp_path):
+def test_lpips_loader_is_a_distance(tmp_path, monkeypatch):
     lp = load_lpips(*_lpips_files(tmp_path))
     x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     assert torch.allclose(lp(x, x), torch.zeros(2), atol=1e-6)
     assert bool((lp(x, y) > 0).all()) and torch.allclose(lp(x, y), lp(y, x))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty cache: nothing to load, no download
+    with pytest.raises(ValueError, match="alexnet_weights"):
+        load_lpips()
     if importlib.util.find_spec("lpips") is None:
-        with pytest.raises(ValueError, match="alexnet_weights"):
-            load_lpips()
         with pytest.raises(ValueError, match="linear-layer weights"):
             load_lpips(tmp_path / "alexnet.pth")
+        (tmp_path / "torch_home" / "hub" / "checkpoints").mkdir(parents=True)
+        (tmp_path / "alexnet.pth").rename(tmp_path / "torch_home" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth")
+        assert torch.allclose(load_lpips(lin_weights=tmp_path / "alex.pth")(x, y), lp(x, y))
 
 
 def test_mean_pairwise_and_dino_cosine(tmp_path):

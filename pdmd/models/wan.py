@@ -73,12 +73,14 @@ class WanMoEDenoiser(DiffusersDenoiser):
 
     Phased DMD (the paper) starts phase 1's expert and fake score from the high-noise transformer and the
     later phases' from the low-noise one: ``for_phase(k)`` returns that transformer's own denoiser
-    (``phase_transformers`` overrides the choice, e.g. ``("high", "high", "low")`` for three phases).
+    (``phase_transformers`` overrides the choice, e.g. ``("high", "high", "low")`` for three phases; phases
+    beyond the list take its last entry).
     """
+
+    lora_targets = WanDenoiser.lora_targets
 
     def __init__(self, high, low, shift: float, boundary_sigma: float, phase_transformers: Sequence[str] = ("high", "low")):
         super().__init__(get_schedule("flow", shift))
-        self.lora_targets = WanDenoiser.lora_targets
         if not 0.0 < float(boundary_sigma) < 1.0:
             raise ValueError(f"boundary_sigma must lie in (0, 1), got {boundary_sigma!r}")
         bad = [p for p in phase_transformers if p not in ("high", "low")]
