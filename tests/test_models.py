@@ -1,7 +1,6 @@
 """Adapters of diffusers Wan / Qwen-Image transformers to the denoiser contract, on tiny random models."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
