@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -25,7 +26,9 @@ def _add_experts(module, targets, names, seed=0):
     from peft import LoraConfig, inject_adapter_in_model
 
     for name in names:
-        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, target_modules=targets), module, adapter_name=name)
+        with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, target_modules=targets), module, adapter_name=name)
     g = torch.Generator().manual_seed(seed)
     for n, p in module.named_parameters():
         if "lora_" in n:
