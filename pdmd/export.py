@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -176,7 +177,9 @@ def load_experts(pipe, folder) -> dict:
     manifest = read_manifest(folder)
     for e in manifest["experts"]:
         extra = {"load_into_transformer_2": True} if e["component"] == "transformer_2" else {}
-        pipe.load_lora_weights(str(Path(folder) / e["file"]), adapter_name=e["name"], **extra)
+        with warnings.catch_warnings():  # several experts in one transformer is the design, not an accident
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            pipe.load_lora_weights(str(Path(folder) / e["file"]), adapter_name=e["name"], **extra)
     if "boundary_ratio" in manifest:
         pipe.register_to_config(boundary_ratio=manifest["boundary_ratio"])
     return manifest
