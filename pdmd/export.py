@@ -209,7 +209,8 @@ def expert_sampling(pipe, manifest: dict):
     old_scheduler, patched = pipe.scheduler, []
 
     def switching(transformer, rows):
-        forward = transformer.forward
+        forward = transformer.forward  # may itself be an instance-level wrapper (accelerate's offload hooks)
+        patched.append((transformer, transformer.__dict__.get("forward")))
 
         def run(*args, **kwargs):
             if "timestep" not in kwargs:
@@ -220,7 +221,6 @@ def expert_sampling(pipe, manifest: dict):
             return forward(*args, **kwargs)
 
         transformer.forward = run
-        patched.append(transformer)
 
     try:
         pipe.scheduler = _fixed_sigmas_scheduler(sigmas, stochastic=manifest["sampler"] == "renoise")
@@ -232,8 +232,11 @@ def expert_sampling(pipe, manifest: dict):
         yield kwargs
     finally:
         pipe.scheduler = old_scheduler
-        for t in patched:
-            del t.forward  # back to the class's forward
+        for t, previous in patched:
+            if previous is None:
+                del t.forward  # back to the class's forward
+            else:
+                t.forward = previous
 
 
 def sample(pipeline_dir, experts_dir, prompts, out_dir, seeds=range(8), height=None, width=None, frames=None,

@@ -86,6 +86,12 @@ def test_wan21_export_reload_and_pipeline_sampling(tmp_path):
         out = pipe(prompt_embeds=cond, latents=x, height=64, width=64, num_frames=1, output_type="latent", **kw).frames
     torch.testing.assert_close(out, _pdmd_sampling(lambda row: d, x, cond, m), atol=1e-5, rtol=1e-5)
     assert pipe.transformer.forward.__func__ is type(pipe.transformer).forward  # switching removed after the block
+    hook = pipe.transformer.forward  # an instance-level forward (as accelerate's offload hooks set) survives the block
+    pipe.transformer.forward = hook
+    with expert_sampling(pipe, m):
+        pass
+    assert pipe.transformer.__dict__["forward"] is hook
+    del pipe.transformer.forward
 
     m = export_experts(d, tmp_path / "renoise", STEPS, BOUNDS, sampler="renoise")
     with expert_sampling(pipe, m) as kw:
