@@ -198,3 +198,28 @@ def test_pdmd_sample_cli_from_a_local_pipeline_folder(tmp_path):
     with pytest.raises(ValueError, match="model_index.json"):
         main(["sample", "--pipeline", str(tmp_path / "experts"), "--experts", str(tmp_path / "experts"), "--prompt", "x",
               "--out", str(tmp_path / "o2")])
+
+
+def test_adapters_added_with_diffusers_add_adapter_export_too(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    from peft import LoraConfig
+
+    base = tiny_wan(4)
+    tr = copy.deepcopy(base)
+    for name in ("expert_1", "expert_2"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            tr.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=WAN_TARGETS), adapter_name=name)
+    for n, p in tr.named_parameters():
+        if "lora_" in n:
+            p.data.normal_(0, 0.2)
+    d = WanDenoiser(tr, 3.0)
+    export_experts(d, tmp_path, STEPS, BOUNDS)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       transformer=copy.deepcopy(base))
+    load_experts(pipe, tmp_path)
+    x, cond = torch.randn(1, 4, 1, 8, 8), torch.randn(1, 6, 16)
+    for name in ("expert_1", "expert_2"):
+        tr.set_adapter(name)
+        activate_adapter(pipe.transformer, name)
+        torch.testing.assert_close(WanDenoiser(pipe.transformer, 3.0)(x, 0.3, cond), d(x, 0.3, cond), atol=1e-6, rtol=1e-6)
