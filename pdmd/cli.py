@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_toy1d)
+    from .diversity import add_cli as add_diversity
+    from .export import add_cli as add_sample
+
+    add_diversity(sub)
+    add_sample(sub)
     return p
 
 
