@@ -106,6 +106,21 @@ def test_a_registered_native_backend_is_the_cpu_default(monkeypatch):
         K.register_backend("nope", "native", forward, forward, lambda *a: True)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRETED, reason="needs TRITON_INTERPRET=1"))])
+def test_backward_saves_nothing_of_latent_size_but_the_inputs(backend):
+    """Every tensor autograd saves for the ops' backward is an input itself or a [B] vector."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(2, 3, 5, 7, generator=gen) for _ in range(7)]
+    leaves = [t.clone().requires_grad_() for t in tensors[:4]]
+    inputs = {t.data_ptr() for t in leaves + tensors[4:]}
+    saved = []
+    with K.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _all_ops(*leaves, *tensors[4:], *coefs())
+    big = [t for t in saved if t.numel() > 2]
+    assert len(big) >= 10 and all(t.data_ptr() in inputs for t in big), [tuple(t.shape) for t in big]
+
+
 # ---------------------------------------------------------------- torch.compile
 
 

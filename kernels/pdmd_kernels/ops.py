@@ -200,7 +200,7 @@ def _(grad, x, real_cond, real_uncond, fake, scale, weight, norm, form, min_norm
 
 def _dmd_setup(ctx, inputs, output):
     x, real_cond, real_uncond, fake, scale, weight, form, min_norm = inputs
-    # x itself is not read by backward; it is saved only as autograd's own reference (no copy).
+    # inputs only (references, no copies) and the [B] normaliser; the Triton backward reads x's shape alone
     ctx.save_for_backward(x, real_cond, real_uncond, fake, weight, output[1])
     ctx.scale, ctx.form, ctx.min_norm = scale, form, min_norm
 
@@ -269,9 +269,8 @@ def _ref_subinterval_forward(pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_
 
 def _ref_subinterval_backward(grad, pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction,
                               needs):
-    dt = _loss_dtype(pred)
-    grads = ref.subinterval_loss_grads(grad, pred, x_s, noise, *(c.to(dt) for c in (alpha_s, sigma_s, alpha_t, sigma_t)),
-                                       clamp_max, prediction)
+    coefs = (c.to(_loss_dtype(pred)) for c in (alpha_s, sigma_s, alpha_t, sigma_t))
+    grads = ref.subinterval_loss_grads(grad, pred, x_s, noise, *coefs, clamp_max, prediction)
     return tuple(g.to(t.dtype) if need else None for g, t, need in zip(grads, (pred, x_s, noise), needs))
 
 
