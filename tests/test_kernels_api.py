@@ -1,5 +1,10 @@
 """pdmd_kernels' API around the math: input errors, backend choice, torch.compile tracing, pdmd wiring."""
+import importlib.util
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +196,28 @@ def test_objectives_dmd_loss_gradient_is_dmd_gradient(weighting, uncond):
     assert torch.allclose(loss.detach(), 0.5 * (g**2).flatten(1).sum(1), rtol=1e-10)
     with pytest.raises(ValueError, match="weighting"):
         obj.dmd_loss(x, real, fake, x_t, s, t, sch, weighting="v")
+
+
+# ---------------------------------------------------------------- the compiled (non-interpreted) kernels
+
+# latent-size tensors each kernel reads / writes in the launch tests/triton_sm90_check.py compiles
+LATENT_ACCESSES = {"_subinterval_fwd": (3, 0), "_subinterval_bwd": (3, 2), "_dmd_theory_fwd": (3, 0),
+                   "_dmd_theory_bwd": (2, 1), "_dmd_normalized_fwd": (4, 0), "_dmd_normalized_finish": (0, 0),
+                   "_dmd_normalized_bwd": (3, 1), "_renoise": (2, 1), "_scale_rows": (1, 1)}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_triton_kernels_compile_for_sm90_with_vector_accesses():
+    """The interpreter runs the kernels' Python; this compiles them for an H100 (no GPU needed) and
+    checks every latent tensor is read and written with 16-byte vector instructions."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    script = Path(__file__).with_name("triton_sm90_check.py")
+    proc = subprocess.run([sys.executable, str(script), "bf16", "fp32"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert {(r["kernel"], r["dtype"]) for r in rows} == {(k, d) for k in LATENT_ACCESSES for d in ("bf16", "fp32")}
+    for r in rows:
+        reads, writes = LATENT_ACCESSES[r["kernel"]]
+        assert r["ld_v4"] >= reads and r["st_v4"] >= writes, r
