@@ -5,6 +5,18 @@ Default choice per device type, first backend that supports the inputs wins:
 "triton" on CPU tensors runs only when forced (``use_backend`` or ``PDMD_KERNELS_BACKEND``) and
 Triton's interpreter is on (``TRITON_INTERPRET=1`` set before triton is imported): it is a test path.
 A forced backend that cannot take the inputs (say float64 on triton) falls back to the default rule.
+
+What a backend implements (``ops.py`` calls these with checked inputs: latent tensors of one shape,
+device and dtype, any strides; coefficients contiguous ``[B]`` tensors of any float dtype; losses and
+``norm`` in float32, float64 for float64 inputs; gradients in the inputs' dtypes, None where not needed):
+  subinterval_loss  forward(pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction) -> loss
+                    backward(grad, pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction,
+                             needs=(pred, x_s, noise)) -> (g_pred, g_x_s, g_noise)
+  dmd_loss          forward(x, real_cond, real_uncond, fake, scale, weight, form, min_norm) -> (loss, norm)
+                    (norm: the [B] normaliser of form "normalized", handed to backward; else an empty tensor)
+                    backward(grad, x, real_cond, real_uncond, fake, scale, weight, norm, form, min_norm) -> g_x
+  renoise           forward(x_s, noise, alpha_ts, sigma_ts) -> x_t
+                    backward(grad, alpha_ts, sigma_ts, dtypes=(x_s, noise), needs=(x_s, noise)) -> (g_x_s, g_noise)
 """
 from __future__ import annotations
 
