@@ -126,6 +126,31 @@ def test_backward_saves_nothing_of_latent_size_but_the_inputs(backend):
     assert len(big) >= 10 and all(t.data_ptr() in inputs for t in big), [tuple(t.shape) for t in big]
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRETED, reason="needs TRITON_INTERPRET=1"))])
+def test_opcheck_custom_ops(backend):
+    """torch.library.opcheck: schema, fake kernels against real outputs, autograd registration."""
+    gen = torch.Generator().manual_seed(0)
+    t = lambda: torch.randn(2, 3, 5, generator=gen)  # noqa: E731
+    leaf = lambda: t().requires_grad_()  # noqa: E731
+    a_s, s_s, a_t, s_t = coefs()
+    ops = torch.ops.pdmd_kernels
+    cases = [
+        (ops.subinterval_loss, (leaf(), leaf(), leaf(), a_s, s_s, a_t, s_t, 20.0, "x0")),
+        (ops.dmd_loss, (leaf(), t(), t(), t(), 3.0, a_t, "theory", 1e-6)),
+        (ops.dmd_loss, (leaf(), t(), None, t(), 1.0, None, "normalized", 1e-6)),
+        (ops.renoise, (leaf(), leaf(), a_t, s_t)),
+        (ops.subinterval_loss_backward, (torch.rand(2), t(), t(), t(), a_s, s_s, a_t, s_t, 20.0, "eps",
+                                         [True, False, True])),
+        (ops.dmd_loss_backward, (torch.rand(2), t(), t(), None, t(), 1.0, None, torch.rand(2) + 0.5, "normalized",
+                                 1e-6)),
+        (ops.renoise_backward, (t(), t(), a_t, s_t, [False, True])),
+    ]
+    with K.use_backend(backend):
+        for op, args in cases:
+            torch.library.opcheck(op, args)
+
+
 # ---------------------------------------------------------------- torch.compile
 
 

@@ -281,7 +281,11 @@ def _ref_dmd_grad(x, real_cond, real_uncond, fake, scale, weight, form, min_norm
 
 def _ref_dmd_forward(x, real_cond, real_uncond, fake, scale, weight, form, min_norm):
     g = _ref_dmd_grad(x, real_cond, real_uncond, fake, scale, weight, form, min_norm)
-    return 0.5 * (g * g).flatten(1).sum(1), g.new_empty(0)
+    if form == "theory":
+        return 0.5 * (g * g).flatten(1).sum(1), g.new_empty(0)
+    real = ref.guided(real_cond.to(g.dtype), None if real_uncond is None else real_uncond.to(g.dtype), scale)
+    norm = (x.to(g.dtype) - real).abs().flatten(1).mean(1).clamp_min(min_norm)
+    return 0.5 * (g * g).flatten(1).sum(1), norm
 
 
 def _ref_dmd_backward(grad, x, real_cond, real_uncond, fake, scale, weight, norm, form, min_norm):
