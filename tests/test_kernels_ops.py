@@ -162,7 +162,8 @@ def check_renoise(backend, device, dtype, shape, layout, key):
 
 
 def cases(device):
-    return GPU_CASES + CASES if device == "cuda" else CASES
+    """On CUDA: latent-like sizes plus two odd ones (each new size can mean new kernel compilations)."""
+    return GPU_CASES + CASES[:2] if device == "cuda" else CASES
 
 
 @pytest.mark.parametrize("backend,device,dtype", CONFIGS)
