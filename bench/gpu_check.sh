@@ -18,10 +18,10 @@ unset TRITON_INTERPRET
 cat "$OUT/env.txt"
 
 echo "== GPU kernel tests"
-timeout 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts=-ra tests/test_kernels_ops.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts=-ra tests/test_kernels_ops.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 
 echo "== GPU benchmark"
-timeout 180 "$PY" bench/gpu_kernels.py --out "$OUT" --budget 120 > "$OUT/gpu_bench.log" 2>&1
+timeout 200 "$PY" bench/gpu_kernels.py --out "$OUT" --budget 130 > "$OUT/gpu_bench.log" 2>&1
 echo "bench exit $?"
 tail -5 "$OUT/gpu_bench.log" | cut -c1-300
 cat "$OUT/gpu_kernels.md" 2>/dev/null

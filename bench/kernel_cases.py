@@ -67,14 +67,15 @@ FUSED = {"subinterval_loss": _fused_subinterval, "dmd_theory": _fused_dmd_theory
 _compiled: dict = {}
 
 
-def implementation(op: str, impl: str, compile_backend: str = "inductor"):
+def implementation(op: str, impl: str, compile_backend: str = "inductor", dynamic=None):
+    """The callable of ``impl``; ``dynamic`` goes to torch.compile (True: one compilation for all sizes)."""
     if impl == "fused":
         return FUSED[op]
     if impl == "eager":
         return EAGER[op]
-    key = (op, compile_backend)
+    key = (op, compile_backend, dynamic)
     if key not in _compiled:
-        _compiled[key] = torch.compile(EAGER[op], backend=compile_backend)
+        _compiled[key] = torch.compile(EAGER[op], backend=compile_backend, dynamic=dynamic)
     return _compiled[key]
 
 
