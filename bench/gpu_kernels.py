@@ -91,7 +91,7 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke, Triton interpreter)",
             "torch": torch.__version__, "dtype": args.dtype, "compile_backend": args.compile_backend, "compile_dynamic": True,
-            "backends": K.backend_info(device, dtype), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -105,6 +105,7 @@ def run(args):
     t_start = time.time()
     force = K.use_backend("triton") if args.cpu_smoke else K.use_backend(None)
     with force:
+        info["backends"] = K.backend_info(device, dtype)
         for name, batch in cases:
             shape = (batch, *latents[name])
             latent_bytes = C.min_bytes("renoise", shape, dtype) // C.PASSES["renoise"]

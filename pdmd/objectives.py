@@ -176,8 +176,8 @@ def dmd_loss(x_gen, real, fake, x_t, s, t, schedule, real_uncond=None, guidance_
         weight, form = None, "normalized"
     else:
         raise ValueError(f"weighting must be 'theory' or 'normalized', got {weighting!r}")
-    x_gen, real, fake = _common_dtype(x_gen, real, fake)
-    real_uncond = None if real_uncond is None else real_uncond.to(x_gen.dtype)
+    x_gen, real, fake, *uncond = _common_dtype(x_gen, real, fake, *([] if real_uncond is None else [real_uncond]))
+    real_uncond = uncond[0] if uncond else None
     return pdmd_kernels.dmd_loss(x_gen, real, fake, real_uncond, guidance_scale, weight, form, min_norm)
 
 
