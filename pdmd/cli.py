@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_toy1d)
+    from .distill import add_commands
+
+    add_commands(sub)
     return p
 
 
