@@ -36,7 +36,7 @@ class DistillConfig:
     max_steps: int = 800  # generator updates in total, split evenly over the phases
     batch_size: int = 256
     fake_updates: int = 5
-    lr_generator: float = 1e-3
+    lr_generator: float = 3e-4
     lr_fake: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.0

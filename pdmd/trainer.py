@@ -355,6 +355,7 @@ class PhasedDMDTrainer:
         d = self.cfg.distill
         stop = d.max_steps if stop_at is None else min(stop_at, d.max_steps)
         samples = (d.fake_updates + 1) * d.grad_accum * d.batch_size
+        self.out.mkdir(parents=True, exist_ok=True)
         log = (self.out / "log.jsonl").open("a")
         bar = tqdm(total=d.max_steps, initial=self.step, desc=f"distill {d.method}", disable=not self.progress,
                    dynamic_ncols=True, mininterval=1.0)
