@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-__all__ = ["save_tensors", "load_tensors", "optimizer_tensors", "load_optimizer", "generator_tensor"]
+__all__ = ["save_tensors", "load_tensors", "optimizer_tensors", "load_optimizer"]
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -62,6 +62,3 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
         state.setdefault(int(idx), {})[key] = v
     opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
-
-def generator_tensor(gen: torch.Generator) -> torch.Tensor:
-    return gen.get_state().clone()

@@ -36,7 +36,7 @@ class DistillConfig:
     max_steps: int = 800  # generator updates in total, split evenly over the phases
     batch_size: int = 256
     fake_updates: int = 5
-    lr_generator: float = 3e-4
+    lr_generator: float = 1e-4
     lr_fake: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.0
@@ -46,7 +46,7 @@ class DistillConfig:
     optimizer: str = "adamw"
     weighting: str = "theory"
     clamp_max: float = 100.0
-    dmd_t_range: list[float] = field(default_factory=lambda: [0.02, 0.98])
+    dmd_t_range: list[float] = field(default_factory=lambda: [0.1, 0.98])
     lora_rank: int = 16
     lora_alpha: float = 16.0
     fake_kind: str = "full"
