@@ -289,29 +289,3 @@ def sample(pipeline_dir, experts_dir, prompts, out_dir, seeds=range(8), height=N
             else:
                 pipe(prompt, generator=gen, output_type="pil", **size, **kw).images[0].save(folder / f"{seed}.png")
     return out
-
-
-def add_cli(sub) -> None:
-    """``pdmd sample``: few-step samples from exported experts and a local diffusers pipeline folder."""
-    s = sub.add_parser("sample", help="sample a diffusers pipeline (local folder) with exported pdmd experts")
-    s.add_argument("--pipeline", required=True, help="local diffusers pipeline folder (model_index.json)")
-    s.add_argument("--experts", required=True, help="folder written by pdmd.export.export_experts (manifest.json)")
-    g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    g.add_argument("--prompts", help="text file, one prompt per line")
-    s.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
-    s.add_argument("--height", type=int)
-    s.add_argument("--width", type=int)
-    s.add_argument("--frames", type=int, help="Wan: number of frames (1 for images)")
-    s.add_argument("--dtype", default="bfloat16")
-    s.add_argument("--device")
-    s.add_argument("--out", required=True)
-    s.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    prompts = args.prompt or [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
-    out = sample(args.pipeline, args.experts, prompts, args.out, args.seeds, args.height, args.width, args.frames,
-                 args.dtype, args.device)
-    print(f"wrote {len(prompts) * len(args.seeds)} samples under {out}")
-    return 0
