@@ -1,0 +1,101 @@
+"""Memory planner: exact parameter shapes vs diffusers, predicted vs measured bytes on tiny models, the CLI."""
+import math
+
+import pytest
+
+from pdmd.cli import main
+from pdmd.plan import (ARCHS, Arch, build_diffusers, make_plan, measure_activations, measure_layout,
+                       param_shapes)
+
+diffusers = pytest.importorskip("diffusers")
+
+TINY_WAN = Arch("tiny-wan", "wan", layers=3, heads=3, head_dim=32, ffn=160, text_dim=32, in_channels=4,
+                out_channels=4, freq_dim=32)
+TINY_QWEN = Arch("tiny-qwen", "qwen", layers=3, heads=3, head_dim=32, ffn=384, text_dim=24, in_channels=16,
+                 out_channels=4)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS) + ["tiny-wan", "tiny-qwen"])
+def test_param_shapes_are_the_diffusers_models(name):
+    arch = {"tiny-wan": TINY_WAN, "tiny-qwen": TINY_QWEN}.get(name) or ARCHS[name]
+    model = build_diffusers(arch, device="meta")
+    ours = {n: tuple(s) for n, s, _ in param_shapes(arch)}
+    theirs = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert ours == theirs
+
+
+def test_known_sizes():
+    # published sizes: Wan 2.1 "1.3B" (1.42B with embeddings) and "14B", Qwen-Image "20B", Wan 2.2 A14B 2 x 14B
+    sizes = {k: make_plan(k).base_params / 1e9 for k in ARCHS}
+    assert sizes["wan2.1-1.3b"] == pytest.approx(1.42, abs=0.01)
+    assert sizes["wan2.1-14b"] == pytest.approx(14.3, abs=0.05)
+    assert sizes["wan2.2-a14b"] == pytest.approx(2 * sizes["wan2.1-14b"])
+    assert sizes["qwen-image"] == pytest.approx(20.4, abs=0.05)
+
+
+def _pixels(arch, latent_frames, latent_hw):
+    if arch.family == "wan":
+        return dict(frames=4 * (latent_frames - 1) + 1, height=8 * latent_hw, width=8 * latent_hw)
+    return dict(frames=1, height=8 * latent_hw, width=8 * latent_hw)
+
+
+def test_our_layout_bytes_match_measured_tiny_wan():
+    """Parameters, LoRA experts, gradients and optimizer states: planner == tensors actually held."""
+    measured = measure_layout(TINY_WAN, lora_rank=4, experts=2)
+    plan = make_plan(TINY_WAN, lora_rank=4, experts=2, **_pixels(TINY_WAN, 2, 4))
+    predicted = {k.split(" (")[0]: v for k, v in plan.ours.items()}
+    assert predicted.pop("FSDP2 gather buffers") == 0  # one process
+    assert predicted == measured
+
+
+def test_our_layout_bytes_tiny_qwen_within_last_block_text_stream():
+    """Qwen-Image's last block computes a text-stream output nobody reads: those parameters get no
+    gradient and no optimizer state, which the planner (conservatively) still counts."""
+    measured = measure_layout(TINY_QWEN, lora_rank=4, experts=2)
+    plan = make_plan(TINY_QWEN, lora_rank=4, experts=2, **_pixels(TINY_QWEN, 1, 16))
+    predicted = {k.split(" (")[0]: v for k, v in plan.ours.items()}
+    for key in ("base weights", "generator experts", "fake score"):
+        assert predicted[key] == measured[key]
+    last = f"transformer_blocks.{TINY_QWEN.layers - 1}."
+    unused = sum(math.prod(s) for n, s, _ in param_shapes(TINY_QWEN)
+                 if n.startswith(last) and any(k in n for k in ("txt_mlp", "to_add_out", "txt_mod")))
+    for key in ("gradients", "optimizer states"):
+        assert measured[key] < predicted[key] <= measured[key] + 4 * unused  # bf16 grad+1 B state, fp32 LoRA
+
+
+@pytest.mark.parametrize("arch,batch,hw,frames,text", [(TINY_WAN, 2, 16, 3, 8), (TINY_QWEN, 1, 64, 1, 16)])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_estimate_vs_saved_tensors(arch, batch, hw, frames, text, checkpointing):
+    """Configs not in the calibration set (d = 96, 3 blocks, other token counts)."""
+    measured, estimate = measure_activations(arch, batch, hw, frames, text, checkpointing=checkpointing)
+    assert estimate == pytest.approx(measured, rel=0.20 if checkpointing else 0.10)
+
+
+def test_bytes_per_parameter_and_fit():
+    plan = make_plan("wan2.1-14b", gpus=8, gpu_mem=80)
+    assert plan.bytes_per_param("reference") == pytest.approx(34.0, abs=0.05)
+    assert plan.bytes_per_param("ours") < 7.6  # 2 base + 2 fake + 2 grad + 1.03 state + LoRA experts
+    assert plan.fits("ours", checkpointing=True) and not plan.fits("reference", checkpointing=True)
+    assert not plan.fits("ours", checkpointing=False)
+    one = make_plan("wan2.1-14b", gpus=1)
+    assert sum(one.ours.values()) == pytest.approx(8 * sum(plan.ours.values()), rel=0.01)  # sharded by 8
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="model must be one of"):
+        make_plan("sdxl")
+    with pytest.raises(ValueError, match="frames must be 4k"):
+        make_plan("wan2.1-14b", frames=80)
+    with pytest.raises(ValueError, match="frames must be 1"):
+        make_plan("qwen-image", frames=5)
+    with pytest.raises(ValueError, match="gpus"):
+        make_plan("qwen-image", gpus=0)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        make_plan("qwen-image", height=1000)
+
+
+def test_cli_prints_the_table(capsys):
+    for name in sorted(ARCHS):
+        assert main(["plan", "--model", name, "--gpus", "8", "--gpu-mem", "80"]) == 0
+        out = capsys.readouterr().out
+        assert "bytes per base parameter" in out and "fits" in out and name in out
