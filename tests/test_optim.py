@@ -286,9 +286,10 @@ def test_cuda_triton_kernel_matches_reference_and_auto_uses_it():
         ops.step_triton(p2, g, c2, s2, seed=t, **kw)
     torch.testing.assert_close(p2, p1, rtol=1e-5, atol=1e-7)  # GPU exp2/log2 may differ in the last bits
     assert float((c1 != c2).float().mean()) < 0.01
-    w = torch.nn.Parameter(torch.full((4096,), 0.02, device="cuda", dtype=torch.bfloat16))
+    w0 = torch.full((4096,), 0.02, device="cuda", dtype=torch.bfloat16)
+    w = torch.nn.Parameter(w0.clone())
     opt = AdamW8bitV([w], lr=3e-5)
     assert opt._use_triton(w.detach())
     w.grad = torch.ones_like(w)
     opt.step()
-    assert float((w.detach().float() - 0.02).mean()) == pytest.approx(-3e-5, rel=0.15, abs=1e-6)
+    assert float((w.detach().float() - w0.float()).mean()) == pytest.approx(-3e-5, rel=0.15)
