@@ -206,12 +206,13 @@ def test_state_dict_round_trip_resumes_identically():
     assert torch.equal(p2.detach(), p_full.detach())
 
 
-def test_dtensor_parameters_update_the_local_shard():
+def test_fsdp2_dtensor_parameters_update_the_local_shard():
+    """One-process gloo mesh: fully_shard (FSDP2) gives DTensor params and grads; results equal plain tensors."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
         pytest.skip("torch.distributed not built")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.fsdp import fully_shard
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -219,19 +220,29 @@ def test_dtensor_parameters_update_the_local_shard():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        torch.manual_seed(9)
-        w, g = torch.randn(64, 40), torch.randn(64, 40)
-        plain = torch.nn.Parameter(w.clone())
-        shard = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)]))
-        opt_a = AdamW8bitV([plain], lr=1e-2, seed=1)
-        opt_b = AdamW8bitV([shard], lr=1e-2, seed=1)
-        for _ in range(3):
-            plain.grad = g.clone()
-            shard.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
-            opt_a.step()
-            opt_b.step()
-        assert torch.equal(shard.detach().full_tensor(), plain.detach())
-        assert state_bytes(opt_b) == state_bytes(opt_a)
+
+        def run(shard):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(16, 300), torch.nn.GELU(), torch.nn.Linear(300, 4)).bfloat16()
+            if shard:
+                fully_shard(model[0], mesh=mesh)
+                fully_shard(model[2], mesh=mesh)
+                fully_shard(model, mesh=mesh)
+            opt = AdamW8bitV(model.parameters(), lr=1e-3, weight_decay=0.01, seed=2)
+            x = torch.randn(8, 16).bfloat16()
+            for _ in range(3):
+                loss = model(x).float().square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            params = list(model.parameters())
+            assert all(hasattr(p, "to_local") == shard and hasattr(p.grad, "to_local") == shard for p in params)
+            return [p.detach().full_tensor() if shard else p.detach() for p in params], state_bytes(opt)
+
+        (plain, bytes_plain), (sharded, bytes_sharded) = run(False), run(True)
+        for a, b in zip(plain, sharded):
+            assert torch.equal(a, b)
+        assert bytes_plain == bytes_sharded
     finally:
         dist.destroy_process_group()
 
