@@ -7,7 +7,13 @@ from pdmd.cli import main
 from pdmd.plan import (ARCHS, Arch, build_diffusers, make_plan, measure_activations, measure_layout,
                        param_shapes)
 
-diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture
+def diffusers_models():
+    """The validation against real modules needs diffusers and peft (the 'models' extra)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
 
 TINY_WAN = Arch("tiny-wan", "wan", layers=3, heads=3, head_dim=32, ffn=160, text_dim=32, in_channels=4,
                 out_channels=4, freq_dim=32)
@@ -16,7 +22,7 @@ TINY_QWEN = Arch("tiny-qwen", "qwen", layers=3, heads=3, head_dim=32, ffn=384, t
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS) + ["tiny-wan", "tiny-qwen"])
-def test_param_shapes_are_the_diffusers_models(name):
+def test_param_shapes_are_the_diffusers_models(name, diffusers_models):
     arch = {"tiny-wan": TINY_WAN, "tiny-qwen": TINY_QWEN}.get(name) or ARCHS[name]
     model = build_diffusers(arch, device="meta")
     ours = {n: tuple(s) for n, s, _ in param_shapes(arch)}
@@ -39,7 +45,7 @@ def _pixels(arch, latent_frames, latent_hw):
     return dict(frames=1, height=8 * latent_hw, width=8 * latent_hw)
 
 
-def test_our_layout_bytes_match_measured_tiny_wan():
+def test_our_layout_bytes_match_measured_tiny_wan(diffusers_models):
     """Parameters, LoRA experts, gradients and optimizer states: planner == tensors actually held."""
     measured = measure_layout(TINY_WAN, lora_rank=4, experts=2)
     plan = make_plan(TINY_WAN, lora_rank=4, experts=2, **_pixels(TINY_WAN, 2, 4))
@@ -48,7 +54,7 @@ def test_our_layout_bytes_match_measured_tiny_wan():
     assert predicted == measured
 
 
-def test_our_layout_bytes_tiny_qwen_within_last_block_text_stream():
+def test_our_layout_bytes_tiny_qwen_within_last_block_text_stream(diffusers_models):
     """Qwen-Image's last block computes a text-stream output nobody reads: those parameters get no
     gradient and no optimizer state, which the planner (conservatively) still counts."""
     measured = measure_layout(TINY_QWEN, lora_rank=4, experts=2)
@@ -65,7 +71,7 @@ def test_our_layout_bytes_tiny_qwen_within_last_block_text_stream():
 
 @pytest.mark.parametrize("arch,batch,hw,frames,text", [(TINY_WAN, 2, 16, 3, 8), (TINY_QWEN, 1, 64, 1, 16)])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_activation_estimate_vs_saved_tensors(arch, batch, hw, frames, text, checkpointing):
+def test_activation_estimate_vs_saved_tensors(arch, batch, hw, frames, text, checkpointing, diffusers_models):
     """Configs not in the calibration set (d = 96, 3 blocks, other token counts)."""
     measured, estimate = measure_activations(arch, batch, hw, frames, text, checkpointing=checkpointing)
     assert estimate == pytest.approx(measured, rel=0.20 if checkpointing else 0.10)
