@@ -343,6 +343,7 @@ def measure_layout(arch: Arch, lora_rank: int = 4, experts: int = 2, seed: int =
     trains with torch AdamW); fake score: a bf16 copy trained with AdamW8bitV. Keys match ``make_plan``'s.
     """
     import copy
+    import warnings
 
     import torch
     from peft import LoraConfig
@@ -352,9 +353,11 @@ def measure_layout(arch: Arch, lora_rank: int = 4, experts: int = 2, seed: int =
     torch.manual_seed(seed)
     base = build_diffusers(arch).to(torch.bfloat16).requires_grad_(False)
     fake = copy.deepcopy(base).requires_grad_(True)
-    for k in range(experts):
-        base.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS[arch.family],
-                                    init_lora_weights=False), adapter_name=f"expert{k}")
+    with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        for k in range(experts):
+            base.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS[arch.family],
+                                        init_lora_weights=False), adapter_name=f"expert{k}")
     lora = [p for n, p in base.named_parameters() if "lora_" in n]
     for p in lora:
         p.data = p.data.float()

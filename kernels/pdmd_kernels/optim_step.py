@@ -120,7 +120,7 @@ def step_reference(p: torch.Tensor, g: torch.Tensor, codes: torch.Tensor, scales
 
 if HAVE_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not mean a new compilation
     def _step_kernel(p_ptr, g_ptr, codes_ptr, scales_ptr, n, lr, decay, beta2, eps, inv_bc2, seed,
                      BLOCK: tl.constexpr, LEVELS: tl.constexpr, MAX_RANGE: tl.constexpr,
                      SR_STATE: tl.constexpr, SR_WEIGHT: tl.constexpr):
