@@ -336,11 +336,16 @@ def build_diffusers(arch: Arch, device="cpu"):
             joint_attention_dim=arch.text_dim, axes_dims_rope=rope)
 
 
-def measure_layout(arch: Arch, lora_rank: int = 4, experts: int = 2, seed: int = 0) -> dict:
-    """Bytes actually held, in our layout, after one fake-score step and one expert step on CPU.
+def measure_layout(arch: Arch, lora_rank: int = 4, experts: int = 2, seed: int = 0, device: str = "cpu",
+                   batch: int = 1, latent: tuple = (2, 4, 4), text_tokens: int = 8,
+                   checkpointing: bool = False) -> dict:
+    """Bytes actually held, in our layout, after one fake-score step and one expert step.
 
     Base: the diffusers model in bf16, frozen, carrying ``experts`` LoRA adapters (fp32; the last one
-    trains with torch AdamW); fake score: a bf16 copy trained with AdamW8bitV. Keys match ``make_plan``'s.
+    trains with torch AdamW); fake score: a bf16 copy trained with AdamW8bitV. Gradients are kept (not
+    zeroed) so both sets coexist, as the planner assumes. ``latent``: (frames, height, width) of the
+    latent (frames ignored for Qwen-Image). Keys match ``make_plan``'s; on CUDA also "peak allocated"
+    (torch.cuda.max_memory_allocated over both steps, the models already resident).
     """
     import copy
     import warnings
@@ -351,7 +356,7 @@ def measure_layout(arch: Arch, lora_rank: int = 4, experts: int = 2, seed: int =
     from .optim import AdamW8bitV, state_bytes
 
     torch.manual_seed(seed)
-    base = build_diffusers(arch).to(torch.bfloat16).requires_grad_(False)
+    base = build_diffusers(arch, device).to(torch.bfloat16).requires_grad_(False)
     fake = copy.deepcopy(base).requires_grad_(True)
     with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
         warnings.simplefilter("ignore", UserWarning)
@@ -365,37 +370,52 @@ def measure_layout(arch: Arch, lora_rank: int = 4, experts: int = 2, seed: int =
     train = [p for n, p in base.named_parameters() if "lora_" in n and f"expert{experts - 1}" in n]
     for p in lora:
         p.requires_grad_(any(p is q for q in train))
+    if checkpointing:
+        base.enable_gradient_checkpointing()
+        fake.enable_gradient_checkpointing()
+    base.train()
+    fake.train()
     fake_opt = AdamW8bitV(fake.parameters(), lr=1e-6)
     gen_opt = torch.optim.AdamW(train, lr=1e-4, betas=(0.0, 0.999))
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     for model, opt in ((fake, fake_opt), (base, gen_opt)):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = _forward(arch, model, batch=1, latent_hw=4)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            out = _forward(arch, model, batch, *latent, text_tokens=text_tokens)
         out.float().square().mean().backward()
+        del out
         opt.step()
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-    return {
+    result = {
         "base weights": nbytes(p for n, p in base.named_parameters() if "lora_" not in n),
         "generator experts": nbytes(lora),
         "fake score": nbytes(fake.parameters()),
         "gradients": nbytes(p.grad for p in list(fake.parameters()) + train if p.grad is not None),
         "optimizer states": state_bytes(fake_opt) + state_bytes(gen_opt),
     }
+    if cuda:
+        torch.cuda.synchronize()
+        result["peak allocated"] = torch.cuda.max_memory_allocated()
+    return result
 
 
-def _forward(arch: Arch, model, batch: int, latent_hw: int, latent_frames: int = 2, text_tokens: int = 8):
+def _forward(arch: Arch, model, batch: int, frames: int, height: int, width: int, text_tokens: int = 8):
     """One forward of a diffusers transformer on random inputs of the given latent size; returns the output."""
     import torch
 
-    dt = next(model.parameters()).dtype
-    txt = torch.randn(batch, text_tokens, arch.text_dim, dtype=dt)
+    p = next(model.parameters())
+    txt = torch.randn(batch, text_tokens, arch.text_dim, dtype=p.dtype, device=p.device)
+    t = torch.full((batch,), 500, device=p.device)
     if arch.family == "wan":
-        x = torch.randn(batch, arch.in_channels, latent_frames, latent_hw, latent_hw, dtype=dt)
-        return model(x, torch.full((batch,), 500), txt).sample
-    side = latent_hw // 2
-    x = torch.randn(batch, side * side, arch.in_channels, dtype=dt)
-    mask = torch.ones(batch, text_tokens, dtype=torch.bool)
+        x = torch.randn(batch, arch.in_channels, frames, height, width, dtype=p.dtype, device=p.device)
+        return model(x, t, txt).sample
+    h, w = height // 2, width // 2  # 2x2 packing
+    x = torch.randn(batch, h * w, arch.in_channels, dtype=p.dtype, device=p.device)
+    mask = torch.ones(batch, text_tokens, dtype=torch.bool, device=p.device)
     return model(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=mask,
-                 timestep=torch.full((batch,), 0.5), img_shapes=[(1, side, side)] * batch).sample
+                 timestep=t / 1000, img_shapes=[(1, h, w)] * batch).sample
 
 
 def measure_activations(arch: Arch, batch: int, latent_hw: int, latent_frames: int = 2, text_tokens: int = 8,
@@ -412,7 +432,8 @@ def measure_activations(arch: Arch, batch: int, latent_hw: int, latent_frames: i
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    measured = saved_activation_bytes(model, lambda: _forward(arch, model, batch, latent_hw, latent_frames, text_tokens))
+    measured = saved_activation_bytes(
+        model, lambda: _forward(arch, model, batch, latent_frames, latent_hw, latent_hw, text_tokens))
     if arch.family == "wan":
         n_tok = latent_frames * (latent_hw // arch.patch[1]) * (latent_hw // arch.patch[2])
     else:
