@@ -96,7 +96,7 @@ class AdamW8bitV(torch.optim.Optimizer):
                     state["codes"], state["scales"] = ops.new_state(w.numel(), w.device)
                 state["step"] += 1
                 t = int(state["step"].item())
-                seed = (self.seed * 1_000_003 + t * 7_919 + index * 104_729 + rank * 15_485_863) % (2**31 - 2)
+                seed = hash((self.seed, t, index, rank)) & 0x7FFFFFFF  # int tuples hash the same in every run
                 kw = dict(lr=group["lr"], beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                           bias_correction2=1.0 - beta2**t, state_rounding=group["state_rounding"],
                           weight_rounding=group["weight_rounding"])
