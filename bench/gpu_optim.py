@@ -71,6 +71,28 @@ def time_steps(opt, steps, warmup, device):
     return (time.perf_counter() - t) * 1000 / steps
 
 
+def rows_sweep(n, steps, device):
+    """Raw kernel on one flat bf16 tensor: ms per step and GB/s for each ``rows`` (blocks per program)."""
+    p = (0.02 * torch.randn(n, device=device)).bfloat16()
+    g = (1e-3 * torch.randn(n, device=device)).bfloat16()
+    out = {}
+    for rows in (1, 2, 4, 8):
+        codes, scales = ops.new_state(n, device)
+        kw = dict(lr=4e-7, beta2=0.999, eps=1e-8, weight_decay=0.0, bias_correction2=0.5, rows=rows)
+        ops.step_triton(p, g, codes, scales, seed=0, **kw)  # compile
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(steps):
+            ops.step_triton(p, g, codes, scales, seed=i + 1, **kw)
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end) / steps
+        out[rows] = {"ms_per_step": round(ms, 3), "effective_GB_per_s": round(8 * n / (ms / 1000) / 1e9, 1)}
+        print(f"raw kernel rows={rows}: {ms:.3f} ms, {out[rows]['effective_GB_per_s']} GB/s", flush=True)
+    return out
+
+
 def agreement(device):
     """Max |Triton - PyTorch| after 5 steps in float32 with round-to-nearest (both deterministic)."""
     n = 1_000_003
@@ -138,6 +160,7 @@ def main(argv=None):
         if device == "cuda":
             torch.cuda.empty_cache()
     if device == "cuda" and ops.HAVE_TRITON:
+        results["raw_kernel_rows"] = rows_sweep(n, args.steps, device)
         results["triton_vs_torch"] = agreement(device)
         print("triton vs torch:", results["triton_vs_torch"])
     out = Path(args.out)

@@ -13,23 +13,24 @@ def _kw(t, lr=1e-3, wd=0.0, **kw):
 
 
 def fp32_matches_reference():
-    gen = torch.Generator().manual_seed(6)
-    n = 4 * m.BLOCK + 37  # a partial last block
-    p1 = torch.randn(n, generator=gen)
-    p2 = p1.clone()
-    c1, s1 = m.new_state(n, "cpu")
-    c2, s2 = m.new_state(n, "cpu")
-    for t in range(1, 6):
-        g = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen))
-        g[:50] = 0.0  # entries with zero state
-        kw = _kw(t, wd=0.1, state_rounding="nearest", weight_rounding="nearest")
-        m.step_reference(p1, g, c1, s1, **kw)
-        m.step_triton(p2, g, c2, s2, seed=t, **kw)
-    torch.testing.assert_close(p2, p1, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(s2, s1, rtol=1e-6, atol=1e-6)
-    assert int((c1.int() - c2.int()).abs().max()) <= 1 and float((c1 != c2).float().mean()) < 0.01
-    assert int(c2[n:].int().max()) == 0  # padding keeps a zero state
-    assert int(c2[:50].int().max()) == 0  # so do entries that never had a gradient
+    for rows in (1, 4):  # 5 blocks: with 4 rows per program the second program is mostly masked
+        gen = torch.Generator().manual_seed(6)
+        n = 4 * m.BLOCK + 37  # a partial last block
+        p1 = torch.randn(n, generator=gen)
+        p2 = p1.clone()
+        c1, s1 = m.new_state(n, "cpu")
+        c2, s2 = m.new_state(n, "cpu")
+        for t in range(1, 6):
+            g = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen))
+            g[:50] = 0.0  # entries with zero state
+            kw = _kw(t, wd=0.1, state_rounding="nearest", weight_rounding="nearest")
+            m.step_reference(p1, g, c1, s1, **kw)
+            m.step_triton(p2, g, c2, s2, seed=t, rows=rows, **kw)
+        torch.testing.assert_close(p2, p1, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(s2, s1, rtol=1e-6, atol=1e-6)
+        assert int((c1.int() - c2.int()).abs().max()) <= 1 and float((c1 != c2).float().mean()) < 0.01
+        assert int(c2[n:].int().max()) == 0  # padding keeps a zero state
+        assert int(c2[:50].int().max()) == 0  # so do entries that never had a gradient
 
 
 def bf16_stochastic_rounding():

@@ -121,40 +121,43 @@ def step_reference(p: torch.Tensor, g: torch.Tensor, codes: torch.Tensor, scales
 if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not mean a new compilation
-    def _step_kernel(p_ptr, g_ptr, codes_ptr, scales_ptr, n, lr, decay, beta2, eps, inv_bc2, seed,
-                     BLOCK: tl.constexpr, LEVELS: tl.constexpr, MAX_RANGE: tl.constexpr,
+    def _step_kernel(p_ptr, g_ptr, codes_ptr, scales_ptr, n, nblocks, lr, decay, beta2, eps, inv_bc2, seed,
+                     BLOCK: tl.constexpr, ROWS: tl.constexpr, LEVELS: tl.constexpr, MAX_RANGE: tl.constexpr,
                      SR_STATE: tl.constexpr, SR_WEIGHT: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        # one program = ROWS quantisation blocks of BLOCK values, as a [ROWS, BLOCK] tile
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < nblocks
+        offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         mask = offs < n
+        cmask = rmask[:, None] & (offs >= 0)
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        c = tl.load(codes_ptr + offs).to(tl.float32)
-        lo = tl.load(scales_ptr + 2 * pid)
-        hi = tl.load(scales_ptr + 2 * pid + 1)
+        c = tl.load(codes_ptr + offs, mask=cmask, other=0).to(tl.float32)
+        lo = tl.load(scales_ptr + 2 * rows, mask=rmask, other=0.0)[:, None]
+        hi = tl.load(scales_ptr + 2 * rows + 1, mask=rmask, other=0.0)[:, None]
         v = tl.where(c > 0, tl.exp2(lo + (c - 1.0) * ((hi - lo) / LEVELS)), 0.0)
         v = beta2 * v + (1.0 - beta2) * g * g
         p = p * decay - lr * (g / (tl.sqrt(v * inv_bc2) + eps))
-        # re-quantise v over this block
+        # re-quantise v per block (row)
         nz = v > 0
         lv = tl.log2(tl.where(nz, v, 1.0))
-        hi = tl.max(tl.where(nz, lv, -1e30), axis=0)
-        lo = tl.min(tl.where(nz, lv, 1e30), axis=0)
+        hi = tl.max(tl.where(nz, lv, -1e30), axis=1)
+        lo = tl.min(tl.where(nz, lv, 1e30), axis=1)
         empty = hi < -1e29
         hi = tl.where(empty, 0.0, hi)
         lo = tl.where(empty, 0.0, tl.maximum(lo, hi - MAX_RANGE))
         step = (hi - lo) / LEVELS
         inv = tl.where(step > 0, 1.0 / tl.where(step > 0, step, 1.0), 0.0)
-        pos = (tl.maximum(lv, lo) - lo) * inv
+        pos = (tl.maximum(lv, lo[:, None]) - lo[:, None]) * inv[:, None]
         if SR_STATE:
             r = tl.rand(seed, offs)
         else:
             r = 0.5
         q = tl.minimum(tl.maximum(tl.floor(pos + r), 0.0), LEVELS)
         q = tl.where(nz, q + 1.0, 0.0)
-        tl.store(codes_ptr + offs, q.to(tl.uint8))
-        tl.store(scales_ptr + 2 * pid, lo)
-        tl.store(scales_ptr + 2 * pid + 1, hi)
+        tl.store(codes_ptr + offs, q.to(tl.uint8), mask=cmask)
+        tl.store(scales_ptr + 2 * rows, lo, mask=rmask)
+        tl.store(scales_ptr + 2 * rows + 1, hi, mask=rmask)
         if SR_WEIGHT:
             bits = (tl.randint(seed + 1, offs) & 0xFFFF).to(tl.int32)
             i = (p.to(tl.int32, bitcast=True) + bits) & -65536
@@ -164,17 +167,23 @@ if HAVE_TRITON:
 
 def step_triton(p: torch.Tensor, g: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *,
                 lr: float, beta2: float, eps: float, weight_decay: float, bias_correction2: float,
-                seed: int = 0, state_rounding: str = "stochastic", weight_rounding: str = "stochastic") -> None:
-    """Same update as :func:`step_reference` in one pass (random bits differ: Philox from ``seed``)."""
+                seed: int = 0, state_rounding: str = "stochastic", weight_rounding: str = "stochastic",
+                rows: int = 4) -> None:
+    """Same update as :func:`step_reference` in one pass (random bits differ: Philox from ``seed``).
+
+    ``rows``: quantisation blocks per program (a power of two; a tuning knob, see bench/gpu_optim.py).
+    """
     if not HAVE_TRITON:
         raise RuntimeError("step_triton needs the triton package")
     if not (p.is_contiguous() and g.is_contiguous()):
         raise ValueError("p and g must be contiguous")
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"rows must be a power of two, got {rows}")
     nblocks = codes.numel() // BLOCK
-    _step_kernel[(nblocks,)](
-        p, g, codes, scales, p.numel(), float(lr), 1.0 - lr * weight_decay, float(beta2), float(eps),
+    _step_kernel[(triton.cdiv(nblocks, rows),)](
+        p, g, codes, scales, p.numel(), nblocks, float(lr), 1.0 - lr * weight_decay, float(beta2), float(eps),
         1.0 / bias_correction2, int(seed) & 0x7FFFFFFF,
-        BLOCK=BLOCK, LEVELS=LEVELS, MAX_RANGE=MAX_RANGE,
+        BLOCK=BLOCK, ROWS=rows, LEVELS=LEVELS, MAX_RANGE=MAX_RANGE,
         SR_STATE=state_rounding == "stochastic",
         SR_WEIGHT=(p.dtype == torch.bfloat16 and weight_rounding == "stochastic"),
     )
