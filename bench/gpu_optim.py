@@ -140,6 +140,12 @@ def main(argv=None):
             torch.bfloat16, lambda ps: AdamW8bitV(ps, lr=4e-7, backend="triton")), **runs}
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                "params": n, "tensors": len(shp), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": {}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every section: a crash later keeps what was measured
+        (out / "gpu_optim.json").write_text(json.dumps(results, indent=2))
+
     for name, (dtype, build) in runs.items():
         params = make(shp, dtype, device)
         opt = build(params)
@@ -155,17 +161,21 @@ def main(argv=None):
         r = {"ms_per_step": round(ms, 3), "effective_GB_per_s": round(gbs, 1), "first_step_s": round(first, 2),
              "state_bytes_per_param": round(state_bytes(opt) / n, 4)}
         results["runs"][name] = r
+        save()
         print(f"{name:<44} {ms:9.3f} ms  {gbs:8.1f} GB/s  state {r['state_bytes_per_param']:.3f} B/param", flush=True)
         del params, opt
         if device == "cuda":
             torch.cuda.empty_cache()
     if device == "cuda" and ops.HAVE_TRITON:
-        results["raw_kernel_rows"] = rows_sweep(n, args.steps, device)
-        results["triton_vs_torch"] = agreement(device)
-        print("triton vs torch:", results["triton_vs_torch"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_optim.json").write_text(json.dumps(results, indent=2))
+        for key, fn in (("raw_kernel_rows", lambda: rows_sweep(n, args.steps, device)),
+                        ("triton_vs_torch", lambda: agreement(device))):
+            try:
+                results[key] = fn()
+            except Exception as e:  # report and keep the rest
+                results[key] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{key}: {results[key]}", flush=True)
+            save()
+    save()
     print(f"wrote {out / 'gpu_optim.json'}")
 
 
