@@ -112,6 +112,24 @@ def agreement(device):
             "max_code_diff": int((c1.int() - c2.int()).abs().max())}
 
 
+def run_one(name, dtype, build, shp, n, device, args):
+    params = make(shp, dtype, device)
+    opt = build(params)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    opt.step()  # first step: state allocation (and Triton compilation)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    ms = time_steps(opt, args.steps, args.warmup, device)
+    gbs = TRAFFIC[name] * n / (ms / 1000) / 1e9
+    r = {"ms_per_step": round(ms, 3), "effective_GB_per_s": round(gbs, 1), "first_step_s": round(first, 2),
+         "state_bytes_per_param": round(state_bytes(opt) / n, 4)}
+    print(f"{name:<44} {ms:9.3f} ms  {gbs:8.1f} GB/s  state {r['state_bytes_per_param']:.3f} B/param", flush=True)
+    return r
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run of the PyTorch paths")
@@ -147,23 +165,12 @@ def main(argv=None):
         (out / "gpu_optim.json").write_text(json.dumps(results, indent=2))
 
     for name, (dtype, build) in runs.items():
-        params = make(shp, dtype, device)
-        opt = build(params)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        opt.step()  # first step: state allocation (and Triton compilation)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        first = time.perf_counter() - t0
-        ms = time_steps(opt, args.steps, args.warmup, device)
-        gbs = TRAFFIC[name] * n / (ms / 1000) / 1e9
-        r = {"ms_per_step": round(ms, 3), "effective_GB_per_s": round(gbs, 1), "first_step_s": round(first, 2),
-             "state_bytes_per_param": round(state_bytes(opt) / n, 4)}
-        results["runs"][name] = r
+        try:
+            results["runs"][name] = run_one(name, dtype, build, shp, n, device, args)
+        except Exception as e:  # report and keep the rest
+            results["runs"][name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{name}: {results['runs'][name]['error']}", flush=True)
         save()
-        print(f"{name:<44} {ms:9.3f} ms  {gbs:8.1f} GB/s  state {r['state_bytes_per_param']:.3f} B/param", flush=True)
-        del params, opt
         if device == "cuda":
             torch.cuda.empty_cache()
     if device == "cuda" and ops.HAVE_TRITON:

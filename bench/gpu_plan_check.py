@@ -62,18 +62,25 @@ def main(argv=None):
         cases = [(81, 480, 832, True), (17, 480, 832, False)]
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": arch.name,
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cases": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for frames, h, w, ck in cases:
-        r = check(arch, device, frames, h, w, ck, rank, text)
+        try:
+            r = check(arch, device, frames, h, w, ck, rank, text)
+        except Exception as e:  # e.g. out of memory: report and keep the rest
+            results["cases"].append({"frames": frames, "checkpointing": ck, "error": f"{type(e).__name__}: {e}"})
+            print(results["cases"][-1], flush=True)
+            continue
+        finally:
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
         results["cases"].append(r)
+        (out / "gpu_plan_check.json").write_text(json.dumps(results, indent=2))
         peak = f", peak {r['peak_allocated_MiB']:.2f} MiB (predicted/peak {r['predicted_over_peak']:.3f})" if "peak_allocated_MiB" in r else ""
         print(f"{frames}x{h}x{w} checkpointing={ck}: predicted {r['predicted_total_MiB']:.2f} MiB{peak}, {r['seconds']} s")
         for k, v in r["components"].items():
             print(f"  {k:<20} predicted {v['predicted_MiB']:10.2f}  measured {v['measured_MiB']:10.2f} MiB")
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_plan_check.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out / 'gpu_plan_check.json'}")
 
