@@ -94,18 +94,22 @@ def test_first_steps_match_torch_adamw_beta1_zero(wd):
 
 
 def _regression(make_opt, dtype=torch.float32, steps=300, seed=4):
-    """Per-step losses of a small MLP regression (weights in ``dtype``, loss in float32)."""
+    """Per-step losses of a small MLP regression whose weights are stored in ``dtype`` (compute in fp32:
+    what is tested is the storage and its updates, and bf16 matmuls are slow on CPU)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(512, 32, generator=gen)
     w_true = torch.randn(32, 1, generator=gen)
     y = torch.tanh(x @ w_true) + 0.05 * torch.randn(512, 1, generator=gen)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 1)).to(dtype)
-    opt = make_opt(model.parameters())
+    params = list(model.parameters())
+    opt = make_opt(params)
+    w1, b1, w2, b2 = params
     losses = []
     for i in range(steps):
         idx = torch.randint(0, 512, (64,), generator=gen)
-        loss = torch.nn.functional.mse_loss(model(x[idx].to(dtype)).float(), y[idx])
+        h = torch.nn.functional.gelu(torch.nn.functional.linear(x[idx], w1.float(), b1.float()))
+        loss = torch.nn.functional.mse_loss(torch.nn.functional.linear(h, w2.float(), b2.float()), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -125,8 +129,8 @@ def _deviation(ours, ref):
 
 
 @pytest.mark.parametrize("lr,dtype,rounding,tol", [
-    (3e-3, torch.float32, "stochastic", 0.02),   # measured 0.1 %
-    (1e-4, torch.bfloat16, "stochastic", 0.02),  # measured 0.6 %, no fp32 master copy
+    (3e-3, torch.float32, "stochastic", 0.02),   # measured 0.13 %
+    (1e-4, torch.bfloat16, "stochastic", 0.02),  # measured 0.35 %, no fp32 master copy
 ])
 def test_regression_loss_trajectory_close_to_fp32_adamw(lr, dtype, rounding, tol):
     """Stated tolerance: the 20-step running mean of the loss stays within 2 % of fp32 AdamW(0, 0.999)."""
