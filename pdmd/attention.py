@@ -30,13 +30,19 @@ def _installed(backend: str) -> bool:
     return pkg is None or importlib.util.find_spec(pkg) is not None
 
 
-def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Backends that can run on ``device`` (default: CUDA if present, else CPU), best first."""
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def available_backends(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[str]:
+    """Backends that can run on ``device`` (default: CUDA if present, else CPU) for ``dtype``
+    (None: any; FlashAttention needs fp16/bf16), best first."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     out = []
     for b in BACKENDS:
         if b != "sdpa":
             if device.type != "cuda" or not _installed(b):
+                continue
+            if b.startswith("flash") and dtype is not None and dtype not in _HALF:
                 continue
             if torch.cuda.get_device_capability(device) < _MIN_CAPABILITY[b]:
                 continue
@@ -44,11 +50,12 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return out
 
 
-def pick_attention_backend(device: torch.device | str | None = None, prefer: str = "auto") -> str:
+def pick_attention_backend(device: torch.device | str | None = None, prefer: str = "auto",
+                           dtype: torch.dtype | None = None) -> str:
     """The best available backend (or ``prefer`` if it is available), logged; SDPA on CPU."""
     if prefer not in ("auto",) + BACKENDS:
         raise ValueError(f"prefer must be 'auto' or one of {BACKENDS}, got {prefer!r}")
-    present = available_backends(device)
+    present = available_backends(device, dtype)
     if prefer != "auto":
         if prefer not in present:
             why = f"package {_PACKAGES[prefer]} is not installed" if not _installed(prefer) else "not usable on this device"
@@ -72,7 +79,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"k and v must be [B, S_kv, H, D] matching q's B, H, D: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if backend == "auto":
-        backend = pick_attention_backend(q.device)
+        backend = pick_attention_backend(q.device, dtype=q.dtype)
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=causal, scale=scale)
@@ -102,7 +109,7 @@ def use_in_diffusers(model, backend: str = "auto") -> str:
     Works for models built on ``AttentionModuleMixin`` (Wan, Qwen-Image): it calls
     ``model.set_attention_backend`` with diffusers' name for the backend.
     """
-    device = next(model.parameters()).device
-    choice = pick_attention_backend(device, prefer=backend)
+    p = next(model.parameters())
+    choice = pick_attention_backend(p.device, prefer=backend, dtype=p.dtype)
     model.set_attention_backend(DIFFUSERS_NAMES[choice])
     return choice
