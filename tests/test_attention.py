@@ -90,3 +90,21 @@ def test_gpu_backends_match_reference(backend):
         q, k, v = _qkv(s=64, d=64, dtype=torch.bfloat16, device="cuda")
         out = attention(q, k, v, backend=backend, causal=causal)
         torch.testing.assert_close(out.double().cpu(), _reference(q.cpu(), k.cpu(), v.cpu(), causal), rtol=2e-2, atol=2e-2)
+
+
+def test_selection_logic_with_faked_gpu(monkeypatch, caplog):
+    """Which backends a GPU of a given capability gets, all packages pretended installed."""
+    import pdmd.attention as A
+
+    monkeypatch.setattr(A, "_installed", lambda b: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert A.available_backends("cuda", torch.bfloat16) == ["flash3", "flash2", "xformers", "sdpa"]
+    assert A.available_backends("cuda", torch.float32) == ["xformers", "sdpa"]  # FlashAttention: fp16/bf16 only
+    with caplog.at_level(logging.INFO, logger="pdmd.attention"):
+        assert A.pick_attention_backend("cuda", dtype=torch.bfloat16) == "flash3"
+    assert "attention backend: flash3" in caplog.text
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert A.pick_attention_backend("cuda") == "flash2"  # FA3 is Hopper-only
+    assert A.pick_attention_backend("cuda", prefer="xformers") == "xformers"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert A.available_backends("cuda") == ["xformers", "sdpa"]
