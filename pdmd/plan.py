@@ -168,6 +168,7 @@ class Plan:
     ours: dict  # component -> bytes per GPU (without activations)
     reference: dict
     activations: dict  # "checkpointing"/"no checkpointing" -> bytes per GPU
+    settings: dict = field(default_factory=dict)  # make_plan's arguments, to re-plan on other GPU counts
 
     def bytes_per_param(self, layout: str) -> float:
         """Sharded state summed over all GPUs per base parameter (no activations, no FSDP buffers)."""
@@ -180,6 +181,13 @@ class Plan:
 
     def fits(self, layout: str, checkpointing: bool) -> bool:
         return self.total(layout, checkpointing) <= (1 - HEADROOM) * self.gpu_mem_gib * GiB
+
+    def min_gpus(self, layout: str, checkpointing: bool, limit: int = 256) -> int | None:
+        """Fewest GPUs of this size on which ``layout`` fits (None if more than ``limit``)."""
+        for n in range(1, limit + 1):
+            if make_plan(self.arch, **{**self.settings, "gpus": n}).fits(layout, checkpointing):
+                return n
+        return None
 
 
 def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: int = 1, frames: int | None = None,
@@ -225,8 +233,10 @@ def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: 
     }
     act = {k: activation_bytes(arch, batch, n_tok, text_tokens, ck)
            for k, ck in (("checkpointing", True), ("no checkpointing", False))}
+    settings = dict(gpus=gpus, gpu_mem=gpu_mem, batch=batch, frames=frames, height=height, width=width,
+                    lora_rank=lora_rank, experts=experts, text_tokens=text_tokens)
     return Plan(arch, gpus, gpu_mem, batch, n_tok, P, L, {k: int(v) for k, v in ours.items()},
-                {k: int(v) for k, v in reference.items()}, act)
+                {k: int(v) for k, v in reference.items()}, act, settings)
 
 
 def _block_params(arch: Arch) -> dict:
@@ -264,6 +274,9 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {name:<44}{g(plan.total('ours', ck))}   {g(plan.total('reference', ck))}")
         lines.append(f"  {'  fits (' + str(int((1 - HEADROOM) * 100)) + ' % of GPU memory)':<44}"
                      f"{'yes' if plan.fits('ours', ck) else 'no':>9}   {'yes' if plan.fits('reference', ck) else 'no':>9}")
+        few = [plan.min_gpus(layout, ck) for layout in ("ours", "reference")]
+        few = [">256" if m is None else str(m) for m in few]
+        lines.append(f"  {'  fewest GPUs of this size that fit':<44}{few[0]:>9}   {few[1]:>9}")
     return "\n".join(lines)
 
 

@@ -107,3 +107,13 @@ def test_cli_prints_the_table(capsys):
         assert main(["plan", "--model", name, "--gpus", "8", "--gpu-mem", "80"]) == 0
         out = capsys.readouterr().out
         assert "bytes per base parameter" in out and "fits" in out and name in out
+
+
+def test_fewest_gpus_is_the_first_count_that_fits():
+    plan = make_plan("wan2.1-14b", gpus=1, gpu_mem=80)
+    for layout in ("ours", "reference"):
+        n = plan.min_gpus(layout, checkpointing=True)
+        assert make_plan("wan2.1-14b", gpus=n, gpu_mem=80).fits(layout, True)
+        assert not make_plan("wan2.1-14b", gpus=n - 1, gpu_mem=80).fits(layout, True)
+    assert plan.min_gpus("ours", True) < plan.min_gpus("reference", True)
+    assert plan.min_gpus("ours", checkpointing=False) is None  # 500 GiB of activations on every GPU
