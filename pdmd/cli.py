@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from .plan import add_plan_parser
+
 
 def _toy1d(args) -> int:
     from . import toy1d
@@ -24,8 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_toy1d)
-    from .plan import add_plan_parser
-
     add_plan_parser(sub)
     return p
 
