@@ -1,7 +1,6 @@
 """AdamW8bitV: 8-bit log-coded second moment, stochastic rounding, Triton kernel (interpreter), factory."""
 import functools
 import importlib.util
-import math
 import os
 import socket
 import subprocess
