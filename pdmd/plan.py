@@ -361,28 +361,19 @@ def measure_layout(arch: Arch, lora_rank: int = 4, experts: int = 2, seed: int =
     (torch.cuda.max_memory_allocated over both steps, the models already resident).
     """
     import copy
-    import warnings
 
     import torch
-    from peft import LoraConfig
 
     from .optim import AdamW8bitV, state_bytes
 
     torch.manual_seed(seed)
     base = build_diffusers(arch, device).to(torch.bfloat16).requires_grad_(False)
     fake = copy.deepcopy(base).requires_grad_(True)
-    with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
-        warnings.simplefilter("ignore", UserWarning)
-        for k in range(experts):
-            base.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS[arch.family],
-                                        init_lora_weights=False), adapter_name=f"expert{k}")
+    _add_lora(base, LORA_TARGETS[arch.family], lora_rank, experts)
     lora = [p for n, p in base.named_parameters() if "lora_" in n]
-    for p in lora:
-        p.data = p.data.float()
-    base.set_adapters(f"expert{experts - 1}")
-    train = [p for n, p in base.named_parameters() if "lora_" in n and f"expert{experts - 1}" in n]
-    for p in lora:
-        p.requires_grad_(any(p is q for q in train))
+    train = [p for n, p in base.named_parameters() if "lora_" in n and n.endswith(f".{experts - 1}")]
+    for p in train:
+        p.requires_grad_(True)
     if checkpointing:
         base.enable_gradient_checkpointing()
         fake.enable_gradient_checkpointing()
@@ -412,6 +403,33 @@ def measure_layout(arch: Arch, lora_rank: int = 4, experts: int = 2, seed: int =
         torch.cuda.synchronize()
         result["peak allocated"] = torch.cuda.max_memory_allocated()
     return result
+
+
+def _add_lora(model, targets, rank: int, experts: int) -> None:
+    """Give each target Linear ``experts`` fp32 LoRA pairs (the last one active), frozen: a stand-in
+    for the trainer's experts with the same parameter count and dtype, and no peft dependency."""
+    import torch
+
+    class LoRALinear(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+            dev = base.weight.device
+            self.lora_A = torch.nn.ParameterList(
+                [torch.nn.Parameter(torch.randn(rank, base.in_features, device=dev) / rank, requires_grad=False)
+                 for _ in range(experts)])
+            self.lora_B = torch.nn.ParameterList(
+                [torch.nn.Parameter(torch.randn(base.out_features, rank, device=dev) / rank, requires_grad=False)
+                 for _ in range(experts)])
+
+        def forward(self, x):
+            a, b = self.lora_A[-1], self.lora_B[-1]
+            return self.base(x) + ((x.to(a.dtype) @ a.t()) @ b.t()).to(x.dtype)
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, LoRALinear(module))
 
 
 def _forward(arch: Arch, model, batch: int, frames: int, height: int, width: int, text_tokens: int = 8):

@@ -20,7 +20,6 @@ def test_gpu_optim_cpu_smoke(tmp_path):
 
 def test_gpu_plan_check_cpu_smoke(tmp_path):
     pytest.importorskip("diffusers")
-    pytest.importorskip("peft")
     path = Path(__file__).resolve().parent.parent / "bench" / "gpu_plan_check.py"
     spec = importlib.util.spec_from_file_location("gpu_plan_check", path)
     mod = importlib.util.module_from_spec(spec)
