@@ -192,10 +192,12 @@ class Plan:
 
 def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: int = 1, frames: int | None = None,
               height: int | None = None, width: int | None = None, lora_rank: int = 64, experts: int = 2,
-              text_tokens: int = 512) -> Plan:
+              text_tokens: int = 512, optimizer_in_backward: bool = False) -> Plan:
     """Per-GPU memory by component for ``model`` (a name in ARCHS, or an Arch) on ``gpus`` GPUs of ``gpu_mem`` GiB.
 
     ``batch`` is the micro-batch per GPU; frames/height/width are in pixels (the model's defaults if None).
+    ``optimizer_in_backward``: the fake score is updated inside backward (AdamW8bitV.step_in_backward),
+    so at most one block's gradients exist at a time.
     """
     if not isinstance(model, Arch) and model not in ARCHS:
         raise ValueError(f"model must be one of {sorted(ARCHS)}, got {model!r}")
@@ -219,7 +221,7 @@ def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: 
         "base weights (bf16, frozen, shared)": 2 * P / n,
         f"generator experts (LoRA r={lora_rank}, x{experts}, fp32)": 4 * experts * L / n,
         "fake score (bf16, no fp32 master)": 2 * P / n,
-        "gradients (fake bf16 + expert fp32)": (2 * P + 4 * L) / n,
+        "gradients (fake bf16 + expert fp32)": (2 * (block if optimizer_in_backward else P) + 4 * L) / n,
         "optimizer states (8-bit v + expert AdamW)": (optimizer_state_bytes(shapes) + 8 * L) / n,
         "FSDP2 gather buffers": fsdp,
     }
@@ -234,7 +236,8 @@ def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: 
     act = {k: activation_bytes(arch, batch, n_tok, text_tokens, ck)
            for k, ck in (("checkpointing", True), ("no checkpointing", False))}
     settings = dict(gpus=gpus, gpu_mem=gpu_mem, batch=batch, frames=frames, height=height, width=width,
-                    lora_rank=lora_rank, experts=experts, text_tokens=text_tokens)
+                    lora_rank=lora_rank, experts=experts, text_tokens=text_tokens,
+                    optimizer_in_backward=optimizer_in_backward)
     return Plan(arch, gpus, gpu_mem, batch, n_tok, P, L, {k: int(v) for k, v in ours.items()},
                 {k: int(v) for k, v in reference.items()}, act, settings)
 
@@ -301,7 +304,7 @@ def saved_activation_bytes(module, fn) -> int:
 def _plan_cmd(args) -> int:
     plan = make_plan(args.model, gpus=args.gpus, gpu_mem=args.gpu_mem, batch=args.batch, frames=args.frames,
                      height=args.height, width=args.width, lora_rank=args.lora_rank, experts=args.experts,
-                     text_tokens=args.text_tokens)
+                     text_tokens=args.text_tokens, optimizer_in_backward=args.optimizer_in_backward)
     print(format_plan(plan))
     return 0
 
@@ -319,6 +322,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--experts", type=int, default=2, help="generator experts (phases)")
     p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--optimizer-in-backward", action="store_true",
+                   help="fake-score update inside backward: no full set of fake gradients")
     p.set_defaults(func=_plan_cmd)
 
 

@@ -224,7 +224,7 @@ def test_fsdp2_dtensor_parameters_update_the_local_shard():
     try:
         mesh = init_device_mesh("cpu", (1,))
 
-        def run(shard):
+        def run(shard, in_backward=False):
             torch.manual_seed(0)
             model = torch.nn.Sequential(torch.nn.Linear(16, 300), torch.nn.GELU(), torch.nn.Linear(300, 4)).bfloat16()
             if shard:
@@ -232,6 +232,8 @@ def test_fsdp2_dtensor_parameters_update_the_local_shard():
                 fully_shard(model[2], mesh=mesh)
                 fully_shard(model, mesh=mesh)
             opt = AdamW8bitV(model.parameters(), lr=1e-3, weight_decay=0.01, seed=2)
+            if in_backward:
+                opt.step_in_backward()
             x = torch.randn(8, 16).bfloat16()
             for _ in range(3):
                 loss = model(x).float().square().mean()
@@ -239,13 +241,18 @@ def test_fsdp2_dtensor_parameters_update_the_local_shard():
                 loss.backward()
                 opt.step()
             params = list(model.parameters())
-            assert all(hasattr(p, "to_local") == shard and hasattr(p.grad, "to_local") == shard for p in params)
+            if in_backward:
+                assert all(p.grad is None for p in params)
+            else:
+                assert all(hasattr(p, "to_local") == shard and hasattr(p.grad, "to_local") == shard for p in params)
             return [p.detach().full_tensor() if shard else p.detach() for p in params], state_bytes(opt)
 
         (plain, bytes_plain), (sharded, bytes_sharded) = run(False), run(True)
         for a, b in zip(plain, sharded):
             assert torch.equal(a, b)
         assert bytes_plain == bytes_sharded
+        for a, b in zip(plain, run(True, in_backward=True)[0]):  # FSDP2 + update inside backward
+            assert torch.equal(a, b)
     finally:
         dist.destroy_process_group()
 
@@ -328,3 +335,23 @@ def test_triton_kernel_compiles_for_cuda_targets(capability):
     src = ASTSource(fn=ops._step_kernel, signature=sig, constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32))
     assert len(compiled.asm["cubin"]) > 0
+
+
+def test_step_in_backward_equals_step_and_frees_gradients():
+    def run(in_backward):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 300), torch.nn.GELU(), torch.nn.Linear(300, 2)).bfloat16()
+        opt = AdamW8bitV(model.parameters(), lr=1e-3, weight_decay=0.01, seed=5)
+        if in_backward:
+            opt.step_in_backward()
+        x = torch.randn(16, 8).bfloat16()
+        for _ in range(3):
+            model(x).float().square().mean().backward()
+            if in_backward:
+                assert all(p.grad is None for p in model.parameters())  # freed as soon as used
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)

@@ -116,3 +116,13 @@ def test_fewest_gpus_is_the_first_count_that_fits():
         assert not make_plan("wan2.1-14b", gpus=n - 1, gpu_mem=80).fits(layout, True)
     assert plan.min_gpus("ours", True) < plan.min_gpus("reference", True)
     assert plan.min_gpus("ours", checkpointing=False) is None  # 500 GiB of activations on every GPU
+
+
+def test_optimizer_in_backward_drops_the_fake_gradients():
+    base = make_plan("wan2.1-14b", gpus=4)
+    inb = make_plan("wan2.1-14b", gpus=4, optimizer_in_backward=True)
+    block = base.base_params / 40  # roughly: 40 equal blocks hold almost all parameters
+    drop = base.bytes_per_param("ours") - inb.bytes_per_param("ours")
+    assert drop == pytest.approx(2.0 - 2 * block / base.base_params, abs=0.01)
+    assert inb.min_gpus("ours", True) <= base.min_gpus("ours", True)
+    assert main(["plan", "--model", "qwen-image", "--optimizer-in-backward"]) == 0
