@@ -123,7 +123,9 @@ class AdamW8bitV(torch.optim.Optimizer):
 
         The fake score then never holds a full set of gradients (saves 2 bytes per parameter in bf16),
         and ``step()`` has nothing left to do. Not compatible with gradient clipping by global norm or
-        gradient accumulation. Returns the hook handles (``h.remove()`` to undo).
+        gradient accumulation, and every backward that reaches these parameters updates them: run the
+        fake score under ``torch.no_grad()`` in the generator update (the DMD gradient is detached anyway).
+        Returns the hook handles (``h.remove()`` to undo).
         """
         handles = []
         for index, group, p in self._indexed():
