@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from .plan import add_plan_parser
+
 
 def _toy1d(args) -> int:
     from . import toy1d
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)
     add_diversity(sub)
     _add_sample(sub)
+    add_plan_parser(sub)
     return p
 
 
