@@ -177,6 +177,19 @@ def test_renoise_and_grads(shape, dtype, contiguous):
     assert none_x is None and torch.equal(only_n, gn)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 0.3, 3.0, 1e4])
+def test_half_conversions_are_exact_on_every_bit_pattern(dtype, scale):
+    """Loads and round-to-nearest-even stores of all 65536 values agree bit for bit with torch's casts."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(2, -1)
+    one = torch.ones(2)
+    out = native.renoise(x, torch.zeros_like(x), scale * one, 0 * one)
+    expected = (x.float() * scale).to(dtype)
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan], expected[~nan])  # every value equal (+0 == -0: a*x + 0*noise is +0)
+
+
 def _all_ops(dtype):
     """Every op's outputs on inputs large enough to be split across threads (> 4 blocks of 8192)."""
     gen = torch.Generator().manual_seed(3)

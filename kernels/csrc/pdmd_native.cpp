@@ -34,12 +34,26 @@ inline float from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; 
 inline bool is_finite(float f) { return (bits(f) & 0x7f800000u) != 0x7f800000u; }
 
 typedef uint16_t u16_alias __attribute__((may_alias));
-#if defined(__F16C__) || defined(__AVX512FP16__)
-typedef _Float16 f16_alias __attribute__((may_alias));
-#endif
+
+// IEEE half <-> float with integer and float32 operations only (bit-exact with F16C's
+// vcvtph2ps / round-to-nearest-even vcvtps2ph): unlike _cvtsh_ss or a _Float16 cast, GCC vectorises it.
+inline float half_to_float(uint32_t h) {
+  const uint32_t two_w = h << 17;  // exponent and mantissa at the top, sign dropped
+  const float normal = from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;  // inf/NaN survive the scale
+  const float subnormal = from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  return from_bits(((h & 0x8000u) << 16) | (two_w < (1u << 27) ? bits(subnormal) : bits(normal)));
+}
+inline uint16_t float_to_half(float f) {
+  const uint32_t w = bits(f), shl1_w = w + w;
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;  // rounds the mantissa, overflows to inf
+  base += from_bits((std::max(shl1_w & 0xFF000000u, 0x71000000u) >> 1) + 0x07800000u);
+  const uint32_t b = bits(base);
+  const uint32_t nonsign = ((b >> 13) & 0x7C00u) + (b & 0x0FFFu);
+  return uint16_t(((w >> 16) & 0x8000u) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
 
 // Io<T>: the raw element type S that a T tensor is read as, and float32 load/store of one element
-// written so that loops over them vectorise (bf16: a shift; f16: vcvtph2ps where F16C exists).
+// written so that loops over them vectorise.
 template <typename T> struct Io;
 template <> struct Io<float> {
   using S = float;
@@ -56,15 +70,9 @@ template <> struct Io<c10::BFloat16> {
   }
 };
 template <> struct Io<c10::Half> {
-#if defined(__F16C__) || defined(__AVX512FP16__)
-  using S = f16_alias;
-  static inline float load(S v) { return float(v); }
-  static inline S store(float f) { return S(f); }
-#else
   using S = u16_alias;
-  static inline float load(S v) { return c10::detail::fp16_ieee_to_fp32_value(v); }
-  static inline S store(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
-#endif
+  static inline float load(S v) { return half_to_float(v); }
+  static inline S store(float f) { return float_to_half(f); }
 };
 
 template <typename T> inline const typename Io<T>::S* raw(const at::Tensor& t) {
@@ -532,9 +540,6 @@ std::string build_info() {
   isa = "avx512";
 #elif defined(__AVX2__)
   isa = "avx2";
-#endif
-#if defined(__F16C__) || defined(__AVX512FP16__)
-  isa += "+f16c";
 #endif
   return std::string("torch ") + TORCH_VERSION + ", " + isa + ", block " + std::to_string(kBlock);
 }
