@@ -9,8 +9,9 @@ PDMD_BENCH_THREADS=1 runs it on one thread (all three implementations).
 Each case is one training use of the op: the subinterval loss with a gradient for pred only (the
 fake-score update), the DMD loss with CFG (cond + uncond, scale 4.5) and a gradient for x, renoise
 with a gradient for x_s. `extra_info` holds the bytes each case must move at least (every input
-read once per pass the math needs, every output written once), the achieved GB/s, and the peak
-memory the case allocates (outputs included) in units of one input tensor, from the profiler.
+read once per pass the math needs, every output written once), the achieved GB/s at the fastest
+round, and the peak memory the case allocates (outputs included) in units of one input tensor, from
+the profiler (not for the compiled case: inductor's buffers are not all visible to it).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pdmd_kernels import reference as R
 if os.environ.get("PDMD_BENCH_THREADS"):  # e.g. 1: a figure less sensitive to a shared machine's load
     torch.set_num_threads(int(os.environ["PDMD_BENCH_THREADS"]))
 SIZES = {"4M": (4, 16, 256, 256), "16M": (4, 16, 512, 512)}
+ROUNDS = {"4M": 15, "16M": 7}  # the minimum is reported: the machine is shared, so slow rounds are others' load
 IMPLS = ("native", "eager", "compiled")
 OPS = ("subinterval_loss", "dmd_theory", "dmd_normalized", "renoise")
 # tensor-sized passes each case needs at least, fwd + bwd (see the module docstring)
@@ -141,9 +143,10 @@ def test_native_vs_reference(benchmark, impl, op, size, dtype):
     run, tensor_bytes = make_case(op, impl, SIZES[size], dtype)
     run()  # warm-up (and compilation)
     benchmark.group = f"{op} {size} {str(dtype).split('.')[1]} {torch.get_num_threads()}T"
-    benchmark.extra_info["peak_inputs"] = round(peak_allocated(run) / tensor_bytes, 2)
-    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["GB/s"] = round(PASSES[op] * tensor_bytes / benchmark.stats.stats.median / 1e9, 1)
+    if impl != "compiled":  # inductor's own buffers are not all seen by the profiler
+        benchmark.extra_info["peak_inputs"] = round(peak_allocated(run) / tensor_bytes, 2)
+    benchmark.pedantic(run, rounds=ROUNDS[size], iterations=1, warmup_rounds=1)
+    benchmark.extra_info["GB/s"] = round(PASSES[op] * tensor_bytes / benchmark.stats.stats.min / 1e9, 1)
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -152,17 +155,17 @@ def test_copy_bandwidth(benchmark, size):
     src = torch.randn(SIZES[size])
     dst = torch.empty_like(src)
     benchmark.group = f"copy {size} float32 {torch.get_num_threads()}T"
-    benchmark.pedantic(lambda: dst.copy_(src), rounds=10, iterations=1, warmup_rounds=2)
-    benchmark.extra_info["GB/s"] = round(2 * src.numel() * 4 / benchmark.stats.stats.median / 1e9, 1)
+    benchmark.pedantic(lambda: dst.copy_(src), rounds=15, iterations=1, warmup_rounds=2)
+    benchmark.extra_info["GB/s"] = round(2 * src.numel() * 4 / benchmark.stats.stats.min / 1e9, 1)
 
 
 def table(path: str) -> str:
-    """Markdown table (median ms, speedups, GB/s, peak memory) from a --benchmark-json file."""
+    """Markdown table (min ms over the rounds, speedups, GB/s, peak memory) from a --benchmark-json file."""
     rows = {}
     for b in json.load(open(path))["benchmarks"]:
         impl = b["params"].get("impl", "copy")
-        rows.setdefault(b["group"], {})[impl] = (b["stats"]["median"] * 1e3, b["extra_info"])
-    out = ["| case | native ms | eager ms | compiled ms | vs eager | vs compiled | native GB/s | peak alloc (inputs) native / eager / compiled |",
+        rows.setdefault(b["group"], {})[impl] = (b["stats"]["min"] * 1e3, b["extra_info"])
+    out = ["| case | native ms | eager ms | compiled ms | vs eager | vs compiled | native GB/s | peak alloc (inputs) native / eager |",
            "|---|---|---|---|---|---|---|---|"]
     for group, r in rows.items():
         if "copy" in r:
@@ -172,7 +175,7 @@ def table(path: str) -> str:
             continue
         (n, ni), (e, ei), (c, ci) = (r[i] for i in IMPLS)
         out.append(f"| {group} | {n:.1f} | {e:.1f} | {c:.1f} | {e / n:.1f}x | {c / n:.2f}x | {ni['GB/s']} | "
-                   f"{ni['peak_inputs']} / {ei['peak_inputs']} / {ci['peak_inputs']} |")
+                   f"{ni['peak_inputs']} / {ei['peak_inputs']} |")
     return "\n".join(out)
 
 

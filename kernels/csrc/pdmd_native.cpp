@@ -398,13 +398,15 @@ std::vector<double> dmd_norm(const DmdIn& in, double scale, double min_norm, std
   });
   auto norm = per_sample(p1, in.B, nblk);
   for (auto& v : norm) {
-    v = std::max(v / double(in.N), min_norm);  // NaN stays NaN, as clamp_min
+    // NaN stays NaN (as clamp_min); rounded to float32, the dtype it is returned in, so that a
+    // backward given the forward's normaliser computes exactly what one recomputing it does.
+    v = double(float(std::max(v / double(in.N), min_norm)));
   }
   if (dsq) *dsq = per_sample(p2, in.B, nblk);
   return norm;
 }
 
-// Returns (loss [B] float32, norm [B] float64: the normaliser of form 'normalized', empty for 'theory').
+// Returns (loss [B], norm [B]: the normaliser of form 'normalized', empty [0] for 'theory'), float32.
 std::tuple<at::Tensor, at::Tensor> dmd_loss_fwd(const at::Tensor& x, const at::Tensor& real_cond,
                                                 const at::Tensor& fake,
                                                 const std::optional<at::Tensor>& real_uncond, double scale,
@@ -419,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor> dmd_loss_fwd(const at::Tensor& x, const at::T
     // sum(g^2) = sum(d^2) / norm^2 over finite d; an infinite or NaN normaliser zeroes every g.
     for (int64_t b = 0; b < in.B; ++b)
       loss[b] = std::isfinite(norm[b]) ? 0.5 * dsq[b] / (norm[b] * norm[b]) : 0.0;
-    return {float_vector(loss), at::tensor(norm, at::TensorOptions().dtype(at::kDouble))};
+    return {float_vector(loss), float_vector(norm)};
   }
   std::vector<double> partial;
   int64_t nblk = 0;
@@ -435,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor> dmd_loss_fwd(const at::Tensor& x, const at::T
   });
   auto loss = per_sample(partial, in.B, nblk);
   for (auto& v : loss) v *= 0.5;
-  return {float_vector(loss), at::empty({0}, at::TensorOptions().dtype(at::kDouble))};
+  return {float_vector(loss), at::empty({0}, at::TensorOptions().dtype(at::kFloat))};
 }
 
 // grad[b] * g in x's dtype; `norm` (from dmd_loss_fwd) skips the normaliser pass of form 'normalized'.

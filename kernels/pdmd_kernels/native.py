@@ -104,8 +104,8 @@ def dmd_loss(x, real_cond, fake, real_uncond=None, scale=1.0, weight=None, form=
              return_norm=False):
     """Per-sample DMD surrogate ``[B]`` (float32): 0.5 * sum(g^2), CFG fused, one pass over the inputs.
 
-    With ``return_norm`` also returns the per-sample normaliser of form "normalized" (float64 ``[B]``;
-    empty for "theory"): passing it to ``dmd_loss_grad`` saves that op its first pass.
+    With ``return_norm`` also returns the per-sample normaliser of form "normalized" (float32 ``[B]``;
+    empty ``[0]`` for "theory"): passing it to ``dmd_loss_grad`` saves that op its first pass.
     The value sums finite (fake - real)^2 and divides by norm^2 once, so it differs from the
     reference only where a single |g| would overflow float32.
     """
