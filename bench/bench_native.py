@@ -55,7 +55,9 @@ def compiled(fn):
 
 
 def make_case(op, impl, shape, dtype):
-    """A closure running forward + backward once."""
+    """A closure running forward + backward once. Every variant frees its previous gradient before
+    computing the next (native: nothing is kept; eager/compiled: ``.grad = None`` first), so the
+    allocator sees the same pattern in all three."""
     gen = torch.Generator().manual_seed(0)
     B = shape[0]
     t = [torch.randn(shape, generator=gen).to(dtype) for _ in range(4)]
@@ -68,7 +70,7 @@ def make_case(op, impl, shape, dtype):
         if impl == "native":
             def run():
                 native.subinterval_loss(pred, x_s, noise, *coefs, 100.0)
-                return native.subinterval_loss_grads(ones, pred, x_s, noise, *coefs, 100.0, needs=(True, False, False))
+                native.subinterval_loss_grads(ones, pred, x_s, noise, *coefs, 100.0, needs=(True, False, False))
         else:
             f = R.subinterval_loss if impl == "eager" else compiled(R.subinterval_loss)
             p = pred.clone().requires_grad_()
@@ -76,7 +78,6 @@ def make_case(op, impl, shape, dtype):
             def run():
                 p.grad = None
                 f(p, x_s, noise, *coefs, 100.0).sum().backward()
-                return p.grad
     elif op.startswith("dmd"):
         form = op.split("_")[1]
         x, real_cond, real_uncond, fake = t
@@ -84,7 +85,7 @@ def make_case(op, impl, shape, dtype):
         if impl == "native":
             def run():
                 _, norm = native.dmd_loss(x, real_cond, fake, real_uncond, 4.5, weight, form, return_norm=True)
-                return native.dmd_loss_grad(x, real_cond, fake, real_uncond, 4.5, weight, form, grad=ones, norm=norm)
+                native.dmd_loss_grad(x, real_cond, fake, real_uncond, 4.5, weight, form, grad=ones, norm=norm)
         else:
             f = ref_dmd_loss if impl == "eager" else compiled(ref_dmd_loss)
             xg = x.clone().requires_grad_()
@@ -92,14 +93,13 @@ def make_case(op, impl, shape, dtype):
             def run():
                 xg.grad = None
                 f(xg, real_cond, real_uncond, fake, 4.5, weight, form).sum().backward()
-                return xg.grad
     elif op == "renoise":
         x_s, noise, grad_out = t[0], t[1], t[2]
         a, sg = coefs[0], coefs[1]
         if impl == "native":
             def run():
                 native.renoise(x_s, noise, a, sg)
-                return native.renoise_grads(grad_out, a, sg, needs=(True, False))
+                native.renoise_grads(grad_out, a, sg, needs=(True, False))
         else:
             f = R.renoise if impl == "eager" else compiled(R.renoise)
             xg = x_s.clone().requires_grad_()
@@ -107,7 +107,6 @@ def make_case(op, impl, shape, dtype):
             def run():
                 xg.grad = None
                 f(xg, noise, a, sg).backward(grad_out)
-                return xg.grad
     else:
         raise ValueError(op)
     return run, t[0].numel() * t[0].element_size()
