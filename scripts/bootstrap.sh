@@ -18,3 +18,4 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+python -m pdmd_kernels.build || true   # native CPU backend (optional: needs CMake and a C++ compiler)

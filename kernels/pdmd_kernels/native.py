@@ -1,0 +1,138 @@
+"""The native CPU backend: C++/OpenMP single-pass ops (``kernels/csrc/pdmd_native.cpp``).
+
+The library is built by ``python -m pdmd_kernels.build`` (``scripts/bootstrap.sh`` runs it) and
+loaded here if present. Importing this module never raises: without the library, ``available()`` is
+False and ``unavailable_reason()`` says why (a library that exists but fails to load is also warned
+about, once). The functions mirror ``reference`` (same signatures, same semantics) for CPU tensors
+of dtype float32, bfloat16 or float16 whose latent-size inputs share one shape and dtype; they
+compute in float32 and return losses in float32 and gradients in the inputs' dtype.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "library_path",
+    "build_info",
+    "supports",
+    "DTYPES",
+    "subinterval_loss",
+    "subinterval_loss_grads",
+    "dmd_loss",
+    "dmd_loss_grad",
+    "renoise",
+    "renoise_grads",
+]
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DIR = Path(__file__).resolve().parent
+_reason: str | None = None
+
+
+def library_path() -> Path | None:
+    """The built library next to this file (``_pdmd_native.so``, or the platform's suffix), if any."""
+    found = sorted(p for p in _DIR.glob("_pdmd_native.*") if p.suffix in (".so", ".dylib", ".dll", ".pyd"))
+    return found[0] if found else None
+
+
+def _load() -> str | None:
+    """Load the library once; returns None on success, else the reason it is not available."""
+    path = library_path()
+    if path is None:
+        return "not built (run `python -m pdmd_kernels.build`; needs CMake and a C++ compiler)"
+    try:
+        torch.ops.load_library(str(path))
+        torch.ops.pdmd_native.build_info()
+    except Exception as e:  # a stale or foreign library must not break the import
+        reason = f"{path.name} failed to load ({type(e).__name__}: {e}); rebuild with `python -m pdmd_kernels.build --force`"
+        warnings.warn(f"pdmd_kernels native backend unavailable: {reason}", RuntimeWarning, stacklevel=2)
+        return reason
+    return None
+
+
+_reason = _load()
+
+
+def available() -> bool:
+    """True when the native library is loaded."""
+    return _reason is None
+
+
+def unavailable_reason() -> str | None:
+    """Why the native backend is not available (None when it is)."""
+    return _reason
+
+
+def build_info() -> str | None:
+    """Torch version, instruction set and block size the library was built with (None if unavailable)."""
+    return torch.ops.pdmd_native.build_info() if available() else None
+
+
+def supports(device_type: str, dtype: torch.dtype, forced: bool = False) -> bool:
+    """Whether the native ops can run on inputs of this device type and dtype (for the dispatch table)."""
+    return available() and device_type == "cpu" and dtype in DTYPES
+
+
+def _ops():
+    if not available():
+        raise RuntimeError(f"pdmd_kernels native backend unavailable: {_reason}")
+    return torch.ops.pdmd_native
+
+
+def subinterval_loss(pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction="flow"):
+    """Clamped subinterval loss per sample ``[B]`` (float32), one pass over pred, x_s, noise."""
+    return _ops().subinterval_loss_fwd(pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t,
+                                       float(clamp_max), prediction)
+
+
+def subinterval_loss_grads(grad, pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max,
+                           prediction="flow", needs=(True, True, True)):
+    """Gradients (pred, x_s, noise) of ``(grad * subinterval_loss(...)).sum()``, recomputed in one pass.
+
+    ``needs`` says which of the three to compute; the others are None (no memory, no stores).
+    """
+    return tuple(_ops().subinterval_loss_bwd(grad, pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t,
+                                             float(clamp_max), prediction, [bool(n) for n in needs]))
+
+
+def dmd_loss(x, real_cond, fake, real_uncond=None, scale=1.0, weight=None, form="theory", min_norm=1e-6,
+             return_norm=False):
+    """Per-sample DMD surrogate ``[B]`` (float32): 0.5 * sum(g^2), CFG fused, one pass over the inputs.
+
+    With ``return_norm`` also returns the per-sample normaliser of form "normalized" (float32 ``[B]``;
+    empty ``[0]`` for "theory"): passing it to ``dmd_loss_grad`` saves that op its first pass.
+    The value sums finite (fake - real)^2 and divides by norm^2 once, so it differs from the
+    reference only where a single |g| would overflow float32.
+    """
+    loss, norm = _ops().dmd_loss_fwd(x, real_cond, fake, real_uncond, float(scale), weight, form,
+                                     float(min_norm))
+    return (loss, norm) if return_norm else loss
+
+
+def dmd_loss_grad(x, real_cond, fake, real_uncond=None, scale=1.0, weight=None, form="theory", min_norm=1e-6,
+                  grad=None, norm=None):
+    """The DMD gradient g in x, times ``grad[b]`` per sample when given, in x's dtype.
+
+    Form "theory" is one pass over real_cond, real_uncond, fake. Form "normalized" needs the
+    per-sample mean|x - real| first: two passes unless ``norm`` (from ``dmd_loss(..., return_norm=True)``)
+    is given.
+    """
+    if grad is None:
+        grad = torch.ones(x.shape[0], dtype=torch.float32)
+    return _ops().dmd_loss_bwd(grad, x, real_cond, fake, real_uncond, float(scale), weight, form,
+                               float(min_norm), norm)
+
+
+def renoise(x_s, noise, alpha_ts, sigma_ts):
+    """x_t = alpha_ts x_s + sigma_ts noise, float32 math, in x_s's dtype; one pass."""
+    return _ops().renoise(x_s, noise, alpha_ts, sigma_ts)
+
+
+def renoise_grads(grad, alpha_ts, sigma_ts, needs=(True, True)):
+    """Gradients (x_s, noise) of ``(grad * renoise(...)).sum()`` in grad's dtype; None where not needed."""
+    return tuple(_ops().renoise_bwd(grad, alpha_ts, sigma_ts, [bool(n) for n in needs]))

@@ -1,0 +1,266 @@
+"""The native CPU backend (pdmd_kernels.native) against the float64 reference.
+
+Every op, forward and gradients, on odd shapes (one sample, one element per sample, sizes that
+straddle the C++ block of 8192 elements), non-contiguous inputs and each supported dtype; results
+must not depend on the thread count. Inputs are rounded to the tested dtype first, so the
+reference sees exactly the values the kernel reads.
+"""
+import math
+import zlib
+
+import pytest
+import torch
+
+from pdmd_kernels import build, native
+from pdmd_kernels import reference as R
+
+if not native.available():
+    pytest.skip(f"native backend unavailable: {native.unavailable_reason()}", allow_module_level=True)
+
+SHAPES = [(1, 1), (3, 5, 7, 9), (2, 3, 17, 33), (2, 8193), (3, 2, 3, 5, 61)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (rtol of float32 values, rtol of values stored in the dtype) relative to the largest magnitude
+TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def close(actual, expected, rtol, what=""):
+    """|actual - expected| <= rtol * max|expected| (+ a tiny floor): tolerance relative to the scale."""
+    expected = expected.double()
+    err = (actual.double() - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= rtol * scale + 1e-30, f"{what}: max error {err:.3g} vs scale {scale:.3g} (rtol {rtol})"
+
+
+def seeded(*key):
+    """A generator seeded from the test's parameters (stable across processes, unlike hash())."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def latent(shape, dtype, gen, contiguous=True, scale=1.0):
+    """A random [B, ...] tensor in ``dtype``; non-contiguous (a strided view) when asked."""
+    if contiguous:
+        return (scale * torch.randn(shape, generator=gen)).to(dtype)
+    big = scale * torch.randn(*shape[:-1], 2 * shape[-1], generator=gen)
+    view = big.to(dtype)[..., ::2]
+    assert not view.is_contiguous() or view.numel() <= 1
+    return view
+
+
+def coefficients(batch, gen):
+    """Per-sample (alpha_s, sigma_s, alpha_t, sigma_t) on the flow schedule; t = s for sample 0."""
+    s = torch.rand(batch, generator=gen) * 0.6 + 0.1
+    t = s + torch.rand(batch, generator=gen) * (0.95 - s)
+    t[0] = s[0]  # sigma_ts = 0: only the clamp keeps the loss finite
+    return 1 - s, s, 1 - t, t
+
+
+@pytest.mark.parametrize("prediction", ["flow", "x0", "eps"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_subinterval_loss_and_grads(shape, dtype, prediction, contiguous):
+    gen = seeded((shape, str(dtype), prediction, contiguous))
+    pred, x_s, noise = (latent(shape, dtype, gen, contiguous) for _ in range(3))
+    coefs = coefficients(shape[0], gen)
+    clamp = 50.0
+    loss = native.subinterval_loss(pred, x_s, noise, *coefs, clamp, prediction)
+    assert loss.dtype == torch.float32 and loss.shape == (shape[0],)
+
+    p64, x64, n64 = (v.double().requires_grad_() for v in (pred, x_s, noise))
+    ref = R.subinterval_loss(p64, x64, n64, *(c.double() for c in coefs), clamp, prediction)
+    assert torch.isfinite(ref).all()
+    close(loss, ref, 1e-5, "loss")
+
+    grad = torch.rand(shape[0], generator=gen) + 0.5
+    ref_grads = torch.autograd.grad((grad.double() * ref).sum(), (p64, x64, n64))
+    grads = native.subinterval_loss_grads(grad, pred, x_s, noise, *coefs, clamp, prediction)
+    for name, g, r in zip(("pred", "x_s", "noise"), grads, ref_grads):
+        assert g.dtype == dtype and g.shape == shape and g.is_contiguous()
+        if prediction == "eps" and name == "x_s":
+            assert not g.any()
+        else:
+            close(g, r, TOL[dtype], f"grad {name}")
+    only_pred = native.subinterval_loss_grads(grad, pred, x_s, noise, *coefs, clamp, prediction,
+                                              needs=(True, False, False))
+    assert only_pred[1] is None and only_pred[2] is None and torch.equal(only_pred[0], grads[0])
+
+
+def test_subinterval_loss_is_the_plain_loss_where_the_clamp_is_off():
+    """Away from t = s the clamped loss is mean((pred - target)^2) with the Eq. 12 target."""
+    gen = torch.Generator().manual_seed(1)
+    pred, x_s, noise = (torch.randn(4, 3, 11, generator=gen) for _ in range(3))
+    s = torch.tensor([0.1, 0.3, 0.5, 0.7])
+    t = s + 0.2
+    coefs = (1 - s, s, 1 - t, t)
+    _, target = R.subinterval_target(x_s.double(), noise.double(), *(c.double() for c in coefs))
+    expected = ((pred.double() - target) ** 2).flatten(1).mean(1)
+    close(native.subinterval_loss(pred, x_s, noise, *coefs, 1e6), expected, 1e-5, "plain loss")
+
+
+def reference_dmd(x, real_cond, fake, real_uncond, scale, weight, form, min_norm=1e-6):
+    """Float64 reference (loss [B], g): g from reference.guided and dmd_grad_*, loss 0.5 * sum(g^2).
+
+    (``reference.surrogate_loss(x, g)`` has the same value and gradient g for finite x.)
+    """
+    real = R.guided(real_cond.double(), None if real_uncond is None else real_uncond.double(), scale)
+    if form == "theory":
+        g = R.dmd_grad_theory(real, fake.double(), weight.double())
+    else:
+        g = R.dmd_grad_normalized(x.double(), real, fake.double(), min_norm)
+    return 0.5 * (g**2).flatten(1).sum(1), g
+
+
+@pytest.mark.parametrize("form", ["theory", "normalized"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("guidance", [None, 1.0, 4.5])
+def test_dmd_loss_and_grad(shape, dtype, form, guidance):
+    gen = seeded((shape, str(dtype), form, guidance))
+    contiguous = guidance != 4.5  # the guided case also runs on strided views
+    x, real_cond, fake = (latent(shape, dtype, gen, contiguous) for _ in range(3))
+    real_uncond = None if guidance is None else latent(shape, dtype, gen, contiguous)
+    scale = 1.0 if guidance is None else guidance
+    weight = torch.rand(shape[0], generator=gen) * 3 if form == "theory" else None
+    loss, norm = native.dmd_loss(x, real_cond, fake, real_uncond, scale, weight, form, return_norm=True)
+    ref, ref_g = reference_dmd(x, real_cond, fake, real_uncond, scale, weight, form)
+    assert loss.dtype == torch.float32 and loss.shape == (shape[0],)
+    close(loss, ref, 1e-5, "loss")
+
+    grad = torch.rand(shape[0], generator=gen) + 0.5
+    ref_grad = R.bcast(grad.double(), ref_g) * ref_g
+    g = native.dmd_loss_grad(x, real_cond, fake, real_uncond, scale, weight, form, grad=grad)
+    assert g.dtype == dtype and g.shape == shape
+    close(g, ref_grad, TOL[dtype], "grad x")
+    if form == "normalized":  # the forward's normaliser saves the first pass, same result
+        assert norm.shape == (shape[0],)
+        with_norm = native.dmd_loss_grad(x, real_cond, fake, real_uncond, scale, weight, form, grad=grad, norm=norm)
+        assert torch.equal(with_norm, g)
+
+
+def test_dmd_normalized_zeroes_non_finite_like_the_reference():
+    gen = torch.Generator().manual_seed(2)
+    x, real, fake = (torch.randn(4, 3, 40, generator=gen) for _ in range(3))
+    fake[0, 0, :3] = torch.tensor([math.inf, -math.inf, math.nan])  # some g non-finite
+    x[1, 2, 5] = math.nan  # normaliser NaN: every g of sample 1 is zeroed
+    x[2, 0, 0] = math.inf  # normaliser inf: g = 0 (or NaN -> 0)
+    x[3] = real[3]  # normaliser 0 -> clamped to min_norm
+    loss = native.dmd_loss(x, real, fake, form="normalized", min_norm=1e-3)
+    ref, expected = reference_dmd(x, real, fake, None, 1.0, None, "normalized", 1e-3)
+    close(loss, ref, 1e-5, "loss")
+    assert loss[1] == 0 and loss[2] == 0
+    g = native.dmd_loss_grad(x, real, fake, form="normalized", min_norm=1e-3)
+    assert torch.isfinite(g).all()
+    assert torch.equal(g == 0, expected == 0)
+    close(g, expected, 1e-6, "g")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_renoise_and_grads(shape, dtype, contiguous):
+    gen = seeded((shape, str(dtype), contiguous))
+    x_s, noise = (latent(shape, dtype, gen, contiguous) for _ in range(2))
+    alpha_ts, sigma_ts = torch.rand(shape[0], generator=gen) + 0.5, torch.rand(shape[0], generator=gen)
+    out = native.renoise(x_s, noise, alpha_ts, sigma_ts)
+    x64, n64 = x_s.double().requires_grad_(), noise.double().requires_grad_()
+    ref = R.renoise(x64, n64, alpha_ts.double(), sigma_ts.double())
+    assert out.dtype == dtype and out.shape == shape
+    close(out, ref, TOL[dtype], "x_t")
+
+    grad = latent(shape, dtype, gen, contiguous)
+    ref_gx, ref_gn = torch.autograd.grad((grad.double() * ref).sum(), (x64, n64))
+    gx, gn = native.renoise_grads(grad, alpha_ts, sigma_ts)
+    assert gx.dtype == dtype and gn.dtype == dtype
+    close(gx, ref_gx, TOL[dtype], "grad x_s")
+    close(gn, ref_gn, TOL[dtype], "grad noise")
+    none_x, only_n = native.renoise_grads(grad, alpha_ts, sigma_ts, needs=(False, True))
+    assert none_x is None and torch.equal(only_n, gn)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 0.3, 3.0, 1e4])
+def test_half_conversions_are_exact_on_every_bit_pattern(dtype, scale):
+    """Loads and round-to-nearest-even stores of all 65536 values agree bit for bit with torch's casts."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(2, -1)
+    one = torch.ones(2)
+    out = native.renoise(x, torch.zeros_like(x), scale * one, 0 * one)
+    expected = (x.float() * scale).to(dtype)
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan], expected[~nan])  # every value equal (+0 == -0: a*x + 0*noise is +0)
+
+
+def _all_ops(dtype):
+    """Every op's outputs on inputs large enough to be split across threads (> 4 blocks of 8192)."""
+    gen = torch.Generator().manual_seed(3)
+    shape = (2, 4, 64, 129)
+    a, b, c, d = (torch.randn(shape, generator=gen).to(dtype) for _ in range(4))
+    coefs = coefficients(2, gen)
+    w, grad = torch.rand(2, generator=gen), torch.rand(2, generator=gen)
+    return [
+        native.subinterval_loss(a, b, c, *coefs, 50.0),
+        *native.subinterval_loss_grads(grad, a, b, c, *coefs, 50.0),
+        native.dmd_loss(a, b, c, d, 3.0, w, "theory"),
+        native.dmd_loss(a, b, c, d, 3.0, None, "normalized"),
+        native.dmd_loss_grad(a, b, c, d, 3.0, w, "theory", grad=grad),
+        native.dmd_loss_grad(a, b, c, d, 3.0, None, "normalized", grad=grad),
+        native.renoise(a, b, coefs[0], coefs[1]),
+        *native.renoise_grads(a, coefs[0], coefs[1]),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_thread_count_does_not_change_results(dtype):
+    """Blocks are fixed and their partial sums are added in order: 1 and 2 threads agree exactly."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _all_ops(dtype)
+        torch.set_num_threads(2)
+        two = _all_ops(dtype)
+    finally:
+        torch.set_num_threads(before)
+    for i, (u, v) in enumerate(zip(one, two)):
+        assert torch.equal(u, v), f"output {i} differs between 1 and 2 threads"
+
+
+def test_bad_inputs_raise_value_errors_naming_the_argument():
+    x = torch.randn(2, 3, 4)
+    c = torch.rand(2)
+    cases = [
+        (lambda: native.subinterval_loss(x, x[:, :2], x, c, c, c, c, 1.0), "x_s"),
+        (lambda: native.subinterval_loss(x, x, x.half(), c, c, c, c, 1.0), "noise"),
+        (lambda: native.subinterval_loss(x.double(), x, x, c, c, c, c, 1.0), "pred"),
+        (lambda: native.subinterval_loss(x, x, x, c[:1], c, c, c, 1.0), "alpha_s"),
+        (lambda: native.subinterval_loss(x, x, x, c, c, c, c, 1.0, "v"), "prediction"),
+        (lambda: native.subinterval_loss(x[:0], x[:0], x[:0], c[:0], c[:0], c[:0], c[:0], 1.0), "pred"),
+        (lambda: native.subinterval_loss_grads(c[:1], x, x, x, c, c, c, c, 1.0), "grad"),
+        (lambda: native.dmd_loss(x, x, x, form="theory"), "weight"),
+        (lambda: native.dmd_loss(x, x, x, x[:1], form="normalized"), "real_uncond"),
+        (lambda: native.dmd_loss(x, x, x, form="x0"), "form"),
+        (lambda: native.dmd_loss_grad(x, x, x.bfloat16(), form="normalized"), "fake"),
+        (lambda: native.renoise(x, x, c, torch.rand(3)), "sigma_ts"),
+        (lambda: native.renoise_grads(x, c.reshape(2, 1), c), "alpha_ts"),
+    ]
+    for call, name in cases:
+        with pytest.raises(ValueError, match=name):
+            call()
+
+
+def test_supports_and_build_info():
+    assert native.supports("cpu", torch.bfloat16)
+    assert not native.supports("cpu", torch.float64)
+    assert not native.supports("cuda", torch.float32)
+    assert torch.__version__.split("+")[0] in native.build_info()
+
+
+def test_build_reports_instead_of_failing(monkeypatch):
+    """The build helper never raises: missing tools or an opt-out give a reason and exit status 0."""
+    assert build.find_source() is not None
+    monkeypatch.setenv("PDMD_NATIVE", "0")
+    assert "PDMD_NATIVE=0" in build.build()
+    monkeypatch.setenv("PDMD_NATIVE", "1")
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    assert build.build(force=True) == "cmake not found"
+    assert build.main(["--force"]) == 0 and build.main(["--force", "--strict"]) == 1
+    assert native.library_path() is not None  # a failed check never deletes a working library
