@@ -12,6 +12,7 @@ import yaml
 __all__ = ["TeacherConfig", "DistillConfig", "EvalConfig", "RunConfig", "METHODS", "load_config", "from_dict"]
 
 METHODS = ("dmd", "dmd_sgts", "phased", "phased_sgts")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -43,7 +44,8 @@ class DistillConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     bf16: bool = False
-    optimizer: str = "adamw"
+    optimizer_generator: str = "adamw"  # a name in pdmd.optim.OPTIMIZERS
+    optimizer_fake: str = "adamw"  # adamw8bit-v: our 8-bit v-only AdamW (needs betas[0] = 0)
     weighting: str = "theory"
     clamp_max: float = 100.0
     dmd_t_range: list[float] = field(default_factory=lambda: [0.1, 0.98])
@@ -56,6 +58,12 @@ class DistillConfig:
     checkpoint_every: int = 200
     log_every: int = 10
     plot_every: int = 400
+    # memory and speed (pdmd/layout.py, pdmd/compile.py; docs/memory.md)
+    frozen_dtype: str = "float32"  # dtype of the teacher's frozen base weights (bfloat16 needs bf16: true)
+    fake_dtype: str = "float32"  # dtype of a full fake score (bfloat16: pair with optimizer_fake adamw8bit-v)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile each repeated block (the whole module if it has none)
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -162,6 +170,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(all(a > b for a, b in zip(pb, pb[1:])), "distill.phase_boundaries", "must be strictly decreasing")
     _check(all(b in ts[1:-1] for b in pb), "distill.phase_boundaries", f"must be interior timesteps of {ts}")
     _check(len(d.betas) == 2 and all(0 <= b < 1 for b in d.betas), "distill.betas", "must be two numbers in [0, 1)")
+    from .optim import OPTIMIZERS
+
+    for name, v in (("distill.optimizer_generator", d.optimizer_generator), ("distill.optimizer_fake", d.optimizer_fake)):
+        _check(v in OPTIMIZERS, name, f"must be one of {sorted(OPTIMIZERS)}, got {v!r}")
+        _check(v != "adamw8bit-v" or d.betas[0] == 0.0, name,
+               f"is 'adamw8bit-v', which keeps no first moment: it needs distill.betas[0] = 0, got {d.betas[0]}")
+    for name, v in (("distill.frozen_dtype", d.frozen_dtype), ("distill.fake_dtype", d.fake_dtype)):
+        _check(v in DTYPES, name, f"must be one of {DTYPES}, got {v!r}")
+    _check(d.frozen_dtype == "float32" or d.bf16, "distill.frozen_dtype",
+           f"is {d.frozen_dtype!r}: the float32 adapters and inputs meet those weights only under autocast; set distill.bf16: true")
+    _check(d.fake_dtype == "float32" or d.fake_kind == "full", "distill.fake_dtype",
+           "applies to a full fake score (fake_kind: full); a LoRA fake score lives on the frozen weights")
+    _check(d.compile_backend in ("inductor", "aot_eager", "eager"), "distill.compile_backend",
+           f"must be 'inductor', 'aot_eager' or 'eager', got {d.compile_backend!r}")
     lo_hi = d.dmd_t_range
     _check(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 1, "distill.dmd_t_range", "must be [lo, hi] with 0 <= lo < hi <= 1")
     return cfg

@@ -8,13 +8,12 @@ One training iteration of phase k (MATH.md, "One training iteration"):
    it; g = w (T - F) at x_t (Eq. 11) is applied through the surrogate loss.
 
 The loop lives here and nowhere else; parallelism (FSDP), compilation and other optimisers plug in
-around it (``build_optimizer``, the models handed in), not inside it.
+around it (``pdmd.optim.build_optimizer``, ``pdmd.layout.apply_layout``, the models handed in), not inside it.
 """
 from __future__ import annotations
 
 import copy
 import json
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -26,23 +25,19 @@ from tqdm import tqdm
 from . import objectives as obj
 from .checkpoint import load_optimizer, load_tensors, optimizer_tensors, save_tensors
 from .config import RunConfig, from_dict
+from .compile import StepClock
 from .experts import DenoiserView, Experts, base_state, cat_cond, expert_name
+from .layout import apply_layout
+from .optim import build_optimizer
 from .sampler import Plan, ddim_step, make_plan
 
-__all__ = ["PhasedDMDTrainer", "NonFiniteError", "build_optimizer", "BoundaryPool", "split_steps"]
+__all__ = ["PhasedDMDTrainer", "NonFiniteError", "BoundaryPool", "split_steps"]
 
 CHECKPOINT = "checkpoint.safetensors"
 
 
 class NonFiniteError(RuntimeError):
     """Too many non-finite losses or gradients in a row: training stopped, last good checkpoint kept."""
-
-
-def build_optimizer(name: str, params, lr: float, betas=(0.0, 0.999), weight_decay: float = 0.0):
-    """The one place optimisers are made (swap in 8-bit or fused ones here)."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be 'adamw', got {name!r}")
 
 
 def split_steps(total: int, parts: int) -> list[int]:
@@ -134,6 +129,7 @@ class PhasedDMDTrainer:
         self.gens = {k: torch.Generator().manual_seed(cfg.seed * 1000 + i) for i, k in enumerate(("main", "rollout", "pool"))}
         self.step, self.phase = 0, -1
         self.nonfinite_total = self.nonfinite_run = 0
+        self.layout = apply_layout(self)  # frozen_dtype, fake_dtype, activation_checkpointing, compile
 
     # ------------------------------------------------------------------ randomness and helpers
     def _rand(self, n: int) -> torch.Tensor:
@@ -202,11 +198,16 @@ class PhasedDMDTrainer:
             self.fake = DenoiserView(self.fake_module, self.prediction, self.schedule, self.experts.null_cond,
                                      self._autocast)
         self.gen_params, self.fake_params = gen_params, fake_params
-        self.opt_gen = build_optimizer(d.optimizer, gen_params, d.lr_generator, d.betas, d.weight_decay)
-        self.opt_fake = build_optimizer(d.optimizer, fake_params, d.lr_fake, d.betas, d.weight_decay)
+        self.opt_gen = self._optimizer(d.optimizer_generator, gen_params, d.lr_generator, p)
+        self.opt_fake = self._optimizer(d.optimizer_fake, fake_params, d.lr_fake, p)
         self.pool = BoundaryPool(self._draw, self._prefix(p), d.pool_size if p > 0 else d.batch_size,
                                  d.batch_size, self.gens["pool"])
         self.boundary = self.plan.boundaries[p + 1]
+
+    def _optimizer(self, name: str, params, lr: float, phase: int):
+        d = self.cfg.distill
+        kw = {"seed": self.cfg.seed * 1000 + phase} if name == "adamw8bit-v" else {}  # its rounding bits
+        return build_optimizer(name, params, lr, d.betas, d.weight_decay, **kw)
 
     # ------------------------------------------------------------------ rollouts
     def rollout(self, n: int, grad: bool):
@@ -364,11 +365,11 @@ class PhasedDMDTrainer:
                 p = self.phase_of(self.step)
                 if p != self.phase:
                     self.start_phase(p)
-                t0 = time.perf_counter()
-                rec = self.iteration()
-                dt = time.perf_counter() - t0
-                rec.update(step=self.step, phase=p + 1, step_time=dt, samples_per_s=samples / dt,
-                           nonfinite_skipped=self.nonfinite_total)
+                with StepClock() as clock:  # compile time (lazy, at first calls) apart from step time
+                    rec = self.iteration()
+                dt = clock.step
+                rec.update(step=self.step, phase=p + 1, step_time=dt, compile_time=clock.compile,
+                           samples_per_s=samples / dt, nonfinite_skipped=self.nonfinite_total)
                 if self.step % d.log_every == 0 or self.step == stop:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()

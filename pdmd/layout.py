@@ -1,0 +1,71 @@
+"""Memory layout of the trained models: frozen weights in bfloat16, per-block activation checkpointing.
+
+- The teacher's base weights are frozen (the experts are LoRA adapters on them), so they need no float32
+  copy: ``cast_frozen`` stores them in bfloat16 and leaves trainable tensors (LoRA) in float32.
+  The adapters' float32 inputs meet bf16 weights only under autocast (``distill.bf16: true``).
+- ``checkpoint_blocks`` recomputes each repeated block's activations during backward instead of
+  keeping them (``torch.utils.checkpoint``, non-reentrant): one block's activations at a time plus
+  each block's input. Gradients are unchanged (tested); the price is one more forward of the blocks.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .compile import repeated_blocks
+
+__all__ = ["DTYPES", "cast_frozen", "checkpoint_blocks", "apply_layout"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the base weights of ``module`` (every parameter but LoRA adapters) to ``dtype`` in place; returns
+    their count. Modules a diffusers model lists in ``_keep_in_fp32_modules`` stay float32, as diffusers
+    loads them. Parameters keep their identity (``.data`` is replaced), so optimizers are unaffected.
+    """
+    keep = set()
+    for m in module.modules():
+        keep.update(getattr(m, "_keep_in_fp32_modules", None) or ())
+    n = 0
+    for name, p in module.named_parameters():
+        if "lora_" in name or any(k in name.split(".") for k in keep):
+            continue
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
+def checkpoint_blocks(module: nn.Module) -> list[nn.Module]:
+    """Wrap the forward of each repeated block (``pdmd.compile.repeated_blocks``; the whole module if it
+    has none) in activation checkpointing; returns the wrapped modules. State-dict names do not change."""
+    blocks = repeated_blocks(module) or [module]
+    for b in blocks:
+        if getattr(b, "_pdmd_checkpointed", False):
+            continue
+        inner = b.forward
+        b.forward = functools.wraps(inner)(functools.partial(checkpoint, inner, use_reentrant=False))
+        b._pdmd_checkpointed = True
+    return blocks
+
+
+def apply_layout(trainer) -> dict:
+    """Apply ``distill.frozen_dtype``, ``fake_dtype``, ``activation_checkpointing`` and ``compile`` to a
+    ``PhasedDMDTrainer``'s models (the shared teacher module with its experts, and a full fake score)."""
+    from .compile import compile_regions
+
+    d = trainer.cfg.distill
+    base, fake = trainer.experts.module, trainer.fake_module
+    info = {"frozen_cast": cast_frozen(base, DTYPES[d.frozen_dtype])}
+    if fake is not None:
+        fake.to(DTYPES[d.fake_dtype])
+    models = [base] + ([fake] if fake is not None else [])
+    if d.activation_checkpointing:
+        info["checkpointed_blocks"] = sum(len(checkpoint_blocks(m)) for m in models)
+    if d.compile:
+        info["compiled_blocks"] = sum(len(compile_regions(m, backend=d.compile_backend)) for m in models)
+    return info
