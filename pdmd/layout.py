@@ -47,10 +47,18 @@ def checkpoint_blocks(module: nn.Module) -> list[nn.Module]:
     for b in blocks:
         if getattr(b, "_pdmd_checkpointed", False):
             continue
-        inner = b.forward
-        b.forward = functools.wraps(inner)(functools.partial(checkpoint, inner, use_reentrant=False))
+        b.forward = _checkpointed(b.forward)
         b._pdmd_checkpointed = True
     return blocks
+
+
+def _checkpointed(inner):
+    # a plain closure (not functools.partial): torch.compile recognises the checkpoint call inside it and
+    # traces the block as one checkpointed region instead of breaking the graph
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+    return forward
 
 
 def apply_layout(trainer) -> dict:
