@@ -37,6 +37,7 @@ def compile_regions(module: nn.Module, backend: str = "inductor", fullgraph: boo
 
     ``fullgraph=True`` makes a graph break an error (use it to check that custom ops trace cleanly).
     """
+    _TIMER.install()
     blocks = repeated_blocks(module) or [module]
     # each block class is traced for a few variants (grad on/off, adapter on/off, batch sizes); the default
     # limit of 8 recompiles per code object would silently fall back to eager for the rest
@@ -46,15 +47,41 @@ def compile_regions(module: nn.Module, backend: str = "inductor", fullgraph: boo
     return blocks
 
 
+class _CompileTimer:
+    """Wall time inside torch.compile, from dynamo's compile callbacks: they fire around the outermost
+    compilation only (nesting is handled by torch) and also around the lazy compile of a backward graph."""
+
+    def __init__(self):
+        self.total, self.t0 = 0.0, None
+
+    def install(self) -> None:
+        """Register (again after ``torch._dynamo.reset()``, which clears the callbacks)."""
+        from torch._dynamo.callback import callback_handler
+
+        if self._start not in callback_handler.start_callbacks:
+            callback_handler.register_start_callback(self._start)
+            callback_handler.register_end_callback(self._end)
+
+    def _start(self, *args) -> None:  # torch >= 2.8 passes CallbackArgs, older versions nothing
+        self.t0 = time.perf_counter()
+
+    def _end(self, *args) -> None:
+        if self.t0 is not None:
+            self.total += time.perf_counter() - self.t0
+            self.t0 = None
+
+
+_TIMER = _CompileTimer()
+
+
 def compile_seconds() -> float:
-    """Seconds spent compiling so far in this process (torch.compile's own metric; 0 if unavailable).
+    """Seconds spent compiling in this process since the first call of this function or ``compile_regions``.
 
     Compilation is lazy (at a compiled region's first call with new inputs), so a step's compile time is
     the difference of this value around the step; the trainer logs it apart from the step time.
     """
-    metrics = getattr(torch._dynamo.utils, "compilation_time_metrics", {})
-    # dynamo's tracing and the forward compile, plus inductor's backward compile (lazy, at the first backward)
-    return float(sum(sum(v) for k, v in metrics.items() if k.endswith(("compile_inner", "bw_compiler"))))
+    _TIMER.install()
+    return _TIMER.total + (time.perf_counter() - _TIMER.t0 if _TIMER.t0 is not None else 0.0)
 
 
 class StepClock:

@@ -12,7 +12,6 @@ import yaml
 __all__ = ["TeacherConfig", "DistillConfig", "EvalConfig", "RunConfig", "METHODS", "load_config", "from_dict"]
 
 METHODS = ("dmd", "dmd_sgts", "phased", "phased_sgts")
-DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -170,6 +169,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(all(a > b for a, b in zip(pb, pb[1:])), "distill.phase_boundaries", "must be strictly decreasing")
     _check(all(b in ts[1:-1] for b in pb), "distill.phase_boundaries", f"must be interior timesteps of {ts}")
     _check(len(d.betas) == 2 and all(0 <= b < 1 for b in d.betas), "distill.betas", "must be two numbers in [0, 1)")
+    from .layout import TORCH_DTYPES
     from .optim import OPTIMIZERS
 
     for name, v in (("distill.optimizer_generator", d.optimizer_generator), ("distill.optimizer_fake", d.optimizer_fake)):
@@ -177,7 +177,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(v != "adamw8bit-v" or d.betas[0] == 0.0, name,
                f"is 'adamw8bit-v', which keeps no first moment: it needs distill.betas[0] = 0, got {d.betas[0]}")
     for name, v in (("distill.frozen_dtype", d.frozen_dtype), ("distill.fake_dtype", d.fake_dtype)):
-        _check(v in DTYPES, name, f"must be one of {DTYPES}, got {v!r}")
+        _check(v in TORCH_DTYPES, name, f"must be one of {tuple(TORCH_DTYPES)}, got {v!r}")
     _check(d.frozen_dtype == "float32" or d.bf16, "distill.frozen_dtype",
            f"is {d.frozen_dtype!r}: the float32 adapters and inputs meet those weights only under autocast; set distill.bf16: true")
     _check(d.fake_dtype == "float32" or d.fake_kind == "full", "distill.fake_dtype",

@@ -17,9 +17,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .compile import repeated_blocks
 
-__all__ = ["DTYPES", "cast_frozen", "checkpoint_blocks", "apply_layout"]
+__all__ = ["TORCH_DTYPES", "cast_frozen", "checkpoint_blocks", "apply_layout"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> int:
@@ -68,9 +68,9 @@ def apply_layout(trainer) -> dict:
 
     d = trainer.cfg.distill
     base, fake = trainer.experts.module, trainer.fake_module
-    info = {"frozen_cast": cast_frozen(base, DTYPES[d.frozen_dtype])}
+    info = {"frozen_cast": cast_frozen(base, TORCH_DTYPES[d.frozen_dtype])}
     if fake is not None:
-        fake.to(DTYPES[d.fake_dtype])
+        fake.to(TORCH_DTYPES[d.fake_dtype])
     models = [base] + ([fake] if fake is not None else [])
     if d.activation_checkpointing:
         info["checkpointed_blocks"] = sum(len(checkpoint_blocks(m)) for m in models)

@@ -34,6 +34,7 @@ from .sampler import Plan, ddim_step, make_plan
 __all__ = ["PhasedDMDTrainer", "NonFiniteError", "BoundaryPool", "split_steps"]
 
 CHECKPOINT = "checkpoint.safetensors"
+RESUME_FREE = ("compile", "compile_backend", "activation_checkpointing")  # speed only: may change on resume
 
 
 class NonFiniteError(RuntimeError):
@@ -418,7 +419,7 @@ class PhasedDMDTrainer:
         mine, theirs = self.cfg.to_dict(), stored.to_dict()
         for section in ("teacher", "distill"):
             for key, v in theirs[section].items():
-                if key not in ("max_steps", "checkpoint_every", "log_every", "plot_every") and mine[section][key] != v:
+                if key not in ("max_steps", "checkpoint_every", "log_every", "plot_every", *RESUME_FREE) and mine[section][key] != v:
                     raise ValueError(f"config field {section}.{key} is {mine[section][key]!r} but the checkpoint "
                                      f"{path} was made with {v!r}")
         phase = int(meta["phase"])
