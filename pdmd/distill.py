@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from .config import METHODS, RunConfig, load_config
 from .evaluate import energy_distance, evaluate_prompt, pairwise_diversity
 from .sampler import sample_few_step
 from .toy import ToyData, load_or_train_teacher, sample_teacher
-from .trainer import CHECKPOINT, PhasedDMDTrainer
+from .trainer import CHECKPOINT, NonFiniteError, PhasedDMDTrainer
 
 __all__ = ["distill", "compare", "sample_run", "add_commands"]
 
@@ -346,7 +347,11 @@ def _config(args) -> RunConfig:
 
 
 def _cmd_distill(args) -> int:
-    r = distill(_config(args), args.out, resume=args.resume, progress=not args.quiet)
+    try:
+        r = distill(_config(args), args.out, resume=args.resume, progress=not args.quiet)
+    except NonFiniteError as e:
+        print(f"pdmd distill: {e}", file=sys.stderr)
+        return 1
     g, t = r["generator"]["mean"], r["teacher"]["mean"]
     print(f"{r['method']}: modes {g['covered']}/{g['modes']} (teacher {t['covered']}), mass TV {g['mass_tv']:.3f} "
           f"(teacher {t['mass_tv']:.3f}), energy to data {g['energy_to_data']:.4f} (teacher {t['energy_to_data']:.4f}), "

@@ -12,7 +12,7 @@ from pdmd.sampler import make_plan, sample_few_step
 from pdmd.toy import ToyData
 from pdmd.trainer import NonFiniteError, PhasedDMDTrainer, split_steps
 
-from trainer_helpers import replace_distill, tiny_cfg, tiny_teacher
+from trainer_helpers import tiny_cfg, tiny_teacher
 
 DATA = ToyData()
 
