@@ -256,3 +256,20 @@ def test_bf16_autocast_runs_and_stays_finite(tmp_path):
     tr.train()
     assert tr.step == 2 and tr.nonfinite_total == 0
     assert all(bool(torch.isfinite(v).all()) for v in weights(tr).values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_trainer_runs_on_cuda(tmp_path, bf16):
+    cfg = tiny_cfg(bf16=bf16, max_steps=4)
+    import dataclasses
+    cfg = dataclasses.replace(cfg, device="cuda")
+    tr = PhasedDMDTrainer(cfg, tiny_teacher(), DATA, tmp_path, progress=False)
+    tr.train()
+    assert tr.step == 4 and tr.nonfinite_total == 0
+    x = sample_few_step(tr.experts, tr.plan, torch.randn(16, 2, device="cuda"), torch.zeros(16, dtype=torch.long, device="cuda"))
+    assert x.device.type == "cuda" and bool(torch.isfinite(x).all())
+    again = PhasedDMDTrainer(cfg, tiny_teacher(), DATA, tmp_path, progress=False)
+    again.load()
+    assert again.step == 4
