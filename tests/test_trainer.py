@@ -137,7 +137,7 @@ def test_pool_and_batched_fake_rollouts_change_speed_not_results(tmp_path):
 
 
 # ---------------------------------------------------------------- checkpoints
-@pytest.mark.parametrize("method, stop", [("phased_sgts", 3), ("phased_sgts", 4), ("phased", 5)])
+@pytest.mark.parametrize("method, stop", [("phased_sgts", 3), ("phased_sgts", 4), ("phased_sgts", 6), ("phased", 5)])
 def test_resume_is_bit_identical(tmp_path, method, stop):
     straight = make(tmp_path / "s", method=method, max_steps=8)
     straight.train()
@@ -273,3 +273,14 @@ def test_trainer_runs_on_cuda(tmp_path, bf16):
     again = PhasedDMDTrainer(cfg, tiny_teacher(), DATA, tmp_path, progress=False)
     again.load()
     assert again.step == 4
+
+
+def test_resume_mid_pool_restores_the_pool(tmp_path):
+    """Resuming in phase 2 with a half-used pool regenerates the same pool contents and position."""
+    tr = make(tmp_path, method="phased_sgts", max_steps=8)
+    tr.train(stop_at=5)
+    assert tr.phase == 1 and 0 < tr.pool.cursor < tr.pool.size
+    again = make(tmp_path, method="phased_sgts", max_steps=8)
+    again.load()
+    assert again.pool.cursor == tr.pool.cursor
+    assert torch.equal(again.pool.x, tr.pool.x) and torch.equal(again.pool.cond, tr.pool.cond)
