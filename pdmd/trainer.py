@@ -415,6 +415,8 @@ class PhasedDMDTrainer:
         tensors, meta = load_tensors(path)
         stored = from_dict(json.loads(meta["config"]))
         mine, theirs = self.cfg.to_dict(), stored.to_dict()
+        if mine["seed"] != theirs["seed"]:
+            raise ValueError(f"config field seed is {mine['seed']} but the checkpoint {path} was made with {theirs['seed']}")
         for section in ("teacher", "distill"):
             for key, v in theirs[section].items():
                 if key not in ("max_steps", "checkpoint_every", "log_every", "plot_every") and mine[section][key] != v:
