@@ -146,7 +146,7 @@ def _plot_losses(path: Path, log: Path) -> None:
         return
     steps = [r["step"] for r in recs]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3))
-    for ax, key in zip(axes, ("loss_fake", "g_abs_mean", "grad_norm_gen")):
+    for ax, key in zip(axes, ("loss_fake", "g_rms", "grad_norm_gen")):
         ax.plot(steps, [r[key] for r in recs], lw=0.8)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("generator step")
