@@ -20,7 +20,13 @@ from pdmd.diversity import ALEX_CHANNELS, LPIPS, alexnet_backbone, mean_pairwise
 from pdmd.models import QwenImageDenoiser, WanDenoiser  # noqa: E402
 from pdmd.prompts import PromptCache  # noqa: E402
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; scoped to this module's tests (a module-level switch would leak into others)."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,13 @@ from torch import nn
 from pdmd.diversity import (ALEX_CHANNELS, LPIPS, alexnet_backbone, diversity_table, load_dino, load_lpips, mean_pairwise,
                             read_samples)
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; scoped to this module's tests (a module-level switch would leak into others)."""
+    with torch.no_grad():
+        yield
 
 
 class _Identity(nn.Module):

@@ -15,7 +15,13 @@ from pdmd.export import activate_adapter, expert_sampling, export_experts, load_
 from pdmd.models import QwenImageDenoiser, WanDenoiser, WanMoEDenoiser
 from tiny_models import tiny_qwen, tiny_wan
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; scoped to this module's tests (a module-level switch would leak into others)."""
+    with torch.no_grad():
+        yield
 WAN_TARGETS = list(WanDenoiser.lora_targets)
 QWEN_TARGETS = list(QwenImageDenoiser.lora_targets)
 STEPS, BOUNDS = [1.0, 0.75, 0.5, 0.25], [0.5]

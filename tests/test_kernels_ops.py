@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 import torch
-from hypothesis import Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import pdmd_kernels as K
@@ -67,7 +67,7 @@ def latent(shape, dtype, device, layout, gen):
     if layout == "permuted" and len(shape) > 2:
         base = torch.randn((shape[0], *shape[2:], shape[1]), generator=gen).to(dtype).to(device)
         view = base.movedim(-1, 1)
-        assert view.shape == shape and not view.is_contiguous()
+        assert view.shape == shape  # not contiguous unless the moved dimensions have size 1
         return view
     return torch.randn(shape, generator=gen).to(dtype).to(device)
 
@@ -96,6 +96,13 @@ def use(backend, device, dtype, op):
 def leaves(*tensors):
     return [t.detach().requires_grad_() for t in tensors]
 
+
+
+@pytest.fixture(autouse=True)
+def _grad_on():
+    """Autograd on in every test here, whatever another test module set at import."""
+    with torch.enable_grad():
+        yield
 
 # ---------------------------------------------------------------- the ops against float64
 
@@ -195,7 +202,8 @@ layouts = st.sampled_from(["contiguous", "batch_slice", "permuted"])
 
 
 @pytest.mark.parametrize("backend,device,dtype", [c for c in CONFIGS if c.values[1] == "cpu"])
-@settings(max_examples=4, deadline=None, derandomize=True, phases=(Phase.generate,))  # no shrinking: slow
+@settings(max_examples=4, deadline=None, derandomize=True, phases=(Phase.generate,),  # no shrinking: slow
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # _grad_on holds for all examples
 @given(shape=shapes, layout=layouts, prediction=st.sampled_from(["flow", "x0", "eps"]),
        form=st.sampled_from(["theory", "normalized"]), clamp_max=st.sampled_from([1.0, 50.0, 1e4]),
        scale=st.sampled_from([None, 0.0, 1.0, 7.5]))

@@ -11,7 +11,13 @@ from pdmd.models import (QwenImageDenoiser, WanDenoiser, WanMoEDenoiser, load_de
 from pdmd.objectives import to_x0_eps
 from tiny_models import save_pipeline_dir, tiny_qwen, tiny_wan
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; scoped to this module's tests (a module-level switch would leak into others)."""
+    with torch.no_grad():
+        yield
 EULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 5.0}
 
 

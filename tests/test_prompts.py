@@ -8,7 +8,13 @@ import torch
 
 from pdmd.prompts import PromptCache, encode_prompts
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; scoped to this module's tests (a module-level switch would leak into others)."""
+    with torch.no_grad():
+        yield
 PROMPTS = ["a red fox jumps over the lazy dog", "a cat", "two dogs play in the snow at night", "a city street", "the sea"]
 QWEN_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
                  "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
