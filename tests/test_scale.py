@@ -1,7 +1,6 @@
 """Memory and speed wiring of the trainer: optimizer choice, 8-bit fake-score trajectory, frozen bf16 weights,
 per-block activation checkpointing, regional compilation (no graph breaks through our custom ops)."""
 import copy
-import dataclasses
 import json
 
 import pytest
@@ -16,7 +15,7 @@ from pdmd.optim import AdamW8bitV
 from pdmd.toy import ToyData
 from pdmd.trainer import PhasedDMDTrainer
 
-from trainer_helpers import replace_distill, tiny_cfg, tiny_teacher
+from trainer_helpers import tiny_cfg, tiny_teacher
 
 DATA = ToyData()
 
@@ -232,7 +231,7 @@ def test_compiled_trainer_matches_eager_and_logs_compile_time(tmp_path):
     eager = PhasedDMDTrainer(cfg, tiny_teacher(), DATA, tmp_path / "eager", progress=False)
     eager.train()
     torch._dynamo.reset()
-    ccfg = replace_distill(cfg, compile=True, compile_backend="aot_eager", activation_checkpointing=True)
+    ccfg = tiny_cfg(max_steps=2, fake_updates=1, compile=True, compile_backend="aot_eager", activation_checkpointing=True)
     comp = PhasedDMDTrainer(ccfg, tiny_teacher(), DATA, tmp_path / "comp", progress=False)
     assert comp.layout["compiled_blocks"] == 2 and comp.layout["checkpointed_blocks"] == 2  # whole toy modules
     comp.train()
