@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+import pdmd_kernels
 import pdmd_kernels.reference as ref
 
 from ._checks import as_time, finite, per_sample, s_before_t, same_shape
@@ -22,6 +23,7 @@ __all__ = [
     "guided",
     "dmd_gradient",
     "dmd_surrogate",
+    "dmd_loss",
     "ablation_biased_target",
 ]
 
@@ -103,7 +105,16 @@ def subinterval_loss(pred, x_s, noise, s, t, schedule, prediction="flow", clamp_
         finite(name, x)
     same_shape("x_s", x_s, pred=pred, noise=noise)
     s, t = _times(x_s, s, t, strict=False)
-    return ref.subinterval_loss(pred, x_s, noise, *_coefs(_schedule(schedule), s, t), clamp_max, prediction)
+    pred, x_s, noise = _common_dtype(pred, x_s, noise)
+    return pdmd_kernels.subinterval_loss(pred, x_s, noise, *_coefs(_schedule(schedule), s, t), clamp_max, prediction)
+
+
+def _common_dtype(*xs):
+    """The fused ops take one dtype; promote mixed inputs (a copy only in that case)."""
+    dt = xs[0].dtype
+    for x in xs[1:]:
+        dt = torch.promote_types(dt, x.dtype)
+    return tuple(x.to(dt) for x in xs)
 
 
 def guided(cond, uncond=None, scale=1.0):
@@ -140,6 +151,34 @@ def dmd_surrogate(x_gen, g):
     """Per-sample surrogate 0.5 ||x_gen - stopgrad(x_gen - g)||^2: backward gives g in x_gen."""
     same_shape("x_gen", x_gen, g=g)
     return ref.surrogate_loss(x_gen, g)
+
+
+def dmd_loss(x_gen, real, fake, x_t, s, t, schedule, real_uncond=None, guidance_scale=1.0, weighting="theory",
+             min_norm=1e-6):
+    """Per-sample generator loss ``[B]`` whose gradient in x_gen is the DMD gradient (``dmd_gradient``
+    of the guided teacher), computed by the fused op ``pdmd_kernels.dmd_loss``; value 0.5 * ||g||^2.
+
+    real, real_uncond, fake: flow (psi) predictions at x_t; the teacher is guided inside the op,
+    real_uncond + guidance_scale * (real - real_uncond). Only x_gen gets a gradient.
+    """
+    same_shape("x_gen", x_gen, real=real, fake=fake, x_t=x_t)
+    if real_uncond is not None:
+        same_shape("x_gen", x_gen, real_uncond=real_uncond)
+    s, t = _times(x_gen, s, t, strict=True)
+    schedule = _schedule(schedule)
+    if weighting == "theory":
+        alpha_ts, _ = schedule.transition(s, t)
+        weight, form = schedule.lam(t) * alpha_ts, "theory"
+    elif weighting == "normalized":
+        # x0 space (eager conversion): the guided x0 is the guided combination of the x0 predictions.
+        real, fake = (to_x0_eps(p, x_t, t, schedule)[0] for p in (real, fake))
+        real_uncond = None if real_uncond is None else to_x0_eps(real_uncond, x_t, t, schedule)[0]
+        weight, form = None, "normalized"
+    else:
+        raise ValueError(f"weighting must be 'theory' or 'normalized', got {weighting!r}")
+    x_gen, real, fake, *uncond = _common_dtype(x_gen, real, fake, *([] if real_uncond is None else [real_uncond]))
+    real_uncond = uncond[0] if uncond else None
+    return pdmd_kernels.dmd_loss(x_gen, real, fake, real_uncond, guidance_scale, weight, form, min_norm)
 
 
 def ablation_biased_target(x_s, noise, s, t, schedule):

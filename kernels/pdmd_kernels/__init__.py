@@ -1,7 +1,36 @@
-"""pdmd_kernels: fused ops for (Phased) DMD losses, importable without pdmd.
+"""pdmd_kernels: fused ops for (Phased) DMD losses, importable with torch alone (triton when installed).
 
-``reference`` holds the plain PyTorch semantics; faster backends must match it.
+Ops (``torch.library`` custom ops, traced by ``torch.compile`` without graph breaks):
+``subinterval_loss``, ``dmd_loss``, ``renoise``. ``reference`` holds the plain PyTorch semantics every
+backend matches; ``backend_info()`` says which backend each op uses; ``use_backend`` /
+``PDMD_KERNELS_BACKEND`` force one; ``register_backend`` adds one (e.g. a native CPU extension).
 """
-from . import reference
+import importlib.util
 
-__all__ = ["reference"]
+from . import reference
+from .backends import backend_info, register_backend, use_backend
+from .ops import dmd_loss, renoise, subinterval_loss
+
+__all__ = ["reference", "subinterval_loss", "dmd_loss", "renoise", "backend_info", "register_backend",
+           "use_backend"]
+
+
+def _triton():
+    from . import triton_backend  # imported on first use: triton decides interpreter mode at import
+
+    return triton_backend
+
+
+def _triton_supports(device_type, dtype, forced):
+    if device_type not in ("cuda", "cpu") or (device_type == "cpu" and not forced):
+        return False
+    return importlib.util.find_spec("triton") is not None and _triton().supports(device_type, dtype, forced)
+
+
+for _op, _fwd, _bwd in (("subinterval_loss", "subinterval_forward", "subinterval_backward"),
+                        ("dmd_loss", "dmd_forward", "dmd_backward"),
+                        ("renoise", "renoise_forward", "renoise_backward")):
+    register_backend(_op, "triton",
+                     lambda *a, _n=_fwd: getattr(_triton(), _n)(*a),
+                     lambda *a, _n=_bwd: getattr(_triton(), _n)(*a),
+                     _triton_supports)

@@ -20,6 +20,10 @@ __all__ = [
     "dmd_grad_normalized",
     "surrogate_loss",
     "renoise",
+    "subinterval_loss_grads",
+    "dmd_loss",
+    "dmd_loss_grad",
+    "renoise_grads",
 ]
 
 
@@ -121,3 +125,58 @@ def renoise(x_s, noise, alpha_ts, sigma_ts):
     dt = compute_dtype(x_s, noise, alpha_ts)
     out = bcast(alpha_ts.to(dt), x_s) * x_s.to(dt) + bcast(sigma_ts.to(dt), x_s) * noise.to(dt)
     return out.to(x_s.dtype)
+
+
+# Op-level semantics of the fused ops (``pdmd_kernels.subinterval_loss``, ``dmd_loss``, ``renoise``):
+# the forward values above plus closed-form backwards, written out so every backend has one
+# definition to match (checked against autograd and finite differences in the tests).
+
+
+def subinterval_loss_grads(grad, pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction="flow"):
+    """Gradients (pred, x_s, noise) of ``(grad * subinterval_loss(...)).sum()``, in the compute dtype.
+
+    With r = sigma_ts * pred - a * noise - b * x_s and k = 2 * grad * weight / N per sample:
+    d/dpred = k sigma_ts r, d/dx_s = -k b r, d/dnoise = -k a r. Coefficients are constants.
+    """
+    dt = compute_dtype(pred, x_s, noise, alpha_s, alpha_t)
+    pred, x_s, noise = pred.to(dt), x_s.to(dt), noise.to(dt)
+    alpha_s, sigma_s, alpha_t, sigma_t = (bcast(c.to(dt), x_s) for c in (alpha_s, sigma_s, alpha_t, sigma_t))
+    _, sigma_ts = subinterval_coefficients(alpha_s, sigma_s, alpha_t, sigma_t)
+    a, b = _residual_terms(prediction, alpha_s, sigma_s, alpha_t, sigma_t, sigma_ts)
+    weight = torch.clamp(1.0 / sigma_ts**2, max=clamp_max)
+    n = x_s[0].numel()
+    kr = (2.0 / n) * bcast(grad.to(dt), x_s) * weight * (sigma_ts * pred - a * noise - b * x_s)
+    return sigma_ts * kr, -b * kr, -a * kr
+
+
+def dmd_loss_grad(x, real_cond, fake, real_uncond=None, scale=1.0, weight=None, form="theory", min_norm=1e-6):
+    """The DMD gradient g in x of ``dmd_loss``: the CFG-guided teacher ``real`` then the chosen form.
+
+    ``theory``: g = weight * (real - fake) on flow predictions, weight per sample ``[B]``.
+    ``normalized``: g = (fake - real) / max(mean|x - real|, min_norm) on x0 predictions, non-finite -> 0.
+    """
+    dt = compute_dtype(x, real_cond, fake)
+    real = guided(real_cond.to(dt), None if real_uncond is None else real_uncond.to(dt), scale)
+    if form == "theory":
+        if weight is None:
+            raise ValueError("dmd_loss form 'theory' needs a per-sample weight [B]")
+        return dmd_grad_theory(real, fake, weight)
+    if form == "normalized":
+        return dmd_grad_normalized(x, real, fake, min_norm)
+    raise ValueError(f"form must be 'theory' or 'normalized', got {form!r}")
+
+
+def dmd_loss(x, real_cond, fake, real_uncond=None, scale=1.0, weight=None, form="theory", min_norm=1e-6):
+    """Per-sample DMD surrogate ``[B]``: value 0.5 * sum(g^2) (= ``surrogate_loss(x, g)``), gradient g in x.
+
+    Only x receives a gradient: the teacher and fake predictions are treated as constants (stop-grad),
+    as in the surrogate 0.5 * ||x - stopgrad(x - g)||^2.
+    """
+    return surrogate_loss(x, dmd_loss_grad(x.detach(), real_cond, fake, real_uncond, scale, weight, form, min_norm))
+
+
+def renoise_grads(grad, alpha_ts, sigma_ts):
+    """Gradients (x_s, noise) of ``(grad * renoise(...)).sum()``: alpha_ts * grad and sigma_ts * grad."""
+    dt = compute_dtype(grad, alpha_ts)
+    grad = grad.to(dt)
+    return bcast(alpha_ts.to(dt), grad) * grad, bcast(sigma_ts.to(dt), grad) * grad

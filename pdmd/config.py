@@ -1,0 +1,177 @@
+"""Run configuration: plain dataclasses loaded from YAML and validated (ValueError naming the field)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ["TeacherConfig", "DistillConfig", "EvalConfig", "RunConfig", "METHODS", "load_config", "from_dict"]
+
+METHODS = ("dmd", "dmd_sgts", "phased", "phased_sgts")
+
+
+@dataclass
+class TeacherConfig:
+    """The embedded toy teacher and its reference sampler."""
+    width: int = 128
+    depth: int = 3
+    steps: int = 2500
+    batch_size: int = 512
+    lr: float = 2e-3
+    cond_dropout: float = 0.1
+    guidance_scale: float = 1.5
+    sample_steps: int = 50
+    shift: float = 1.0  # the teacher schedule's timestep shift; sampler timesteps are warped by it
+
+
+@dataclass
+class DistillConfig:
+    method: str = "phased_sgts"
+    timesteps: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.0])
+    phase_boundaries: list[float] = field(default_factory=lambda: [0.5])  # interior; used by phased_sgts
+    max_steps: int = 800  # generator updates in total, split evenly over the phases
+    batch_size: int = 256
+    fake_updates: int = 5
+    lr_generator: float = 1e-4
+    lr_fake: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    bf16: bool = False
+    optimizer: str = "adamw"
+    weighting: str = "theory"
+    clamp_max: float = 100.0
+    dmd_t_range: list[float] = field(default_factory=lambda: [0.1, 0.98])
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    fake_kind: str = "full"
+    fake_lora_rank: int = 32
+    pool_size: int = 4096
+    max_nonfinite: int = 20
+    checkpoint_every: int = 200
+    log_every: int = 10
+    plot_every: int = 400
+
+
+@dataclass
+class EvalConfig:
+    samples_per_prompt: int = 2000
+    diversity_groups: int = 64
+    diversity_seeds: int = 8
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 1  # torch CPU threads; tiny models run fastest on one (more threads spin on a busy machine)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value, tp):
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
+        return from_dict(value, tp, prefix=name + ".")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+        return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported field type {tp} for {name}")
+
+
+def from_dict(data: dict, cls=RunConfig, prefix: str = ""):
+    """Build ``cls`` from a dict, rejecting unknown and ill-typed fields; validates a ``RunConfig``."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ValueError(f"unknown config field {prefix}{key!r} (known: {sorted(known)})")
+    obj = cls(**{k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()})
+    if cls is RunConfig:
+        validate(obj)
+    return obj
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{name} {msg}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Cross-field checks; each error names the field."""
+    t, d = cfg.teacher, cfg.distill
+    for name, v in (("threads", cfg.threads), ("teacher.width", t.width), ("teacher.depth", t.depth), ("teacher.steps", t.steps),
+                    ("teacher.batch_size", t.batch_size), ("teacher.sample_steps", t.sample_steps),
+                    ("distill.max_steps", d.max_steps), ("distill.batch_size", d.batch_size),
+                    ("distill.fake_updates", d.fake_updates), ("distill.grad_accum", d.grad_accum),
+                    ("distill.lora_rank", d.lora_rank), ("distill.fake_lora_rank", d.fake_lora_rank),
+                    ("distill.pool_size", d.pool_size), ("distill.max_nonfinite", d.max_nonfinite),
+                    ("distill.checkpoint_every", d.checkpoint_every), ("distill.log_every", d.log_every),
+                    ("distill.plot_every", d.plot_every), ("eval.samples_per_prompt", cfg.eval.samples_per_prompt),
+                    ("eval.diversity_groups", cfg.eval.diversity_groups)):
+        _check(v >= 1, name, f"must be >= 1, got {v}")
+    _check(cfg.eval.diversity_seeds >= 2, "eval.diversity_seeds", "must be >= 2")
+    for name, v in (("teacher.lr", t.lr), ("distill.lr_generator", d.lr_generator), ("distill.lr_fake", d.lr_fake),
+                    ("distill.clamp_max", d.clamp_max), ("teacher.shift", t.shift), ("distill.grad_clip", d.grad_clip),
+                    ("distill.lora_alpha", d.lora_alpha), ("teacher.guidance_scale", t.guidance_scale)):
+        _check(v > 0, name, f"must be > 0, got {v}")
+    _check(0 <= t.cond_dropout < 1, "teacher.cond_dropout", "must lie in [0, 1)")
+    _check(d.weight_decay >= 0, "distill.weight_decay", "must be >= 0")
+    _check(d.method in METHODS, "distill.method", f"must be one of {METHODS}, got {d.method!r}")
+    _check(d.weighting in ("theory", "normalized"), "distill.weighting", "must be 'theory' or 'normalized'")
+    _check(d.fake_kind in ("full", "lora"), "distill.fake_kind", "must be 'full' or 'lora'")
+    _check(cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", "must be 'cpu' or 'cuda[:i]'")
+    ts = d.timesteps
+    _check(len(ts) >= 2, "distill.timesteps", "needs at least 2 entries (1 sampling step)")
+    _check(ts[0] == 1.0 and ts[-1] == 0.0, "distill.timesteps", "must start at 1.0 and end at 0.0")
+    _check(all(a > b for a, b in zip(ts, ts[1:])), "distill.timesteps", f"must be strictly decreasing, got {ts}")
+    n_steps = len(ts) - 1
+    pb = d.phase_boundaries
+    _check(len(pb) + 1 <= n_steps, "distill.phase_boundaries",
+           f"gives {len(pb) + 1} phases but there are only {n_steps} steps (more phases than steps)")
+    _check(all(a > b for a, b in zip(pb, pb[1:])), "distill.phase_boundaries", "must be strictly decreasing")
+    _check(all(b in ts[1:-1] for b in pb), "distill.phase_boundaries", f"must be interior timesteps of {ts}")
+    _check(len(d.betas) == 2 and all(0 <= b < 1 for b in d.betas), "distill.betas", "must be two numbers in [0, 1)")
+    lo_hi = d.dmd_t_range
+    _check(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 1, "distill.dmd_t_range", "must be [lo, hi] with 0 <= lo < hi <= 1")
+    return cfg
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """The config at ``path`` (YAML), or the defaults for ``None``."""
+    if path is None:
+        return validate(RunConfig())
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a YAML mapping")
+    return from_dict(data)

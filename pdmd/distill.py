@@ -1,0 +1,380 @@
+"""The embedded default end to end: ``pdmd distill``, ``pdmd compare`` and ``pdmd sample``.
+
+distill: teacher (trained once, cached) -> Phased DMD -> exact evaluation -> report.json/.md + pictures.
+compare: the four methods of Fig. 1 with the same budget -> a Table-2-style table and a Fig.-3-style panel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .config import METHODS, RunConfig, load_config
+from .evaluate import energy_distance, evaluate_prompt, pairwise_diversity
+from .sampler import sample_few_step
+from .toy import ToyData, load_or_train_teacher, sample_teacher
+from .trainer import CHECKPOINT, PhasedDMDTrainer
+
+__all__ = ["distill", "compare", "sample_run", "add_commands"]
+
+LABELS = {"teacher": "Teacher ({steps} steps, CFG {cfg})", "dmd": "DMD", "dmd_sgts": "DMD with SGTS",
+          "phased": "Phased DMD", "phased_sgts": "Phased DMD with SGTS", "data": "Exact data"}
+
+
+def _noise(seeds, dim: int = 2) -> torch.Tensor:
+    """One noise vector per seed (seed s -> the same latent for every method, as a paper's seed does)."""
+    return torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def _generators(cfg: RunConfig, data: ToyData, run_dir: Path, trainer: PhasedDMDTrainer | None):
+    """Sampling functions noise, prompts -> samples for the teacher reference and the distilled generator."""
+    teacher, _ = load_or_train_teacher(run_dir, data, cfg.teacher, cfg.seed, progress=False)
+    t = cfg.teacher
+    fns = {"teacher": lambda z, c: sample_teacher(teacher, z, c, t.sample_steps, t.guidance_scale)}
+    if trainer is not None:
+        fns["generator"] = lambda z, c: sample_few_step(trainer.experts, trainer.plan, z, c)
+    return fns
+
+
+def _samples(fn, data: ToyData, n: int, seed: int) -> dict[int, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k in range(data.n_prompts):
+        z = torch.randn(n, data.dim, generator=gen)
+        out[k] = fn(z, torch.full((n,), k, dtype=torch.long))
+    return out
+
+
+def evaluate_run(cfg: RunConfig, data: ToyData, fns: dict) -> dict:
+    """Per prompt and mean metrics for each sampler in ``fns`` and the exact data's own diversity."""
+    e = cfg.eval
+    n = e.samples_per_prompt
+    exact = {k: m.sample(n, torch.Generator().manual_seed(cfg.seed + 10 + k)).float()
+             for k, m in enumerate(data.mixtures)}
+    samples = {name: _samples(fn, data, n, cfg.seed + 1) for name, fn in fns.items()}
+    seeds = torch.arange(e.diversity_groups * e.diversity_seeds)
+    z = _noise(seeds, data.dim)
+    out = {}
+    for name, fn in fns.items():
+        per_prompt, div = {}, []
+        for k, mix in enumerate(data.mixtures):
+            per_prompt[data.names[k]] = evaluate_prompt(mix, samples[name][k], samples["teacher"][k], exact[k])
+            x = fn(z, torch.full((z.shape[0],), k, dtype=torch.long))
+            div.append(pairwise_diversity(x.reshape(e.diversity_groups, e.diversity_seeds, -1)))
+            per_prompt[data.names[k]]["diversity"] = div[-1]
+        out[name] = {"per_prompt": per_prompt, "mean": _mean(per_prompt)}
+    data_div, data_floor = [], []
+    for k, mix in enumerate(data.mixtures):
+        x = mix.sample(len(seeds), torch.Generator().manual_seed(cfg.seed + 99 + k))
+        data_div.append(pairwise_diversity(x.reshape(e.diversity_groups, e.diversity_seeds, -1)))
+        data_floor.append(energy_distance(mix.sample(n, torch.Generator().manual_seed(cfg.seed + 50 + k)), exact[k]))
+    out["data"] = {"mean": {"diversity": sum(data_div) / len(data_div), "energy_to_data": sum(data_floor) / len(data_floor)}}
+    out["_samples"] = {name: s for name, s in samples.items()}
+    out["_exact"] = exact
+    return out
+
+
+def _mean(per_prompt: dict) -> dict:
+    vals = list(per_prompt.values())
+    m = {key: sum(v[key] for v in vals) / len(vals)
+         for key in ("mass_tv", "outliers", "energy_to_data", "energy_to_teacher", "nll", "diversity")}
+    m["covered"], m["modes"] = sum(v["covered"] for v in vals), sum(v["modes"] for v in vals)
+    return m
+
+
+def _row(label: str, m: dict) -> str:
+    cov = f"{m['covered']}/{m['modes']}" if "covered" in m else "-"
+    f = lambda key, fmt: format(m[key], fmt) if key in m else "-"
+    return (f"| {label} | {cov} | {f('mass_tv', '.3f')} | {f('energy_to_data', '.4f')} | "
+            f"{f('energy_to_teacher', '.4f')} | {f('nll', '.2f')} | {f('diversity', '.3f')} |")
+
+
+TABLE_HEAD = ("| sampler | modes covered | mass error (TV) | energy dist. to data | energy dist. to teacher | "
+              "NLL (exact) | diversity (8 seeds) |\n|---|---|---|---|---|---|---|")
+
+
+def _plot_panel(path: Path, data: ToyData, columns: dict[str, dict], exact: dict, seeds_x: dict | None = None) -> None:
+    """Fig.-3-style panel: one row per prompt, one column per sampler; the 8 seeds' samples marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = {"exact data": exact, **columns}
+    fig, axes = plt.subplots(data.n_prompts, len(cols), figsize=(2.6 * len(cols), 2.6 * data.n_prompts),
+                             sharex=True, sharey=True, squeeze=False)
+    for j, (name, s) in enumerate(cols.items()):
+        for k in range(data.n_prompts):
+            ax = axes[k][j]
+            x = s[k][:1000].numpy()
+            ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.35, color="C0" if j else "0.4", linewidths=0)
+            if seeds_x is not None and name in seeds_x:
+                ms = seeds_x[name][k].numpy()
+                ax.scatter(ms[:, 0], ms[:, 1], s=30, marker="x", color="C3")
+            ax.scatter(data.mixtures[k].means[:, 0], data.mixtures[k].means[:, 1], s=12, color="k", marker="+")
+            ax.set_xlim(-3.2, 3.2), ax.set_ylim(-3.2, 3.2)
+            ax.set_xticks([]), ax.set_yticks([])
+            if k == 0:
+                ax.set_title(name, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(data.names[k], fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_losses(path: Path, log: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if not recs:
+        return
+    steps = [r["step"] for r in recs]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+    for ax, key in zip(axes, ("loss_fake", "g_abs_mean", "grad_norm_gen")):
+        ax.plot(steps, [r[key] for r in recs], lw=0.8)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("generator step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _progress_plot(data: ToyData):
+    def plot(path: Path, trainer: PhasedDMDTrainer) -> None:
+        s = _samples(lambda z, c: sample_few_step(trainer.experts, trainer.plan, z, c), data, 500, 12345)
+        exact = {k: m.sample(500, torch.Generator().manual_seed(k)).float() for k, m in enumerate(data.mixtures)}
+        _plot_panel(path, data, {f"{trainer.plan.n_steps}-step generator, step {trainer.step}": s}, exact)
+    return plot
+
+
+def distill(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True,
+            teacher_dir: str | Path | None = None) -> dict:
+    """Train (or reuse) the teacher, distil, evaluate; writes report.json, report.md and pictures to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    start = time.time()
+    data = ToyData()
+    teacher_dir = Path(teacher_dir or out)
+    teacher, teacher_seconds = load_or_train_teacher(teacher_dir, data, cfg.teacher, cfg.seed, progress)
+    if teacher_dir != out and not (out / "teacher.safetensors").exists():
+        shutil.copyfile(teacher_dir / "teacher.safetensors", out / "teacher.safetensors")
+    ckpt = out / CHECKPOINT
+    if not resume and ckpt.exists():
+        raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
+    if not resume and (out / "log.jsonl").exists():
+        (out / "log.jsonl").unlink()
+    trainer = PhasedDMDTrainer(cfg, teacher, data, out, progress, plot_fn=_progress_plot(data))
+    if resume:
+        if not ckpt.exists():
+            raise ValueError(f"--resume given but there is no checkpoint at {ckpt}")
+        trainer.load(ckpt)
+    t0 = time.time()
+    trainer.train()
+    distill_seconds = time.time() - t0
+    trainer.export_experts(out / "experts.safetensors")
+    t0 = time.time()
+    ev = evaluate_run(cfg, data, _generators(cfg, data, teacher_dir, trainer))
+    seeds = _noise(range(cfg.eval.diversity_seeds), data.dim)
+    seed_x = {name: {k: fn(seeds, torch.full((len(seeds),), k, dtype=torch.long)) for k in range(data.n_prompts)}
+              for name, fn in (("teacher", _generators(cfg, data, teacher_dir, None)["teacher"]),
+                               ("generator", lambda z, c: sample_few_step(trainer.experts, trainer.plan, z, c)))}
+    t_label = LABELS["teacher"].format(steps=cfg.teacher.sample_steps, cfg=cfg.teacher.guidance_scale)
+    g_label = f"{LABELS[cfg.distill.method]}, {trainer.plan.n_steps} steps"
+    _plot_panel(out / "samples.png", data, {t_label: ev["_samples"]["teacher"], g_label: ev["_samples"]["generator"]},
+                ev["_exact"], {t_label: seed_x["teacher"], g_label: seed_x["generator"]})
+    _plot_losses(out / "losses.png", out / "log.jsonl")
+    report = {
+        "method": cfg.distill.method, "steps": trainer.plan.n_steps, "phases": trainer.plan.n_phases,
+        "boundaries": list(trainer.plan.boundaries), "generator_updates": trainer.step,
+        "nonfinite_skipped": trainer.nonfinite_total,
+        "teacher": ev["teacher"], "generator": ev["generator"], "data": ev["data"],
+        "seconds": {"teacher_training": round(teacher_seconds, 1), "distillation": round(distill_seconds, 1),
+                    "evaluation": round(time.time() - t0, 1), "total": round(time.time() - start, 1)},
+        "config": cfg.to_dict(),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(_report_md(report, t_label, g_label))
+    return report
+
+
+def _report_md(r: dict, t_label: str, g_label: str) -> str:
+    lines = [f"# pdmd distill: {LABELS[r['method']]}", "",
+             f"{r['steps']} sampling steps, {r['phases']} phase(s), boundaries {r['boundaries']}, "
+             f"{r['generator_updates']} generator updates, {r['nonfinite_skipped']} non-finite updates skipped.", "",
+             "Metrics against the exact data (mean over prompts; modes covered summed). Diversity: mean pairwise "
+             "distance among 8 seeds of one prompt (higher = more diverse).", "", TABLE_HEAD,
+             _row(t_label, r["teacher"]["mean"]), _row(g_label, r["generator"]["mean"]),
+             _row(LABELS["data"], r["data"]["mean"]), "", "## Per prompt", "",
+             "| prompt | sampler | covered | mass (true) | mass (sampled) | energy to data | diversity |",
+             "|---|---|---|---|---|---|---|"]
+    for name in r["generator"]["per_prompt"]:
+        for who, label in (("teacher", "teacher"), ("generator", "generator")):
+            m = r[who]["per_prompt"][name]
+            lines.append(f"| {name} | {label} | {m['covered']}/{m['modes']} | {m['true_mass']} | {m['mass']} | "
+                         f"{m['energy_to_data']:.4f} | {m['diversity']:.3f} |")
+    s = r["seconds"]
+    lines += ["", f"Time: teacher {s['teacher_training']} s, distillation {s['distillation']} s, "
+              f"evaluation {s['evaluation']} s, total {s['total']} s.", "",
+              "Pictures: `samples.png` (exact data, teacher, generator; x = the 8 seeds), `losses.png`, "
+              "`samples/step_*.png` (during training)."]
+    return "\n".join(lines) + "\n"
+
+
+def compare(cfg: RunConfig, out: str | Path, progress: bool = True, methods=METHODS) -> dict:
+    """The four methods with the same budget: table.md, table.json and panel.png in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = ToyData()
+    load_or_train_teacher(out, data, cfg.teacher, cfg.seed, progress)
+    reports, trainers = {}, {}
+    for m in methods:
+        mcfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method=m))
+        reports[m] = distill(mcfg, out / m, resume=(out / m / CHECKPOINT).exists(), progress=progress, teacher_dir=out)
+    t = cfg.teacher
+    t_label = LABELS["teacher"].format(steps=t.sample_steps, cfg=t.guidance_scale)
+    first = reports[methods[0]]
+    rows = {t_label: first["teacher"]["mean"], **{LABELS[m]: reports[m]["generator"]["mean"] for m in methods},
+            LABELS["data"]: first["data"]["mean"]}
+    table = {"budget": {"generator_updates": cfg.distill.max_steps, "batch_size": cfg.distill.batch_size,
+                        "fake_updates": cfg.distill.fake_updates},
+             "rows": rows, "seconds": {m: reports[m]["seconds"]["total"] for m in methods}}
+    (out / "table.json").write_text(json.dumps(table, indent=2))
+    md = ["# pdmd compare: the four methods of Fig. 1 with the same budget", "",
+          f"{cfg.distill.max_steps} generator updates each (split evenly over a method's phases), batch "
+          f"{cfg.distill.batch_size}, {cfg.distill.fake_updates} fake updates per generator update; "
+          f"{len(cfg.distill.timesteps) - 1} sampling steps; teacher sampled with {t.sample_steps} steps and CFG "
+          f"{t.guidance_scale}, distilled generators with CFG 1.", "", TABLE_HEAD]
+    md += [_row(label, m) for label, m in rows.items()]
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    _compare_panel(cfg, data, out, methods, t_label)
+    return table
+
+
+def _compare_panel(cfg: RunConfig, data: ToyData, out: Path, methods, t_label: str) -> None:
+    """Samples of each method (re-sampled from the saved experts) next to the teacher and the data."""
+    cols, seeds_x = {}, {}
+    seeds = _noise(range(cfg.eval.diversity_seeds), data.dim)
+    fns = {t_label: _generators(cfg, data, out, None)["teacher"]}
+    for m in methods:
+        fns[LABELS[m]] = load_generator(out / m)
+    for label, fn in fns.items():
+        cols[label] = _samples(fn, data, 1000, cfg.seed + 1)
+        seeds_x[label] = {k: fn(seeds, torch.full((len(seeds),), k, dtype=torch.long)) for k in range(data.n_prompts)}
+    exact = {k: m.sample(1000, torch.Generator().manual_seed(k)).float() for k, m in enumerate(data.mixtures)}
+    _plot_panel(out / "panel.png", data, cols, exact, seeds_x)
+
+
+def load_generator(run: str | Path):
+    """noise, prompts -> samples of the distilled generator saved in ``run`` (experts.safetensors)."""
+    from .checkpoint import load_tensors
+    from .config import from_dict
+    from .experts import Experts
+    from .sampler import make_plan
+
+    run = Path(run)
+    tensors, meta = load_tensors(run / "experts.safetensors")
+    cfg = from_dict(json.loads(meta["config"]))
+    d = cfg.distill
+    teacher, _ = load_or_train_teacher(run, ToyData(), cfg.teacher, cfg.seed, progress=False)
+    plan = make_plan(d.method, d.timesteps, d.phase_boundaries)
+    experts = Experts(teacher, plan.n_phases, d.lora_rank, d.lora_alpha)
+    params = {n: p for name in experts.adapters for n, p in experts.adapter_params(name).items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n])
+
+    def fn(z, c):
+        return sample_few_step(experts, plan, z, c)
+    fn.plan = plan
+    return fn
+
+
+def sample_run(run: str | Path, steps: int, n: int, out: str | Path, prompt: str | None = None, seed: int = 0) -> Path:
+    """``n`` samples of the distilled generator in ``run``, spread over the prompts (or one prompt)."""
+    fn = load_generator(run)
+    if steps != fn.plan.n_steps:
+        raise ValueError(f"steps must be {fn.plan.n_steps}: the experts of {run} were distilled for "
+                         f"{fn.plan.n_steps} steps, got {steps}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    data = ToyData()
+    if prompt is None:
+        cond = torch.arange(n) % data.n_prompts
+    elif prompt in data.names:
+        cond = torch.full((n,), data.names.index(prompt), dtype=torch.long)
+    else:
+        raise ValueError(f"prompt must be one of {data.names}, got {prompt!r}")
+    z = torch.randn(n, data.dim, generator=torch.Generator().manual_seed(seed))
+    x = fn(z, cond)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        rows = ["x,y,prompt"] + [f"{a:.6f},{b:.6f},{data.names[int(c)]}" for (a, b), c in zip(x.tolist(), cond)]
+        out.write_text("\n".join(rows) + "\n")
+    elif out.suffix == ".npy":
+        import numpy as np
+
+        np.save(out, torch.cat([x, cond[:, None].float()], 1).numpy())
+    elif out.suffix == ".safetensors":
+        from .checkpoint import save_tensors
+
+        save_tensors(out, {"samples": x, "prompts": cond}, {"prompt_names": json.dumps(data.names)})
+    else:
+        raise ValueError(f"out must end in .csv, .npy or .safetensors, got {out.name!r}")
+    return out
+
+
+# ---------------------------------------------------------------------- CLI
+def _config(args) -> RunConfig:
+    cfg = load_config(args.config)
+    torch.set_num_threads(cfg.threads)
+    if getattr(args, "max_steps", None) is not None:
+        if args.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+        cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, max_steps=args.max_steps))
+    return cfg
+
+
+def _cmd_distill(args) -> int:
+    r = distill(_config(args), args.out, resume=args.resume, progress=not args.quiet)
+    g, t = r["generator"]["mean"], r["teacher"]["mean"]
+    print(f"{r['method']}: modes {g['covered']}/{g['modes']} (teacher {t['covered']}), mass TV {g['mass_tv']:.3f} "
+          f"(teacher {t['mass_tv']:.3f}), energy to data {g['energy_to_data']:.4f} (teacher {t['energy_to_data']:.4f}), "
+          f"diversity {g['diversity']:.3f} (teacher {t['diversity']:.3f}); {r['seconds']['total']} s")
+    print(f"wrote {args.out}/report.md, report.json, samples.png, experts.safetensors")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    compare(_config(args), args.out, progress=not args.quiet)
+    print(Path(args.out, "table.md").read_text())
+    print(f"wrote {args.out}/table.md, table.json, panel.png")
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Register distill and compare on the ``pdmd`` argument parser."""
+    d = sub.add_parser("distill", help="distil the embedded toy teacher into a few-step generator and report")
+    d.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    d.add_argument("--out", required=True, help="run directory")
+    d.add_argument("--max-steps", type=int, default=None, help="generator updates in total (overrides the config)")
+    d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=_cmd_distill)
+    c = sub.add_parser("compare", help="DMD, DMD+SGTS, Phased DMD, Phased DMD+SGTS with the same budget")
+    c.add_argument("--config", default=None)
+    c.add_argument("--out", required=True)
+    c.add_argument("--max-steps", type=int, default=None)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_cmd_compare)
+

@@ -1,0 +1,291 @@
+"""Experts out as LoRA files that diffusers pipelines load, with a manifest of who serves which timesteps.
+
+``export_experts`` writes, for phase k, ``expert_k.safetensors`` in diffusers' LoRA layout (keys
+``transformer.<module>.lora_A.weight``/``lora_B.weight``, the LoRA config in the safetensors metadata, so rank
+and alpha load exactly) and ``manifest.json``: each expert's phase, diffusers component (``transformer`` or, for
+Wan 2.2 A14B's low-noise experts, ``transformer_2``), its time and sigma range, and the sampling steps (pdmd time,
+sigma, diffusers timestep, expert, sampler).
+
+On the diffusers side, ``load_experts(pipe, folder)`` loads the files (``load_lora_weights``, into
+``transformer_2`` where the manifest says so) and ``expert_sampling(pipe, manifest)`` is a context manager that
+runs the manifest's sigmas and switches adapters by timestep while the pipeline runs (needed when several
+experts share one transformer, as Wan 2.1 and Qwen-Image do). ``sample`` (``pdmd sample``) does all of this
+from a local pipeline folder and writes the images in the layout ``pdmd eval diversity`` reads.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .models.base import DiffusersDenoiser
+from .models.qwen_image import QwenImageDenoiser
+from .models.wan import WanDenoiser, WanMoEDenoiser
+
+__all__ = ["lora_state_dict", "activate_adapter", "export_experts", "read_manifest", "load_experts", "expert_sampling", "sample",
+           "SAMPLERS"]
+
+MANIFEST = "manifest.json"
+FORMAT = "pdmd-experts/1"
+SAMPLERS = ("euler", "renoise")  # deterministic flow ODE step, or x0 then fresh noise (diffusers stochastic_sampling)
+
+
+def _lora_layers(module: torch.nn.Module, adapter: str):
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+
+
+def lora_state_dict(transformer: torch.nn.Module, adapter: str) -> tuple[dict, dict]:
+    """(weights keyed ``<module>.lora_A.weight`` etc. relative to ``transformer``, LoraConfig as a dict) of one adapter.
+
+    Read from the LoRA layers themselves, so it works however the adapter was added (peft's
+    ``inject_adapter_in_model`` on a wrapper, or diffusers' ``add_adapter``).
+    """
+    from peft import LoraConfig
+
+    layers = _lora_layers(transformer, adapter)
+    if not layers:
+        raise ValueError(f"adapter: no LoRA layers named {adapter!r} in {type(transformer).__name__}")
+    ranks = {m.r[adapter] for _, m in layers}
+    alphas = {m.lora_alpha[adapter] for _, m in layers}
+    rslora = {m.use_rslora[adapter] for _, m in layers}
+    if len(ranks) != 1 or len(alphas) != 1 or len(rslora) != 1:
+        raise ValueError(f"adapter {adapter!r} mixes ranks {ranks} / alphas {alphas}: export supports one rank and alpha")
+    sd = {}
+    for name, m in layers:
+        for part in ("lora_A", "lora_B"):
+            for pname, p in getattr(m, part)[adapter].named_parameters():
+                sd[f"{name}.{part}.{pname}"] = p.detach().cpu().contiguous()
+    config = LoraConfig(r=ranks.pop(), lora_alpha=alphas.pop(), use_rslora=rslora.pop(),
+                        target_modules=sorted(n for n, _ in layers)).to_dict()
+    return sd, config
+
+
+def activate_adapter(module: torch.nn.Module, adapter: str) -> None:
+    """Make ``adapter`` the only active LoRA in every LoRA layer of ``module``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found = False
+    for m in module.modules():
+        if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {}):
+            m.set_adapter(adapter)
+            found = True
+    if not found:
+        raise ValueError(f"adapter: no LoRA layers named {adapter!r}")
+
+
+def _pipeline_class(model: DiffusersDenoiser):
+    if isinstance(model, (WanDenoiser, WanMoEDenoiser)):
+        from diffusers import WanPipeline
+
+        return WanPipeline, "wan-a14b" if isinstance(model, WanMoEDenoiser) else "wan"
+    if isinstance(model, QwenImageDenoiser):
+        from diffusers import QwenImagePipeline
+
+        return QwenImagePipeline, "qwen-image"
+    raise ValueError(f"model must be a pdmd.models adapter (Wan or Qwen-Image), got {type(model).__name__}")
+
+
+def _check_times(name: str, values: Sequence[float], first_is_one: bool) -> list[float]:
+    vals = [float(v) for v in values]
+    if not vals or any(not 0.0 < v <= 1.0 for v in vals) or any(a <= b for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"{name} must be strictly decreasing pdmd times in (0, 1], got {vals}")
+    if first_is_one and vals[0] != 1.0:
+        raise ValueError(f"{name} must start at 1.0 (pure noise), got {vals[0]}")
+    if not first_is_one and vals[0] >= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1), got {vals}")
+    return vals
+
+
+def _phase_of(t: float, boundaries: list[float]) -> int:
+    """Phase k serves steps starting at t in (t_k, t_{k-1}] (t_0 = 1, t_N = 0)."""
+    return 1 + sum(t <= b for b in boundaries)
+
+
+def export_experts(model: DiffusersDenoiser, out_dir, steps: Sequence[float], phase_boundaries: Sequence[float],
+                   adapters: Sequence[str] | None = None, sampler: str = "euler") -> dict:
+    """Write each phase's expert as a diffusers LoRA file plus ``manifest.json``; return the manifest.
+
+    ``steps``: the sampling steps' pdmd times, from 1.0 down; ``phase_boundaries``: t_1 > ... > t_{N-1}, each
+    one of the steps; ``adapters``: the peft adapter of each phase (default ``expert_1`` ... ``expert_N``).
+    For Wan 2.2 A14B, phase k's expert is taken from ``model.for_phase(k)``'s transformer.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    pipe_cls, kind = _pipeline_class(model)
+    steps = _check_times("steps", steps, first_is_one=True)
+    bounds = _check_times("phase_boundaries", phase_boundaries, first_is_one=False) if phase_boundaries else []
+    missing = [b for b in bounds if b not in steps]
+    if missing:
+        raise ValueError(f"phase_boundaries {missing} are not among the steps {steps}: each phase must start on a step")
+    n = len(bounds) + 1
+    adapters = list(adapters) if adapters is not None else [f"expert_{k}" for k in range(1, n + 1)]
+    if len(adapters) != n:
+        raise ValueError(f"adapters must name one adapter per phase ({n}), got {adapters}")
+
+    def sig(t: float) -> float:
+        return float(model.schedule.sigma(torch.tensor(t, dtype=torch.float64)))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    edges = [1.0] + bounds + [0.0]
+    experts = []
+    for k, name in enumerate(adapters, start=1):
+        sub = model.for_phase(k)
+        component = "transformer_2" if isinstance(model, WanMoEDenoiser) and sub is model.low else "transformer"
+        sd, config = lora_state_dict(sub.transformer, name)
+        pipe_cls.save_lora_weights(out, transformer_lora_layers=sd, transformer_lora_adapter_metadata=config,
+                                   weight_name=f"{name}.safetensors")
+        experts.append({"name": name, "phase": k, "file": f"{name}.safetensors", "component": component,
+                        "t_range": [edges[k], edges[k - 1]], "sigma_range": [sig(edges[k]), sig(edges[k - 1])],
+                        "rank": config["r"], "alpha": config["lora_alpha"]})
+    step_rows = [{"t": t, "sigma": sig(t), "timestep": 1000.0 * sig(t), "expert": adapters[_phase_of(t, bounds) - 1]}
+                 for t in steps]
+    manifest = {"format": FORMAT, "model": kind, "pipeline": pipe_cls.__name__, "shift": model.schedule.shift,
+                "sampler": sampler, "guidance_scale": 1.0, "phase_boundaries": bounds,
+                "phase_boundary_sigmas": [sig(b) for b in bounds], "experts": experts, "steps": step_rows}
+    if kind == "wan-a14b":
+        # WanPipeline sends timesteps >= boundary_ratio * 1000 to `transformer`: put the switch between the
+        # last high-noise step and the first low-noise one (0: all steps high; above 1: all low)
+        comp = {e["name"]: e["component"] for e in experts}
+        hi = [r["sigma"] for r in step_rows if comp[r["expert"]] == "transformer"]
+        lo = [r["sigma"] for r in step_rows if comp[r["expert"]] == "transformer_2"]
+        if hi and lo and min(hi) <= max(lo):
+            raise ValueError("phase_transformers interleave high and low transformers across steps: WanPipeline cannot run that")
+        manifest["boundary_ratio"] = 0.5 * (min(hi) + max(lo)) if hi and lo else (0.0 if hi else 1.5)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_manifest(folder) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"folder: no {MANIFEST} in {str(folder)!r}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a {FORMAT} manifest")
+    return manifest
+
+
+def load_experts(pipe, folder) -> dict:
+    """Load the exported experts into a diffusers pipeline (adapter names = expert names); return the manifest."""
+    manifest = read_manifest(folder)
+    for e in manifest["experts"]:
+        extra = {"load_into_transformer_2": True} if e["component"] == "transformer_2" else {}
+        with warnings.catch_warnings():  # several experts in one transformer is the design, not an accident
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            pipe.load_lora_weights(str(Path(folder) / e["file"]), adapter_name=e["name"], **extra)
+    if "boundary_ratio" in manifest:
+        pipe.register_to_config(boundary_ratio=manifest["boundary_ratio"])
+    return manifest
+
+
+def _fixed_sigmas_scheduler(sigmas: list[float], stochastic: bool):
+    """A FlowMatchEulerDiscreteScheduler that always runs ``sigmas`` (no shift: they are final)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class FixedSigmas(FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+            super().set_timesteps(sigmas=list(fixed), device=device)
+
+    fixed = list(sigmas)
+    return FixedSigmas(num_train_timesteps=1000, shift=1.0, stochastic_sampling=stochastic)
+
+
+@contextlib.contextmanager
+def expert_sampling(pipe, manifest: dict):
+    """Within the block, ``pipe(**kwargs)`` samples like pdmd: the manifest's sigmas, its sampler, no CFG, and
+    each step run by its expert. Yields the keyword arguments to pass to the pipeline call."""
+    steps = manifest["steps"]
+    sigmas = [r["sigma"] for r in steps]
+    per_sigma = {"QwenImagePipeline": 1.0}.get(manifest["pipeline"], 1000.0)  # what the transformer gets as timestep
+    components = {e["component"] for e in manifest["experts"]}
+    comp_of = {e["name"]: e["component"] for e in manifest["experts"]}
+    old_scheduler, patched = pipe.scheduler, []
+
+    def switching(transformer, rows):
+        forward = transformer.forward  # may itself be an instance-level wrapper (accelerate's offload hooks)
+        patched.append((transformer, transformer.__dict__.get("forward")))
+
+        def run(*args, **kwargs):
+            if "timestep" not in kwargs:
+                raise ValueError("expert_sampling expects the pipeline to pass timestep= by keyword")
+            sigma = float(kwargs["timestep"].flatten()[0]) / per_sigma
+            row = min(rows, key=lambda r: abs(r["sigma"] - sigma))
+            activate_adapter(transformer, row["expert"])
+            return forward(*args, **kwargs)
+
+        transformer.forward = run
+
+    try:
+        pipe.scheduler = _fixed_sigmas_scheduler(sigmas, stochastic=manifest["sampler"] == "renoise")
+        for c in components:
+            switching(getattr(pipe, c), [r for r in steps if comp_of[r["expert"]] == c])
+        kwargs = {"num_inference_steps": len(steps)}
+        kwargs.update({"true_cfg_scale": 1.0} if manifest["pipeline"] == "QwenImagePipeline"
+                      else {"guidance_scale": 1.0, **({"guidance_scale_2": 1.0} if "boundary_ratio" in manifest else {})})
+        yield kwargs
+    finally:
+        pipe.scheduler = old_scheduler
+        for t, previous in patched:
+            if previous is None:
+                del t.forward  # back to the class's forward
+            else:
+                t.forward = previous
+
+
+def sample(pipeline_dir, experts_dir, prompts, out_dir, seeds=range(8), height=None, width=None, frames=None,
+           dtype: str = "bfloat16", device: str | None = None, progress: bool = True) -> Path:
+    """Sample with the exported experts through the diffusers pipeline of a local folder.
+
+    Writes ``out_dir/<prompt index>/<seed>.png`` (the layout ``pdmd eval diversity`` reads; videos as
+    ``<seed>/frame_XXXX.png``, plus ``<seed>.mp4`` when imageio is installed) and ``prompts.json``.
+    """
+    import diffusers
+    from tqdm import tqdm
+
+    from .models._local import component_dir, dtype_kwargs
+
+    manifest = read_manifest(experts_dir)
+    root = component_dir(pipeline_dir, None, "pipeline", config_name="model_index.json")
+    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+        raise ValueError(f"dtype must name a torch dtype (bfloat16, float16, float32), got {dtype!r}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("prompts must not be empty")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = getattr(diffusers, manifest["pipeline"]).from_pretrained(str(root), local_files_only=True,
+                                                                    **dtype_kwargs(getattr(torch, dtype))).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    load_experts(pipe, experts_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prompts.json").write_text(json.dumps({f"{i:03d}": p for i, p in enumerate(prompts)}, indent=1))
+    size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    video = manifest["pipeline"] == "WanPipeline"
+    if video and frames is not None:
+        size["num_frames"] = frames
+    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
+    with expert_sampling(pipe, manifest) as kw:
+        for i, prompt, seed in tqdm(jobs, desc="sampling", disable=not progress):
+            folder = out / f"{i:03d}"
+            folder.mkdir(exist_ok=True)
+            gen = torch.Generator(device).manual_seed(int(seed))
+            if video:
+                clip = pipe(prompt, generator=gen, output_type="pil", **size, **kw).frames[0]
+                if len(clip) == 1:
+                    clip[0].save(folder / f"{seed}.png")
+                    continue
+                (folder / str(seed)).mkdir(exist_ok=True)
+                for j, frame in enumerate(clip):
+                    frame.save(folder / str(seed) / f"frame_{j:04d}.png")
+                if diffusers.utils.is_imageio_available():
+                    diffusers.utils.export_to_video(clip, str(folder / f"{seed}.mp4"), fps=16)
+            else:
+                pipe(prompt, generator=gen, output_type="pil", **size, **kw).images[0].save(folder / f"{seed}.png")
+    return out

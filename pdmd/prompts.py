@@ -1,0 +1,216 @@
+"""Prompts encoded once: training is data-free, so it needs only prompt embeddings, cached on disk.
+
+``encode_prompts(kind, path, prompts, out_dir)`` loads the model's text encoder and tokenizer from a local
+diffusers folder (``text_encoder/``, ``tokenizer/``), encodes every prompt and the negative (or empty) prompt
+exactly as the diffusers pipeline does (it calls the pipeline's own encoding method), writes them in
+safetensors shards, then frees the encoder. ``PromptCache(out_dir)`` reads the cache during training and
+builds the ``cond`` batches the adapters take: ``{"embeds", "mask", "neg_embeds", "neg_mask"}``.
+
+- Wan (UMT5): the pipeline pads every prompt with zeros to ``max_sequence_length`` (512 in ``WanPipeline.__call__``)
+  and the transformer attends to that padding, so batches are padded to that length again.
+- Qwen-Image (Qwen2.5-VL): last hidden state of the chat template, template tokens dropped; batches are padded
+  to their longest prompt with a mask, as the pipeline does.
+
+Each prompt is stored trimmed to its tokens; shards already written are kept when the same job reruns.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .models._local import component_dir, read_json
+
+__all__ = ["encode_prompts", "encode_with", "PromptCache", "KINDS", "DEFAULT_NEGATIVE"]
+
+KINDS = ("wan", "qwen-image")
+DEFAULT_NEGATIVE = {"wan": "", "qwen-image": " "}  # WanPipeline's default; QwenImagePipeline's documented " "
+PAD_TO = {"wan": 512, "qwen-image": None}
+META = "meta.json"
+
+
+def _check_kind(kind):
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _encoder_pipeline(kind, tokenizer, text_encoder):
+    """A diffusers pipeline holding only the tokenizer and text encoder, to call its own encoding method."""
+    if kind == "wan":
+        from diffusers import WanPipeline
+
+        return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=None, transformer=None)
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None)
+
+
+def _encode_batch(kind, pipe, prompts: list[str], pad_to, device) -> list[torch.Tensor]:
+    """Each prompt's embeddings [L_i, D], trimmed to its own tokens."""
+    with torch.no_grad():
+        if kind == "wan":
+            from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+            embeds = pipe._get_t5_prompt_embeds(prompts, max_sequence_length=pad_to, device=device)
+            mask = pipe.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=pad_to,
+                                  truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                  return_tensors="pt").attention_mask
+        else:
+            embeds, mask = pipe._get_qwen_prompt_embeds(prompts, device=device)
+    lengths = mask.gt(0).sum(1).tolist()
+    return [e[:n].cpu().contiguous() for e, n in zip(embeds, lengths)]
+
+
+def _digest(kind, prompts, negative, pad_to) -> str:
+    return hashlib.sha256(json.dumps([kind, list(prompts), negative, pad_to]).encode()).hexdigest()[:16]
+
+
+def encode_with(kind: str, tokenizer, text_encoder, prompts: Sequence[str], out_dir, negative_prompt: str | None = None,
+                batch_size: int = 8, shard_size: int = 256, max_sequence_length: int | None = None,
+                device="cpu", progress: bool = True) -> Path:
+    """Encode ``prompts`` and the negative prompt with an already loaded tokenizer and text encoder."""
+    _check_kind(kind)
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    for name, v in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    negative = DEFAULT_NEGATIVE[kind] if negative_prompt is None else negative_prompt
+    pad_to = max_sequence_length or PAD_TO[kind]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"kind": kind, "count": len(prompts), "negative_prompt": negative, "pad_to": pad_to, "shard_size": shard_size,
+            "digest": _digest(kind, prompts, negative, pad_to), "prompts": prompts}
+    old = read_json(out / META) if (out / META).is_file() else None
+    if old is not None and (old.get("digest") != meta["digest"] or old.get("shard_size") != shard_size):
+        raise ValueError(f"out_dir {str(out)!r} holds a cache of other prompts or settings; use a new folder")
+    (out / META).write_text(json.dumps(meta, indent=1))
+    pipe = _encoder_pipeline(kind, tokenizer, text_encoder)
+
+    def write(path: Path, tensors: dict):
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)  # a shard exists only once complete
+
+    if not (out / "negative.safetensors").is_file():
+        write(out / "negative.safetensors", {"embeds": _encode_batch(kind, pipe, [negative], pad_to, device)[0]})
+    shards = range(0, len(prompts), shard_size)
+    for s in tqdm(shards, desc="encoding prompts", unit="shard", disable=not progress):
+        path = out / f"shard_{s // shard_size:05d}.safetensors"
+        if path.is_file():
+            continue
+        chunk = prompts[s:s + shard_size]
+        embeds = []
+        for b in range(0, len(chunk), batch_size):
+            embeds += _encode_batch(kind, pipe, chunk[b:b + batch_size], pad_to, device)
+        write(path, {"embeds": torch.cat(embeds), "lengths": torch.tensor([len(e) for e in embeds])})
+    return out
+
+
+def encode_prompts(kind: str, path, prompts: Sequence[str], out_dir, negative_prompt: str | None = None,
+                   dtype: torch.dtype | None = None, device="cpu", **kwargs) -> Path:
+    """Load the text encoder and tokenizer from the local folder ``path``, encode, write the cache, free the encoder."""
+    _check_kind(kind)
+    from transformers import AutoTokenizer
+
+    if kind == "wan":
+        from transformers import UMT5EncoderModel as Encoder
+    else:
+        from transformers import Qwen2_5_VLForConditionalGeneration as Encoder
+    enc_dir = component_dir(path, "text_encoder", f"{kind} text encoder")
+    archs = read_json(enc_dir / "config.json").get("architectures") or []
+    if Encoder.__name__ not in archs:
+        raise ValueError(f"{kind} text encoder: {str(enc_dir)!r} holds {archs or 'no architectures'}, not a {Encoder.__name__}")
+    tok_dir = component_dir(path, "tokenizer", f"{kind} tokenizer", config_name="tokenizer_config.json")
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    encoder = Encoder.from_pretrained(str(enc_dir), local_files_only=True, **({"dtype": dtype} if dtype else {}))
+    encoder = encoder.to(device).eval()
+    try:
+        return encode_with(kind, tokenizer, encoder, prompts, out_dir, negative_prompt, device=device, **kwargs)
+    finally:
+        del encoder
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class PromptCache:
+    """Reads a cache written by ``encode_prompts`` and builds ``cond`` batches for the adapters."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        if not (self.folder / META).is_file():
+            raise ValueError(f"folder: {str(self.folder)!r} holds no prompt cache ({META} missing)")
+        self.meta = read_json(self.folder / META)
+        self.kind, self.pad_to, self.prompts = self.meta["kind"], self.meta["pad_to"], self.meta["prompts"]
+        n_shards = -(-self.meta["count"] // self.meta["shard_size"])
+        missing = [i for i in range(n_shards) if not self._shard(i).is_file()]
+        if missing or not (self.folder / "negative.safetensors").is_file():
+            raise ValueError(f"folder: prompt cache {str(self.folder)!r} is incomplete (missing shards {missing}); rerun the encoding")
+        self._lengths = [self._read(self._shard(i), "lengths") for i in range(n_shards)]
+        self._offsets = [torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]) for lens in self._lengths]
+        self.negative = self._read(self.folder / "negative.safetensors", "embeds")
+
+    def _shard(self, i: int) -> Path:
+        return self.folder / f"shard_{i:05d}.safetensors"
+
+    @staticmethod
+    def _read(path, name, rows=None):
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
+
+    def __len__(self) -> int:
+        return self.meta["count"]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """Prompt ``i``'s embeddings [L_i, D] (its tokens only)."""
+        if not isinstance(i, int) or not -len(self) <= i < len(self):
+            raise ValueError(f"index must be an integer in [0, {len(self)}), got {i!r}")
+        s, j = divmod(i % len(self), self.meta["shard_size"])
+        off = self._offsets[s]
+        return self._read(self._shard(s), "embeds", (int(off[j]), int(off[j + 1])))
+
+    def _pad(self, rows: list[torch.Tensor], length: int):
+        d = rows[0].shape[-1]
+        embeds = rows[0].new_zeros(len(rows), length, d)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for k, r in enumerate(rows):
+            n = min(len(r), length)
+            embeds[k, :n], mask[k, :n] = r[:n], True
+        return embeds, mask
+
+    def batch(self, indices: Sequence[int]) -> dict:
+        """``cond`` for the given prompts: prompt and negative embeddings, padded, with their masks."""
+        indices = [int(i) for i in indices]
+        if not indices or any(not 0 <= i < len(self) for i in indices):
+            raise ValueError(f"indices must be a non-empty list of integers in [0, {len(self)})")
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for k, i in enumerate(indices):
+            s, j = divmod(i, self.meta["shard_size"])
+            by_shard.setdefault(s, []).append((k, j))
+        rows: list = [None] * len(indices)
+        for s, items in by_shard.items():  # one file open per shard
+            with safe_open(str(self._shard(s)), "pt") as f:
+                part, off = f.get_slice("embeds"), self._offsets[s]
+                for k, j in items:
+                    rows[k] = part[int(off[j]):int(off[j + 1])]
+        n = self.pad_to or max(len(r) for r in rows)
+        n_neg = self.pad_to or len(self.negative)
+        embeds, mask = self._pad(rows, n)
+        neg, neg_mask = self._pad([self.negative] * len(rows), n_neg)
+        return {"embeds": embeds, "mask": mask, "neg_embeds": neg, "neg_mask": neg_mask}
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict:
+        """A batch of prompts drawn uniformly with replacement."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        return self.batch(torch.randint(len(self), (batch_size,), generator=generator).tolist())

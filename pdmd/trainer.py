@@ -1,0 +1,447 @@
+"""``PhasedDMDTrainer``: Phased DMD (and the few-step DMD baselines) on any model following the denoiser contract.
+
+One training iteration of phase k (MATH.md, "One training iteration"):
+1. r fake-score updates on samples x_s at the phase boundary s = b_k, regressed with the clamped
+   subinterval loss on t ~ U(s, 1] (Eq. 13). The rollouts that feed them stop at the boundary, start
+   from a pool of boundary samples of the frozen experts 1..k-1 and run batched, without gradient.
+2. One generator update of expert k: the rollout's prefix runs without gradient, the exit step with
+   it; g = w (T - F) at x_t (Eq. 11) is applied through the surrogate loss.
+
+The loop lives here and nowhere else; parallelism (FSDP), compilation and other optimisers plug in
+around it (``build_optimizer``, the models handed in), not inside it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import objectives as obj
+from .checkpoint import load_optimizer, load_tensors, optimizer_tensors, save_tensors
+from .config import RunConfig, from_dict
+from .experts import DenoiserView, Experts, base_state, cat_cond, expert_name
+from .sampler import Plan, ddim_step, make_plan
+
+__all__ = ["PhasedDMDTrainer", "NonFiniteError", "build_optimizer", "BoundaryPool", "split_steps"]
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite losses or gradients in a row: training stopped, last good checkpoint kept."""
+
+
+def build_optimizer(name: str, params, lr: float, betas=(0.0, 0.999), weight_decay: float = 0.0):
+    """The one place optimisers are made (swap in 8-bit or fused ones here)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'adamw', got {name!r}")
+
+
+def split_steps(total: int, parts: int) -> list[int]:
+    """Generator updates per phase: ``total`` split as evenly as possible, earlier phases first."""
+    return [total // parts + (1 if p < total % parts else 0) for p in range(parts)]
+
+
+def _index_cond(cond, idx):
+    return {k: _index_cond(v, idx) for k, v in cond.items()} if isinstance(cond, dict) else cond[idx]
+
+
+def _finite(*tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def cat_cond_all(conds):
+    out = conds[0]
+    for c in conds[1:]:
+        out = cat_cond(out, c)
+    return out
+
+
+class BoundaryPool:
+    """Samples at the start b_k of phase k, from the frozen experts 1..k-1, made ``size`` at a time.
+
+    Noise and prompts are drawn in chunks of ``chunk`` so the stream is the same for any ``size``: a
+    pool of size ``chunk`` is the plain on-demand rollout. The pool's contents are a function of the
+    generator state before the fill, which is what a checkpoint stores.
+    """
+
+    def __init__(self, draw: Callable, prefix: Callable, size: int, chunk: int, gen: torch.Generator):
+        self.draw, self.prefix, self.chunk, self.gen = draw, prefix, chunk, gen
+        self.size = max(chunk, (size + chunk - 1) // chunk * chunk)
+        self.x = self.cond = self.fill_state = None
+        self.cursor = 0
+
+    def _fill(self) -> None:
+        self.fill_state = self.gen.get_state()
+        parts = [self.draw(self.chunk, self.gen) for _ in range(self.size // self.chunk)]
+        noise = torch.cat([n for n, _ in parts])
+        cond = parts[0][1] if len(parts) == 1 else cat_cond_all([c for _, c in parts])
+        with torch.no_grad():
+            self.x, self.cond = self.prefix(noise, cond), cond
+        self.cursor = 0
+
+    def take(self, n: int):
+        xs, cs = [], []
+        while n > 0:
+            if self.x is None or self.cursor == self.size:
+                self._fill()
+            m = min(n, self.size - self.cursor)
+            idx = slice(self.cursor, self.cursor + m)
+            xs.append(self.x[idx]), cs.append(_index_cond(self.cond, idx))
+            self.cursor, n = self.cursor + m, n - m
+        return (xs[0], cs[0]) if len(xs) == 1 else (torch.cat(xs), cat_cond_all(cs))
+
+    def state(self) -> dict:
+        return {"fill_state": self.fill_state, "cursor": self.cursor}
+
+    def restore(self, fill_state, cursor: int) -> None:
+        if fill_state is not None:
+            self.gen.set_state(fill_state)
+            self._fill()
+            self.cursor = cursor
+
+
+class PhasedDMDTrainer:
+    """Distils ``teacher`` into K LoRA experts on its own weights (the module is wrapped in place).
+
+    ``task`` supplies ``sample_cond(n, generator)`` (prompts) and ``latent_shape``.
+    """
+
+    def __init__(self, cfg: RunConfig, teacher: nn.Module, task, out_dir: str | Path, progress: bool = True,
+                 plot_fn: Callable | None = None):
+        d = cfg.distill
+        self.cfg, self.task, self.out = cfg, task, Path(out_dir)
+        self.progress, self.plot_fn = progress, plot_fn
+        self.device = torch.device(cfg.device)
+        self.plan: Plan = make_plan(d.method, d.timesteps, d.phase_boundaries)
+        self.phase_lengths = split_steps(d.max_steps, self.plan.n_phases)
+        teacher = teacher.to(self.device)
+        self._autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if d.bf16 else nullcontext
+        self.fake_module = copy.deepcopy(teacher).requires_grad_(False) if d.fake_kind == "full" else None
+        self.experts = Experts(teacher, self.plan.n_phases, d.lora_rank, d.lora_alpha,
+                               d.fake_lora_rank if d.fake_kind == "lora" else None, seed=cfg.seed,
+                               autocast=self._autocast)
+        self.schedule, self.prediction = self.experts.schedule, self.experts.prediction
+        self.teacher = self.experts.view("teacher")
+        self.gens = {k: torch.Generator().manual_seed(cfg.seed * 1000 + i) for i, k in enumerate(("main", "rollout", "pool"))}
+        self.step, self.phase = 0, -1
+        self.nonfinite_total = self.nonfinite_run = 0
+
+    # ------------------------------------------------------------------ randomness and helpers
+    def _rand(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.gens["main"]).to(self.device)
+
+    def _randn(self, n: int) -> torch.Tensor:
+        return torch.randn((n, *self.task.latent_shape), generator=self.gens["main"]).to(self.device)
+
+    def _draw(self, n: int, gen: torch.Generator):
+        cond = self.task.sample_cond(n, gen)
+        noise = torch.randn((n, *self.task.latent_shape), generator=gen)
+        cond = {k: v.to(self.device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(self.device)
+        return noise.to(self.device), cond
+
+    def _full(self, n: int, value: float) -> torch.Tensor:
+        return torch.full((n,), float(value), device=self.device)
+
+    def teacher_guided(self, x_t, t, cond):
+        """CFG teacher prediction, conditional and null prompts in one batched call."""
+        w = self.cfg.teacher.guidance_scale
+        if w == 1.0:
+            return self.teacher(x_t, t, cond)
+        both = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(cond, self.teacher.null_cond(cond)))
+        c, u = both.chunk(2)
+        return obj.guided(c, u, w)
+
+    # ------------------------------------------------------------------ phases
+    def phase_of(self, step: int) -> int:
+        acc = 0
+        for p, n in enumerate(self.phase_lengths):
+            acc += n
+            if step < acc:
+                return p
+        return self.plan.n_phases - 1
+
+    def _prefix(self, p: int):
+        """Frozen experts 1..p (0-based phases < p) from noise at t = 1 to the boundary b_p."""
+        steps = [i for q in range(p) for i in self.plan.phase_steps(q)]
+
+        def run(x, cond):
+            for i in steps:
+                x = self._step(self.plan.phase_of_step(i), x, i, i + 1, cond)
+            return x
+        return run
+
+    def _step(self, p: int, x, i: int, j: int, cond):
+        n = x.shape[0]
+        model = self.experts.view(expert_name(p + 1))
+        return ddim_step(model, x, self._full(n, self.plan.timesteps[i]), self._full(n, self.plan.timesteps[j]), cond)
+
+    def start_phase(self, p: int) -> None:
+        """Phase p (0-based): expert p+1 trainable, a fresh fake score from the teacher, fresh optimisers."""
+        d = self.cfg.distill
+        self.phase = p
+        lora_fake = d.fake_kind == "lora"
+        gen_params = self.experts.train_only([expert_name(p + 1)] + (["fake"] if lora_fake else []))
+        if lora_fake:
+            self.experts.reset_adapter("fake", seed=self.cfg.seed * 1000 + p)
+            fake_params = list(self.experts.adapter_params("fake").values())
+            gen_params = [q for q in gen_params if all(q is not f for f in fake_params)]
+            self.fake = self.experts.view("fake")
+        else:
+            self.fake_module.load_state_dict(base_state(self.experts.module))
+            self.fake_module.requires_grad_(True)
+            fake_params = list(self.fake_module.parameters())
+            self.fake = DenoiserView(self.fake_module, self.prediction, self.schedule, self.experts.null_cond,
+                                     self._autocast)
+        self.gen_params, self.fake_params = gen_params, fake_params
+        self.opt_gen = build_optimizer(d.optimizer, gen_params, d.lr_generator, d.betas, d.weight_decay)
+        self.opt_fake = build_optimizer(d.optimizer, fake_params, d.lr_fake, d.betas, d.weight_decay)
+        self.pool = BoundaryPool(self._draw, self._prefix(p), d.pool_size if p > 0 else d.batch_size,
+                                 d.batch_size, self.gens["pool"])
+        self.boundary = self.plan.boundaries[p + 1]
+
+    # ------------------------------------------------------------------ rollouts
+    def rollout(self, n: int, grad: bool):
+        """(x_s, cond): n samples at the boundary s of the current phase; gradient through the exit step only.
+
+        SGTS draws an exit step j per sample; the exit step jumps from t_{i0+j-1} straight to s.
+        """
+        p, B = self.phase, self.cfg.distill.batch_size
+        x, cond = self.pool.take(n)
+        steps = self.plan.phase_steps(p)
+        if self.plan.grad_all_steps:
+            with torch.set_grad_enabled(grad):
+                for i in steps:
+                    x = self._step(p, x, i, i + 1, cond)
+            return x, cond
+        if self.plan.sgts and len(steps) > 1:
+            g = self.gens["rollout"]
+            j = torch.cat([torch.randint(1, len(steps) + 1, (min(B, n - a),), generator=g) for a in range(0, n, B)])
+        else:
+            j = torch.full((n,), len(steps), dtype=torch.long)
+        j = j.to(self.device)
+        with torch.no_grad():
+            states = [x]
+            for m in range(int(j.max()) - 1):
+                states.append(self._step(p, states[-1], steps[m], steps[m] + 1, cond))
+            rows = torch.arange(n, device=self.device)
+            x_in = torch.stack(states)[j - 1, rows]
+            ts = torch.tensor(self.plan.timesteps, device=self.device)
+            t_in = ts[steps[0] + j - 1]
+        model = self.experts.view(expert_name(p + 1))
+        with torch.set_grad_enabled(grad):
+            return ddim_step(model, x_in, t_in, self._full(n, self.boundary), cond), cond
+
+    def _finish(self, x, cond) -> None:
+        """The rest of the sampler after the boundary: the work a plain trainer spends and discards."""
+        last = self.plan.phase_steps(self.phase)[-1] + 1
+        with torch.no_grad():
+            for i in range(last, self.plan.n_steps):
+                x = self._step(self.plan.phase_of_step(i), x, i, i + 1, cond)
+
+    # ------------------------------------------------------------------ updates
+    def _apply(self, opt, params, ok: bool, what: str):
+        """Clip, check and step; a non-finite loss or gradient skips the update and is counted."""
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.distill.grad_clip) if ok else torch.tensor(float("nan"))
+        ok = ok and bool(torch.isfinite(norm))
+        if ok:
+            opt.step()
+            self.nonfinite_run = 0
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_run += 1
+            if self.nonfinite_run >= self.cfg.distill.max_nonfinite:
+                raise NonFiniteError(
+                    f"{self.nonfinite_run} non-finite {what} losses/gradients in a row at step {self.step} "
+                    f"(phase {self.phase + 1}); stopped. The last checkpoint in {self.out} has finite weights; "
+                    "lower the learning rates or grad_clip, or set distill.bf16: false.")
+        opt.zero_grad(set_to_none=True)
+        return float(norm), ok
+
+    def fake_update(self, x_s, cond):
+        """One fake-score step on boundary samples (``grad_accum`` micro-batches of ``batch_size``)."""
+        d, B = self.cfg.distill, self.cfg.distill.batch_size
+        s = self.boundary
+        total, ok = 0.0, True
+        for a in range(d.grad_accum):
+            xs, c = x_s[a * B:(a + 1) * B], _index_cond(cond, slice(a * B, (a + 1) * B))
+            n = xs.shape[0]
+            t = (s + (1 - s) * (1 - self._rand(n))).clamp_min(s + 1e-4)
+            noise = self._randn(n)
+            if not _finite(xs):
+                ok = False
+                break
+            x_t, _ = obj.subinterval_target(xs, noise, s, t, self.schedule, self.prediction)
+            pred = self.fake(x_t, t, c)
+            if not _finite(pred):
+                ok = False
+                break
+            loss = obj.subinterval_loss(pred, xs, noise, s, t, self.schedule, self.prediction, d.clamp_max).mean()
+            if not _finite(loss):
+                ok = False
+                break
+            (loss / d.grad_accum).backward()
+            total += loss.item() / d.grad_accum
+        norm, ok = self._apply(self.opt_fake, self.fake_params, ok, "fake-score")
+        return total, norm, ok
+
+    def generator_update(self, plain: bool = False):
+        """One step of expert k: DMD gradient at the boundary through the exit step (Eq. 11)."""
+        d, B = self.cfg.distill, self.cfg.distill.batch_size
+        s = self.boundary
+        lo, hi = d.dmd_t_range
+        total, gabs, ok = 0.0, 0.0, True
+        for _ in range(d.grad_accum):
+            x_s, cond = self.rollout(B, grad=True)
+            if plain:
+                self._finish(x_s.detach(), cond)
+            t = s + (1 - s) * (lo + (hi - lo) * self._rand(B))
+            eps = self._randn(B)
+            if not _finite(x_s):
+                ok = False
+                break
+            with torch.no_grad():
+                x_t, _ = obj.subinterval_target(x_s.detach(), eps, s, t, self.schedule, self.prediction)
+                real, fake = self.teacher_guided(x_t, t, cond), self.fake(x_t, t, cond)
+                if not _finite(real, fake):
+                    ok = False
+                    break
+                g = obj.dmd_gradient(real, fake, x_t, x_s.detach(), s, t, self.schedule, d.weighting)
+            loss = obj.dmd_surrogate(x_s, g).mean()
+            if not _finite(loss):
+                ok = False
+                break
+            (loss / d.grad_accum).backward()
+            total += loss.item() / d.grad_accum
+            gabs += g.abs().mean().item() / d.grad_accum
+        norm, ok = self._apply(self.opt_gen, self.gen_params, ok, "generator")
+        return total, gabs, norm, ok
+
+    def iteration(self, plain: bool = False) -> dict:
+        """r fake updates then one generator update. ``plain=True`` is the reference schedule of work
+        (a full rollout from noise for every fake update, no pool): same updates, more compute."""
+        d, B = self.cfg.distill, self.cfg.distill.batch_size
+        n_fake = d.fake_updates * d.grad_accum * B
+        if plain:
+            parts = []
+            for _ in range(d.fake_updates * d.grad_accum):
+                x, c = self.rollout(B, grad=False)
+                self._finish(x, c)
+                parts.append((x, c))
+            x_all, c_all = torch.cat([x for x, _ in parts]), cat_cond_all([c for _, c in parts])
+        else:
+            x_all, c_all = self.rollout(n_fake, grad=False)
+        fl, fn, per = [], [], d.grad_accum * B
+        for r in range(d.fake_updates):
+            sl = slice(r * per, (r + 1) * per)
+            loss, norm, _ = self.fake_update(x_all[sl], _index_cond(c_all, sl))
+            fl.append(loss), fn.append(norm)
+        gl, gabs, gn, _ = self.generator_update(plain)
+        self.step += 1
+        return {"loss_fake": sum(fl) / len(fl), "grad_norm_fake": max(fn), "loss_gen": gl, "g_abs_mean": gabs,
+                "grad_norm_gen": gn}
+
+    # ------------------------------------------------------------------ loop
+    def train(self, stop_at: int | None = None) -> None:
+        """Run to ``distill.max_steps`` generator updates (or stop after ``stop_at``), saving as configured."""
+        d = self.cfg.distill
+        stop = d.max_steps if stop_at is None else min(stop_at, d.max_steps)
+        samples = (d.fake_updates + 1) * d.grad_accum * d.batch_size
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = (self.out / "log.jsonl").open("a")
+        bar = tqdm(total=d.max_steps, initial=self.step, desc=f"distill {d.method}", disable=not self.progress,
+                   dynamic_ncols=True, mininterval=1.0)
+        try:
+            while self.step < stop:
+                p = self.phase_of(self.step)
+                if p != self.phase:
+                    self.start_phase(p)
+                t0 = time.perf_counter()
+                rec = self.iteration()
+                dt = time.perf_counter() - t0
+                rec.update(step=self.step, phase=p + 1, step_time=dt, samples_per_s=samples / dt,
+                           nonfinite_skipped=self.nonfinite_total)
+                if self.step % d.log_every == 0 or self.step == stop:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                bar.update(1)
+                bar.set_postfix(phase=p + 1, fake=f"{rec['loss_fake']:.3f}", g=f"{rec['g_abs_mean']:.3f}", refresh=False)
+                if self.step % d.checkpoint_every == 0:
+                    self.save()
+                if self.plot_fn is not None and self.step % d.plot_every == 0:
+                    self.plot_fn(self.out / "samples" / f"step_{self.step:06d}.png", self)
+        finally:
+            bar.close()
+            log.close()
+        self.save()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | Path | None = None) -> Path:
+        """Atomic checkpoint of everything the next step depends on."""
+        path = Path(path or self.out / CHECKPOINT)
+        tensors = {}
+        for name in self.experts.adapters:
+            tensors.update({f"adapter.{n}": p for n, p in self.experts.adapter_params(name).items()})
+        meta = {"step": str(self.step), "phase": str(self.phase), "config": json.dumps(self.cfg.to_dict()),
+                "nonfinite_total": str(self.nonfinite_total), "nonfinite_run": str(self.nonfinite_run)}
+        for k, g in self.gens.items():
+            tensors[f"rng.{k}"] = g.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.phase >= 0:
+            if self.fake_module is not None:
+                tensors.update({f"fake.{n}": v for n, v in self.fake_module.state_dict().items()})
+            for name, opt in (("opt_gen", self.opt_gen), ("opt_fake", self.opt_fake)):
+                t, extra = optimizer_tensors(opt, name)
+                tensors.update(t)
+                meta[name] = extra
+            st = self.pool.state()
+            meta["pool_cursor"] = str(st["cursor"])
+            if st["fill_state"] is not None:
+                tensors["rng.pool_fill"] = st["fill_state"]
+        save_tensors(path, tensors, meta)
+        return path
+
+    def load(self, path: str | Path | None = None) -> None:
+        """Restore a checkpoint written by ``save`` with the same configuration (max_steps may differ)."""
+        path = Path(path or self.out / CHECKPOINT)
+        tensors, meta = load_tensors(path)
+        stored = from_dict(json.loads(meta["config"]))
+        mine, theirs = self.cfg.to_dict(), stored.to_dict()
+        for section in ("teacher", "distill"):
+            for key, v in theirs[section].items():
+                if key not in ("max_steps", "checkpoint_every", "log_every", "plot_every") and mine[section][key] != v:
+                    raise ValueError(f"config field {section}.{key} is {mine[section][key]!r} but the checkpoint "
+                                     f"{path} was made with {v!r}")
+        phase = int(meta["phase"])
+        if phase >= 0:
+            self.start_phase(phase)
+        params = {n: p for name in self.experts.adapters for n, p in self.experts.adapter_params(name).items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[f"adapter.{n}"])
+        if phase >= 0:
+            if self.fake_module is not None:
+                self.fake_module.load_state_dict({n[5:]: v for n, v in tensors.items() if n.startswith("fake.")})
+            load_optimizer(self.opt_gen, tensors, "opt_gen", meta["opt_gen"])
+            load_optimizer(self.opt_fake, tensors, "opt_fake", meta["opt_fake"])
+            if "rng.pool_fill" in tensors:
+                self.pool.restore(tensors["rng.pool_fill"], int(meta["pool_cursor"]))
+        for k, g in self.gens.items():
+            g.set_state(tensors[f"rng.{k}"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step, self.phase = int(meta["step"]), phase
+        self.nonfinite_total, self.nonfinite_run = int(meta["nonfinite_total"]), int(meta["nonfinite_run"])
+
+    def export_experts(self, path: str | Path) -> None:
+        """The distilled generator alone: every expert's LoRA weights (safetensors)."""
+        tensors = {n: p for name in self.experts.adapters if name != "fake"
+                   for n, p in self.experts.adapter_params(name).items()}
+        save_tensors(path, tensors, {"config": json.dumps(self.cfg.to_dict())})

@@ -1,0 +1,38 @@
+"""The big-model configs say what the paper's Appendix C says, and their times are consistent."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pdmd.models import qwen_image_shift
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["wan2.1-t2v-14b", "wan2.2-t2v-a14b", "qwen-image"])
+def test_appendix_c_settings(name):
+    c = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    assert c["distill"]["batch_size"] == 64 and c["distill"]["fake_updates_per_generator_update"] == 5
+    assert (c["generator"]["lora_rank"], c["generator"]["lora_alpha"], c["generator"]["lr"]) == (64, 8, 5e-5)
+    assert c["fake"]["full_parameters"] is True and c["fake"]["lr"] == 4e-7
+    assert c["generator"]["betas"] == c["fake"]["betas"] == [0.0, 0.999]
+    steps, bounds = c["distill"]["steps"], c["distill"]["phase_boundaries"]
+    assert len(steps) == 4 and len(bounds) == 1 and steps[0] == 1.0 and bounds[0] in steps
+    assert steps == sorted(steps, reverse=True)
+    for f, h, w in c["data"]["resolutions"]:
+        assert h % 16 == 0 and w % 16 == 0 and (f - 1) % 4 == 0
+
+
+def test_a14b_phase_boundary_is_the_models_own_switch():
+    c = yaml.safe_load((CONFIGS / "wan2.2-t2v-a14b.yaml").read_text())
+    k, b = c["model"]["shift"], c["distill"]["phase_boundaries"][0]
+    assert k * b / (1 + (k - 1) * b) == pytest.approx(c["model"]["boundary_sigma"], abs=1e-6)
+
+
+def test_qwen_shift_resolution_is_a_training_resolution():
+    c = yaml.safe_load((CONFIGS / "qwen-image.yaml").read_text())
+    h, w = c["model"]["shift_resolution"]
+    assert [1, h, w] in c["data"]["resolutions"]
+    assert qwen_image_shift(h, w) == pytest.approx(2.3033, abs=1e-4)

@@ -1,0 +1,48 @@
+"""Tiny random-weight diffusers models of the real classes (sizes from diffusers' own tests), and pipeline folders."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WAN_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                  text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+QWEN_CONFIG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                   num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+
+
+def _randomise(model, seed):
+    """diffusers zero-initialises some output layers; random values everywhere make every path visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def tiny_wan(seed=0):
+    from diffusers import WanTransformer3DModel
+
+    return _randomise(WanTransformer3DModel(**WAN_CONFIG), seed)
+
+
+def tiny_qwen(seed=0):
+    from diffusers import QwenImageTransformer2DModel
+
+    return _randomise(QwenImageTransformer2DModel(**QWEN_CONFIG), seed)
+
+
+def save_pipeline_dir(root: Path, pipeline: str, transformers: dict, scheduler: dict, **index_extra) -> Path:
+    """A diffusers pipeline folder holding only transformers and a scheduler config (enough for pdmd)."""
+    root.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": pipeline, "_diffusers_version": "0.42.1", **index_extra}
+    for name, model in transformers.items():
+        model.save_pretrained(root / name)
+        index[name] = ["diffusers", type(model).__name__]
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root

@@ -1,0 +1,28 @@
+"""Tiny configurations and models shared by the trainer tests (fast on one CPU thread)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from pdmd.config import DistillConfig, EvalConfig, RunConfig, TeacherConfig, validate
+from pdmd.toy import ToyData, ToyDenoiser
+
+
+def tiny_cfg(**distill) -> RunConfig:
+    d = dict(max_steps=6, batch_size=8, fake_updates=2, pool_size=32, lora_rank=2, lora_alpha=2.0,
+             checkpoint_every=1000, log_every=1, plot_every=1000)
+    d.update(distill)
+    return validate(RunConfig(
+        teacher=TeacherConfig(width=16, depth=2, steps=20, batch_size=64, sample_steps=4),
+        distill=DistillConfig(**d), eval=EvalConfig(samples_per_prompt=40, diversity_groups=2)))
+
+
+def tiny_teacher(seed: int = 0) -> ToyDenoiser:
+    """An untrained but fixed toy denoiser: enough for plumbing, determinism and routing tests."""
+    torch.manual_seed(seed)
+    return ToyDenoiser(ToyData().n_prompts, width=16, depth=2).requires_grad_(False)
+
+
+def replace_distill(cfg: RunConfig, **kw) -> RunConfig:
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, **kw))
