@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from .config import METHODS, RunConfig, load_config
 from .evaluate import energy_distance, evaluate_prompt, pairwise_diversity
 from .sampler import sample_few_step
 from .toy import ToyData, load_or_train_teacher, sample_teacher
-from .trainer import CHECKPOINT, PhasedDMDTrainer
+from .trainer import CHECKPOINT, NonFiniteError, PhasedDMDTrainer
 
 __all__ = ["distill", "compare", "sample_run", "add_commands"]
 
@@ -36,8 +37,14 @@ def _generators(cfg: RunConfig, data: ToyData, run_dir: Path, trainer: PhasedDMD
     t = cfg.teacher
     fns = {"teacher": lambda z, c: sample_teacher(teacher, z, c, t.sample_steps, t.guidance_scale)}
     if trainer is not None:
-        fns["generator"] = lambda z, c: sample_few_step(trainer.experts, trainer.plan, z, c)
+        fns["generator"] = _trained(trainer)
     return fns
+
+
+def _trained(trainer: PhasedDMDTrainer):
+    """noise, prompts (CPU) -> samples (CPU) of the trainer's current generator, on its device."""
+    dev = trainer.device
+    return lambda z, c: sample_few_step(trainer.experts, trainer.plan, z.to(dev), c.to(dev)).cpu()
 
 
 def _samples(fn, data: ToyData, n: int, seed: int) -> dict[int, torch.Tensor]:
@@ -139,7 +146,7 @@ def _plot_losses(path: Path, log: Path) -> None:
         return
     steps = [r["step"] for r in recs]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3))
-    for ax, key in zip(axes, ("loss_fake", "g_abs_mean", "grad_norm_gen")):
+    for ax, key in zip(axes, ("loss_fake", "g_rms", "grad_norm_gen")):
         ax.plot(steps, [r[key] for r in recs], lw=0.8)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("generator step")
@@ -150,7 +157,7 @@ def _plot_losses(path: Path, log: Path) -> None:
 
 def _progress_plot(data: ToyData):
     def plot(path: Path, trainer: PhasedDMDTrainer) -> None:
-        s = _samples(lambda z, c: sample_few_step(trainer.experts, trainer.plan, z, c), data, 500, 12345)
+        s = _samples(_trained(trainer), data, 500, 12345)
         exact = {k: m.sample(500, torch.Generator().manual_seed(k)).float() for k, m in enumerate(data.mixtures)}
         _plot_panel(path, data, {f"{trainer.plan.n_steps}-step generator, step {trainer.step}": s}, exact)
     return plot
@@ -187,7 +194,7 @@ def distill(cfg: RunConfig, out: str | Path, resume: bool = False, progress: boo
     seeds = _noise(range(cfg.eval.diversity_seeds), data.dim)
     seed_x = {name: {k: fn(seeds, torch.full((len(seeds),), k, dtype=torch.long)) for k in range(data.n_prompts)}
               for name, fn in (("teacher", _generators(cfg, data, teacher_dir, None)["teacher"]),
-                               ("generator", lambda z, c: sample_few_step(trainer.experts, trainer.plan, z, c)))}
+                               ("generator", _trained(trainer)))}
     t_label = LABELS["teacher"].format(steps=cfg.teacher.sample_steps, cfg=cfg.teacher.guidance_scale)
     g_label = f"{LABELS[cfg.distill.method]}, {trainer.plan.n_steps} steps"
     _plot_panel(out / "samples.png", data, {t_label: ev["_samples"]["teacher"], g_label: ev["_samples"]["generator"]},
@@ -346,7 +353,11 @@ def _config(args) -> RunConfig:
 
 
 def _cmd_distill(args) -> int:
-    r = distill(_config(args), args.out, resume=args.resume, progress=not args.quiet)
+    try:
+        r = distill(_config(args), args.out, resume=args.resume, progress=not args.quiet)
+    except NonFiniteError as e:
+        print(f"pdmd distill: {e}", file=sys.stderr)
+        return 1
     g, t = r["generator"]["mean"], r["teacher"]["mean"]
     print(f"{r['method']}: modes {g['covered']}/{g['modes']} (teacher {t['covered']}), mass TV {g['mass_tv']:.3f} "
           f"(teacher {t['mass_tv']:.3f}), energy to data {g['energy_to_data']:.4f} (teacher {t['energy_to_data']:.4f}), "

@@ -151,14 +151,19 @@ class PhasedDMDTrainer:
     def _full(self, n: int, value: float) -> torch.Tensor:
         return torch.full((n,), float(value), device=self.device)
 
-    def teacher_guided(self, x_t, t, cond):
-        """CFG teacher prediction, conditional and null prompts in one batched call."""
-        w = self.cfg.teacher.guidance_scale
-        if w == 1.0:
-            return self.teacher(x_t, t, cond)
+    def _teacher_parts(self, x_t, t, cond):
+        """Conditional and null-prompt teacher predictions (flow), batched in one call; uncond is None without CFG."""
+        if self.cfg.teacher.guidance_scale == 1.0:
+            return self._flow(self.teacher(x_t, t, cond), x_t, t), None
         both = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(cond, self.teacher.null_cond(cond)))
         c, u = both.chunk(2)
-        return obj.guided(c, u, w)
+        return self._flow(c, x_t, t), self._flow(u, x_t, t)
+
+    def _flow(self, pred, x_t, t):
+        """The DMD gradient is stated on flow (psi) predictions: convert x0/eps models."""
+        if self.prediction == "flow":
+            return pred
+        return obj.from_x0_eps(*obj.to_x0_eps(pred, x_t, t, self.schedule, self.prediction), "flow")
 
     # ------------------------------------------------------------------ phases
     def phase_of(self, step: int) -> int:
@@ -298,7 +303,7 @@ class PhasedDMDTrainer:
         d, B = self.cfg.distill, self.cfg.distill.batch_size
         s = self.boundary
         lo, hi = d.dmd_t_range
-        total, gabs, ok = 0.0, 0.0, True
+        total, g_rms, ok = 0.0, 0.0, True
         for _ in range(d.grad_accum):
             x_s, cond = self.rollout(B, grad=True)
             if plain:
@@ -310,20 +315,23 @@ class PhasedDMDTrainer:
                 break
             with torch.no_grad():
                 x_t, _ = obj.subinterval_target(x_s.detach(), eps, s, t, self.schedule, self.prediction)
-                real, fake = self.teacher_guided(x_t, t, cond), self.fake(x_t, t, cond)
-                if not _finite(real, fake):
+                real, uncond = self._teacher_parts(x_t, t, cond)
+                fake = self._flow(self.fake(x_t, t, cond), x_t, t)
+                if not _finite(real, fake, *([] if uncond is None else [uncond])):
                     ok = False
                     break
-                g = obj.dmd_gradient(real, fake, x_t, x_s.detach(), s, t, self.schedule, d.weighting)
-            loss = obj.dmd_surrogate(x_s, g).mean()
+            # fused op: CFG of the teacher, the weighting of Eq. 11 and the surrogate in one pass
+            per_sample = obj.dmd_loss(x_s, real, fake, x_t, s, t, self.schedule, real_uncond=uncond,
+                                      guidance_scale=self.cfg.teacher.guidance_scale, weighting=d.weighting)
+            loss = per_sample.mean()
             if not _finite(loss):
                 ok = False
                 break
             (loss / d.grad_accum).backward()
             total += loss.item() / d.grad_accum
-            gabs += g.abs().mean().item() / d.grad_accum
+            g_rms += (2 * loss.item() / x_s[0].numel()) ** 0.5 / d.grad_accum  # loss = 0.5 ||g||^2 per sample
         norm, ok = self._apply(self.opt_gen, self.gen_params, ok, "generator")
-        return total, gabs, norm, ok
+        return total, g_rms, norm, ok
 
     def iteration(self, plain: bool = False) -> dict:
         """r fake updates then one generator update. ``plain=True`` is the reference schedule of work
@@ -344,9 +352,9 @@ class PhasedDMDTrainer:
             sl = slice(r * per, (r + 1) * per)
             loss, norm, _ = self.fake_update(x_all[sl], _index_cond(c_all, sl))
             fl.append(loss), fn.append(norm)
-        gl, gabs, gn, _ = self.generator_update(plain)
+        gl, g_rms, gn, _ = self.generator_update(plain)
         self.step += 1
-        return {"loss_fake": sum(fl) / len(fl), "grad_norm_fake": max(fn), "loss_gen": gl, "g_abs_mean": gabs,
+        return {"loss_fake": sum(fl) / len(fl), "grad_norm_fake": max(fn), "loss_gen": gl, "g_rms": g_rms,
                 "grad_norm_gen": gn}
 
     # ------------------------------------------------------------------ loop
@@ -373,7 +381,7 @@ class PhasedDMDTrainer:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                 bar.update(1)
-                bar.set_postfix(phase=p + 1, fake=f"{rec['loss_fake']:.3f}", g=f"{rec['g_abs_mean']:.3f}", refresh=False)
+                bar.set_postfix(phase=p + 1, fake=f"{rec['loss_fake']:.3f}", g=f"{rec['g_rms']:.3f}", refresh=False)
                 if self.step % d.checkpoint_every == 0:
                     self.save()
                 if self.plot_fn is not None and self.step % d.plot_every == 0:
@@ -415,6 +423,8 @@ class PhasedDMDTrainer:
         tensors, meta = load_tensors(path)
         stored = from_dict(json.loads(meta["config"]))
         mine, theirs = self.cfg.to_dict(), stored.to_dict()
+        if mine["seed"] != theirs["seed"]:
+            raise ValueError(f"config field seed is {mine['seed']} but the checkpoint {path} was made with {theirs['seed']}")
         for section in ("teacher", "distill"):
             for key, v in theirs[section].items():
                 if key not in ("max_steps", "checkpoint_every", "log_every", "plot_every") and mine[section][key] != v:

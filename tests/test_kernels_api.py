@@ -30,6 +30,13 @@ def coefs(b=2):
     return 1 - s, s, 1 - t, t
 
 
+
+@pytest.fixture(autouse=True)
+def _grad_on():
+    """Autograd on in every test here, whatever another test module set at import."""
+    with torch.enable_grad():
+        yield
+
 # ---------------------------------------------------------------- errors
 
 

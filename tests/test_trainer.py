@@ -12,7 +12,7 @@ from pdmd.sampler import make_plan, sample_few_step
 from pdmd.toy import ToyData
 from pdmd.trainer import NonFiniteError, PhasedDMDTrainer, split_steps
 
-from trainer_helpers import replace_distill, tiny_cfg, tiny_teacher
+from trainer_helpers import tiny_cfg, tiny_teacher
 
 DATA = ToyData()
 
@@ -137,7 +137,7 @@ def test_pool_and_batched_fake_rollouts_change_speed_not_results(tmp_path):
 
 
 # ---------------------------------------------------------------- checkpoints
-@pytest.mark.parametrize("method, stop", [("phased_sgts", 3), ("phased_sgts", 4), ("phased", 5)])
+@pytest.mark.parametrize("method, stop", [("phased_sgts", 3), ("phased_sgts", 4), ("phased_sgts", 6), ("phased", 5)])
 def test_resume_is_bit_identical(tmp_path, method, stop):
     straight = make(tmp_path / "s", method=method, max_steps=8)
     straight.train()
@@ -256,3 +256,31 @@ def test_bf16_autocast_runs_and_stays_finite(tmp_path):
     tr.train()
     assert tr.step == 2 and tr.nonfinite_total == 0
     assert all(bool(torch.isfinite(v).all()) for v in weights(tr).values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_trainer_runs_on_cuda(tmp_path, bf16):
+    cfg = tiny_cfg(bf16=bf16, max_steps=4)
+    import dataclasses
+    cfg = dataclasses.replace(cfg, device="cuda")
+    tr = PhasedDMDTrainer(cfg, tiny_teacher(), DATA, tmp_path, progress=False)
+    tr.train()
+    assert tr.step == 4 and tr.nonfinite_total == 0
+    x = sample_few_step(tr.experts, tr.plan, torch.randn(16, 2, device="cuda"), torch.zeros(16, dtype=torch.long, device="cuda"))
+    assert x.device.type == "cuda" and bool(torch.isfinite(x).all())
+    again = PhasedDMDTrainer(cfg, tiny_teacher(), DATA, tmp_path, progress=False)
+    again.load()
+    assert again.step == 4
+
+
+def test_resume_mid_pool_restores_the_pool(tmp_path):
+    """Resuming in phase 2 with a half-used pool regenerates the same pool contents and position."""
+    tr = make(tmp_path, method="phased_sgts", max_steps=8)
+    tr.train(stop_at=5)
+    assert tr.phase == 1 and 0 < tr.pool.cursor < tr.pool.size
+    again = make(tmp_path, method="phased_sgts", max_steps=8)
+    again.load()
+    assert again.pool.cursor == tr.pool.cursor
+    assert torch.equal(again.pool.x, tr.pool.x) and torch.equal(again.pool.cond, tr.pool.cond)

@@ -1,8 +1,6 @@
 """Tiny configurations and models shared by the trainer tests (fast on one CPU thread)."""
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from pdmd.config import DistillConfig, EvalConfig, RunConfig, TeacherConfig, validate
@@ -23,6 +21,3 @@ def tiny_teacher(seed: int = 0) -> ToyDenoiser:
     torch.manual_seed(seed)
     return ToyDenoiser(ToyData().n_prompts, width=16, depth=2).requires_grad_(False)
 
-
-def replace_distill(cfg: RunConfig, **kw) -> RunConfig:
-    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, **kw))

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (device tool): GPU tests and benchmarks of every part, each with its own time
+# limit; a failing part does not stop the next. Results go to $RES (all logs, JSON, markdown), and one
+# archive $OUT/gpu_results.tgz plus the markdown summaries come back (the tool returns at most 8 files).
+#   bash bench/gpu_all.sh [kernels] [tests] [optim] [plan] [wan]      (no argument: all parts)
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/gpu_out}"
+RES=/tmp/gpu_results
+mkdir -p "$OUT" "$RES"
+PY="${PYTHON:-python3}"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers is not in the GPU image: carried as a wheel
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH=".:kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+parts="${*:-kernels tests optim plan wan}"
+has() { case " $parts " in *" $1 "*) return 0;; esac; return 1; }
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$RES/env.txt"
+
+if has kernels; then
+  echo "== kernels: GPU tests"
+  timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts=-ra tests/test_kernels_ops.py > "$RES/kernels_tests.log" 2>&1
+  echo "exit $?"; tail -4 "$RES/kernels_tests.log"
+  echo "== kernels: benchmark"
+  timeout 170 "$PY" bench/gpu_kernels.py --out "$RES" --budget 110 > "$RES/kernels_bench.log" 2>&1
+  echo "exit $?"; cat "$RES/gpu_kernels.md" 2>/dev/null || tail -20 "$RES/kernels_bench.log"
+fi
+if has tests; then
+  echo "== other GPU tests (optimizer, attention, trainer on CUDA)"
+  timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts=-ra tests/test_optim.py tests/test_attention.py \
+    tests/test_trainer.py > "$RES/other_tests.log" 2>&1
+  echo "exit $?"; tail -8 "$RES/other_tests.log"
+fi
+if has optim; then
+  echo "== optimizer benchmark"
+  timeout 90 "$PY" bench/gpu_optim.py --out "$RES" > "$RES/optim_bench.log" 2>&1
+  echo "exit $?"; tail -15 "$RES/optim_bench.log"
+fi
+if has plan; then
+  echo "== planner vs measured GPU memory"
+  timeout 120 "$PY" bench/gpu_plan_check.py --out "$RES" > "$RES/plan_check.log" 2>&1
+  echo "exit $?"; tail -15 "$RES/plan_check.log"
+fi
+if has wan && [ -f bench/gpu_wan_phased.py ]; then
+  echo "== Wan-shaped phased iteration: reference recipe vs ours"
+  timeout 240 "$PY" bench/gpu_wan_phased.py --out "$RES" > "$RES/wan_phased.log" 2>&1
+  echo "exit $?"; tail -30 "$RES/wan_phased.log"
+fi
+tar czf "$OUT/gpu_results.tgz" -C /tmp gpu_results
+cp "$RES"/*.md "$OUT"/ 2>/dev/null
+ls -la "$OUT"
