@@ -1,0 +1,48 @@
+"""Run by ``torchrun --nproc_per_node 2`` from tests/test_parallel.py (gloo, CPU).
+
+Trains the tiny toy config straight through, then again with a stop, a sharded checkpoint and a
+resume; rank 0 writes the gathered final weights of both runs to OUT/straight.pt and OUT/resumed.pt.
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+from pdmd import parallel
+from pdmd.toy import ToyData
+from pdmd.trainer import PhasedDMDTrainer
+from trainer_helpers import tiny_cfg, tiny_teacher
+
+CFG = dict(max_steps=4, batch_size=8, fake_updates=2, pool_size=16)
+
+
+def weights(trainer) -> dict:
+    out = {f"experts.{k}": v for k, v in parallel.full_state(trainer.experts.module).items() if "lora_" in k}
+    out.update({f"fake.{k}": v for k, v in parallel.full_state(trainer.fake_module).items()})
+    return out
+
+
+def main(out: Path, stop_at: int) -> None:
+    torch.set_num_threads(1)
+    par = parallel.from_env()
+    assert par.world == 2, par.world
+    cfg = tiny_cfg(**CFG)
+    a = PhasedDMDTrainer(cfg, tiny_teacher(), ToyData(), out / "straight", progress=False, parallel=par)
+    a.train()
+    w = weights(a)
+    if par.is_main:
+        torch.save(w, out / "straight.pt")
+    b = PhasedDMDTrainer(cfg, tiny_teacher(), ToyData(), out / "resumed", progress=False, parallel=par)
+    b.train(stop_at=stop_at)
+    c = PhasedDMDTrainer(cfg, tiny_teacher(), ToyData(), out / "resumed", progress=False, parallel=par)
+    c.load()
+    assert c.step == stop_at, c.step
+    c.train()
+    w = weights(c)
+    if par.is_main:
+        torch.save(w, out / "resumed.pt")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]))
