@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Parallel", "from_env", "DCP_DIR", "save_checkpoint", "load_checkpoint", "full_state"]
+__all__ = ["Parallel", "from_env", "DCP_DIR", "save_checkpoint", "load_checkpoint", "gathered", "full_state"]
 
 DCP_DIR = "checkpoint.dcp"
 
@@ -247,8 +247,13 @@ def load_checkpoint(trainer, path: str | Path) -> None:
     trainer.nonfinite_total, trainer.nonfinite_run = meta["nonfinite_total"], meta["nonfinite_run"]
 
 
-def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict with sharded tensors gathered (on every rank), on CPU."""
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) one (a collective: call on every rank), else ``t``."""
     from torch.distributed.tensor import DTensor
 
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in module.state_dict().items()}
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict with sharded tensors gathered (on every rank), on CPU."""
+    return {k: gathered(v).detach().cpu() for k, v in module.state_dict().items()}

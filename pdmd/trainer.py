@@ -27,7 +27,7 @@ from . import objectives as obj
 from .checkpoint import load_optimizer, load_tensors, optimizer_tensors, save_tensors
 from .config import RunConfig, from_dict
 from .experts import DenoiserView, Experts, base_state, cat_cond, expert_name
-from .parallel import DCP_DIR, Parallel, load_checkpoint, save_checkpoint
+from .parallel import DCP_DIR, Parallel, gathered, load_checkpoint, save_checkpoint
 from .sampler import Plan, ddim_step, make_plan
 
 __all__ = ["PhasedDMDTrainer", "NonFiniteError", "build_optimizer", "BoundaryPool", "split_steps"]
@@ -474,6 +474,7 @@ class PhasedDMDTrainer:
 
     def export_experts(self, path: str | Path) -> None:
         """The distilled generator alone: every expert's LoRA weights (safetensors)."""
-        tensors = {n: p for name in self.experts.adapters if name != "fake"
+        tensors = {n: gathered(p) for name in self.experts.adapters if name != "fake"
                    for n, p in self.experts.adapter_params(name).items()}
-        save_tensors(path, tensors, {"config": json.dumps(self.cfg.to_dict())})
+        if self.par.is_main:
+            save_tensors(path, tensors, {"config": json.dumps(self.cfg.to_dict())})
