@@ -78,6 +78,30 @@ class Parallel:
         fully_shard(module, **kw)
         return module
 
+    def reset_adapter(self, experts, name: str, seed: int) -> None:
+        """``experts.reset_adapter`` giving the values of one process: each sharded weight of the adapter is
+        initialised whole (tiny: LoRA factors) and this rank keeps its shard (random ops on DTensors
+        would draw other numbers)."""
+        if not self.distributed:
+            return experts.reset_adapter(name, seed)
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        owners = []
+        for n, p in experts.adapter_params(name).items():
+            if isinstance(p, DTensor):
+                mod_name, attr = n.rsplit(".", 1)
+                mod = experts.peft.get_submodule(mod_name)
+                owners.append((mod, attr, p))
+                setattr(mod, attr, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)))
+        try:
+            experts.reset_adapter(name, seed)
+        finally:
+            for mod, attr, p in owners:
+                full = getattr(mod, attr).detach()
+                setattr(mod, attr, p)
+                with torch.no_grad():
+                    p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
+
     # ---------------------------------------------------------------- data
     def local(self, n: int) -> int:
         """This rank's share of a global batch of ``n`` rows."""

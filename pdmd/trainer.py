@@ -204,7 +204,7 @@ class PhasedDMDTrainer:
         lora_fake = d.fake_kind == "lora"
         gen_params = self.experts.train_only([expert_name(p + 1)] + (["fake"] if lora_fake else []))
         if lora_fake:
-            self.experts.reset_adapter("fake", seed=self.cfg.seed * 1000 + p)
+            self.par.reset_adapter(self.experts, "fake", seed=self.cfg.seed * 1000 + p)
             fake_params = list(self.experts.adapter_params("fake").values())
             gen_params = [q for q in gen_params if all(q is not f for f in fake_params)]
             self.fake = self.experts.view("fake")

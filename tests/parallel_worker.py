@@ -1,7 +1,8 @@
 """Run by ``torchrun --nproc_per_node 2`` from tests/test_parallel.py (gloo, CPU).
 
 Trains the tiny toy config straight through, then again with a stop, a sharded checkpoint and a
-resume; rank 0 writes the gathered final weights of both runs to OUT/straight.pt and OUT/resumed.pt.
+resume, then straight with a LoRA fake score; rank 0 writes the gathered final weights to OUT/straight.pt,
+OUT/resumed.pt and OUT/lora_fake.pt.
 """
 import sys
 from pathlib import Path
@@ -16,9 +17,13 @@ from trainer_helpers import tiny_cfg, tiny_teacher
 CFG = dict(max_steps=4, batch_size=8, fake_updates=2, pool_size=16)
 
 
+LORA_FAKE = dict(fake_kind="lora", fake_lora_rank=4)
+
+
 def weights(trainer) -> dict:
     out = {f"experts.{k}": v for k, v in parallel.full_state(trainer.experts.module).items() if "lora_" in k}
-    out.update({f"fake.{k}": v for k, v in parallel.full_state(trainer.fake_module).items()})
+    if trainer.fake_module is not None:
+        out.update({f"fake.{k}": v for k, v in parallel.full_state(trainer.fake_module).items()})
     return out
 
 
@@ -41,6 +46,12 @@ def main(out: Path, stop_at: int) -> None:
     w = weights(c)
     if par.is_main:
         torch.save(w, out / "resumed.pt")
+    d = PhasedDMDTrainer(tiny_cfg(**CFG, **LORA_FAKE), tiny_teacher(), ToyData(), out / "lora", progress=False,
+                         parallel=par)
+    d.train()
+    w = weights(d)
+    if par.is_main:
+        torch.save(w, out / "lora_fake.pt")
     torch.distributed.destroy_process_group()
 
 

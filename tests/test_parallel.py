@@ -20,7 +20,7 @@ import torch
 from pdmd import parallel
 from pdmd.toy import ToyData
 from pdmd.trainer import PhasedDMDTrainer
-from parallel_worker import CFG
+from parallel_worker import CFG, LORA_FAKE
 from trainer_helpers import tiny_cfg, tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +48,12 @@ def two_ranks(tmp_path_factory):
     return out
 
 
-def _single(out: Path):
-    t = PhasedDMDTrainer(tiny_cfg(**CFG), tiny_teacher(), ToyData(), out, progress=False)
+def _single(out: Path, **kw):
+    t = PhasedDMDTrainer(tiny_cfg(**CFG, **kw), tiny_teacher(), ToyData(), out, progress=False)
     t.train()
     w = {f"experts.{k}": v for k, v in t.experts.module.state_dict().items() if "lora_" in k}
-    w.update({f"fake.{k}": v for k, v in t.fake_module.state_dict().items()})
+    if t.fake_module is not None:
+        w.update({f"fake.{k}": v for k, v in t.fake_module.state_dict().items()})
     return w
 
 
@@ -76,6 +77,15 @@ def test_two_ranks_match_one_process(two_ranks, tmp_path):
         assert moved > 100 * ATOL, (key, moved)
     moved = max((ref[k] - init[k]).abs().max().item() for k in ref if k.startswith("fake.") and "weight" in k)
     assert moved > 100 * ATOL
+
+
+def test_two_ranks_match_one_process_with_lora_fake(two_ranks, tmp_path):
+    """The fake adapter is re-initialised at each phase start whole, then sharded: same values as one process."""
+    ref = _single(tmp_path / "single", **LORA_FAKE)
+    got = torch.load(two_ranks / "lora_fake.pt")
+    assert got.keys() == ref.keys() and any(".fake." in k for k in ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=ATOL, msg=k)
 
 
 def test_sharded_checkpoint_resume_equals_straight_run(two_ranks):
