@@ -1,8 +1,8 @@
 """Run by ``torchrun --nproc_per_node 2`` from tests/test_parallel.py (gloo, CPU).
 
 Trains the tiny toy config straight through, then again with a stop, a sharded checkpoint and a
-resume, then straight with a LoRA fake score; rank 0 writes the gathered final weights to OUT/straight.pt,
-OUT/resumed.pt and OUT/lora_fake.pt.
+resume, then the VARIANTS straight; rank 0 writes the gathered final weights to OUT/straight.pt,
+OUT/resumed.pt and OUT/variants.pt.
 """
 import sys
 from pathlib import Path
@@ -17,7 +17,10 @@ from trainer_helpers import tiny_cfg, tiny_teacher
 CFG = dict(max_steps=4, batch_size=8, fake_updates=2, pool_size=16)
 
 
-LORA_FAKE = dict(fake_kind="lora", fake_lora_rank=4)
+# a LoRA fake score (re-initialised whole, then sharded); DMD (gradient through every step: several
+# forwards of the sharded module before one backward); gradient accumulation
+VARIANTS = {"lora_fake": dict(fake_kind="lora", fake_lora_rank=4), "dmd": dict(method="dmd"),
+            "grad_accum": dict(grad_accum=2)}
 
 
 def weights(trainer) -> dict:
@@ -46,12 +49,13 @@ def main(out: Path, stop_at: int) -> None:
     w = weights(c)
     if par.is_main:
         torch.save(w, out / "resumed.pt")
-    d = PhasedDMDTrainer(tiny_cfg(**CFG, **LORA_FAKE), tiny_teacher(), ToyData(), out / "lora", progress=False,
-                         parallel=par)
-    d.train()
-    w = weights(d)
+    ws = {}
+    for name, kw in VARIANTS.items():
+        d = PhasedDMDTrainer(tiny_cfg(**CFG, **kw), tiny_teacher(), ToyData(), out / name, progress=False, parallel=par)
+        d.train()
+        ws[name] = weights(d)
     if par.is_main:
-        torch.save(w, out / "lora_fake.pt")
+        torch.save(ws, out / "variants.pt")
     torch.distributed.destroy_process_group()
 
 
