@@ -172,6 +172,8 @@ def from_env(device: str = "cpu") -> Parallel:
     from torch.distributed.device_mesh import init_device_mesh
 
     cuda = device.startswith("cuda")
+    if cuda and device != "cuda":
+        raise ValueError(f"device must be 'cuda' under torchrun (rank r uses cuda:LOCAL_RANK), got {device!r}")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():

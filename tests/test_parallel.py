@@ -162,21 +162,26 @@ def test_one_rank_mesh_shards_and_equals_plain(tmp_path):
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=ATOL, msg=k)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_mixed_precision_trains_close_to_float32(tmp_path):
-    """NCCL, bf16 compute / fp32 reduction: fp32 sharded weights, finite, first losses within bf16 error."""
-    cfg = dataclasses.replace(tiny_cfg(**CFG), device="cuda")
-    with _one_rank("nccl", "cuda") as mesh:
-        par = parallel.Parallel(mesh)
+_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_CUDA)])
+def test_bf16_mixed_precision_trains_close_to_float32(tmp_path, device):
+    """bf16 compute / fp32 reduction (the default on CUDA, forced on CPU): float32 sharded weights stay
+    finite and every fake-score loss is within 2e-2 of the float32 run (1e-4 measured on CPU)."""
+    cfg = dataclasses.replace(tiny_cfg(**CFG), device=device)
+    with _one_rank("nccl" if device == "cuda" else "gloo", device) as mesh:
+        par = parallel.Parallel(mesh, mixed_precision=True if device == "cpu" else None)
         assert par.mixed_precision
-        t = PhasedDMDTrainer(cfg, tiny_teacher(), ToyData(), tmp_path / "gpu", progress=False, parallel=par)
+        t = PhasedDMDTrainer(cfg, tiny_teacher(), ToyData(), tmp_path / "mp", progress=False, parallel=par)
         t.train()
         params = list(t.experts.module.parameters()) + list(t.fake_module.parameters())
-        assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in params)
+        assert all(p.dtype == torch.float32 and p.device.type == device for p in params)
         assert all(bool(torch.isfinite(p.to_local()).all()) for p in params)
-        assert (tmp_path / "gpu" / parallel.DCP_DIR / "meta.pt").exists()
+        assert (tmp_path / "mp" / parallel.DCP_DIR / "meta.pt").exists()
     _single(tmp_path / "single")
-    gpu, cpu = ([json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("gpu", "single"))
-    assert len(gpu) == CFG["max_steps"] and gpu[-1]["nonfinite_skipped"] == 0
-    assert gpu[0]["loss_fake"] == pytest.approx(cpu[0]["loss_fake"], rel=5e-2)
+    mp, ref = ([json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("mp", "single"))
+    assert len(mp) == CFG["max_steps"] and mp[-1]["nonfinite_skipped"] == 0
+    for a, b in zip(mp, ref):
+        assert a["loss_fake"] == pytest.approx(b["loss_fake"], rel=2e-2)
+    assert mp[0]["loss_fake"] != ref[0]["loss_fake"]  # the policy is applied: bf16 compute is not float32
