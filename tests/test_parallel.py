@@ -100,7 +100,23 @@ def test_sharded_checkpoint_resume_equals_straight_run(two_ranks):
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0, msg=k)
     ckpt = two_ranks / "resumed" / parallel.DCP_DIR
     assert (ckpt / "meta.pt").exists() and not ckpt.with_name(ckpt.name + ".tmp").exists()
-    assert len((two_ranks / "resumed" / "log.jsonl").read_text().splitlines()) == CFG["max_steps"]
+    assert len((two_ranks / "resumed" / "log.jsonl").read_text().splitlines()) == 3
+    assert len((two_ranks / "continued" / "log.jsonl").read_text().splitlines()) == CFG["max_steps"] - 3
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(two_ranks, tmp_path):
+    """DCP reshards: the 2-rank checkpoint at step 3 (mid phase 2: optimiser states, pool position)
+    continued on a 1-rank mesh ends where the straight 2-rank run does (reduction order only)."""
+    straight = torch.load(two_ranks / "straight.pt")
+    with _one_rank("gloo", "cpu") as mesh:
+        t = PhasedDMDTrainer(tiny_cfg(**CFG), tiny_teacher(), ToyData(), tmp_path / "one", progress=False,
+                             parallel=parallel.Parallel(mesh))
+        t.load(two_ranks / "resumed" / parallel.DCP_DIR)
+        assert t.step == 3 and t.phase == 1
+        t.train()
+        got = weights(t)
+    for k in straight:
+        torch.testing.assert_close(got[k], straight[k], rtol=0, atol=ATOL, msg=k)
 
 
 def test_rank_slices_and_divisibility():
