@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -364,8 +365,9 @@ class PhasedDMDTrainer:
             fl.append(loss), fn.append(norm)
         gl, gabs, gn, _ = self.generator_update(plain)
         self.step += 1
-        return {"loss_fake": sum(fl) / len(fl), "grad_norm_fake": max(fn), "loss_gen": gl, "g_abs_mean": gabs,
-                "grad_norm_gen": gn}
+        rec = {"loss_fake": sum(fl) / len(fl), "grad_norm_fake": max(fn), "loss_gen": gl, "g_abs_mean": gabs,
+               "grad_norm_gen": gn}
+        return self.par.average(rec, ("loss_fake", "loss_gen", "g_abs_mean"))  # norms are global already
 
     # ------------------------------------------------------------------ loop
     def train(self, stop_at: int | None = None) -> None:
@@ -373,22 +375,21 @@ class PhasedDMDTrainer:
         d = self.cfg.distill
         stop = d.max_steps if stop_at is None else min(stop_at, d.max_steps)
         samples = (d.fake_updates + 1) * d.grad_accum * d.batch_size
-        main = self.par.is_main  # rank 0 writes the log, the pictures and the progress bar
         self.out.mkdir(parents=True, exist_ok=True)
-        log = (self.out / "log.jsonl").open("a") if main else None
+        log = (self.out / "log.jsonl").open("a") if self.par.is_main else open(os.devnull, "w")  # rank 0 logs
         bar = tqdm(total=d.max_steps, initial=self.step, desc=f"distill {d.method}",
-                   disable=not (self.progress and main), dynamic_ncols=True, mininterval=1.0)
+                   disable=not (self.progress and self.par.is_main), dynamic_ncols=True, mininterval=1.0)
         try:
             while self.step < stop:
                 p = self.phase_of(self.step)
                 if p != self.phase:
                     self.start_phase(p)
                 t0 = time.perf_counter()
-                rec = self.par.average(self.iteration(), ("loss_fake", "loss_gen", "g_abs_mean"))
+                rec = self.iteration()
                 dt = time.perf_counter() - t0
                 rec.update(step=self.step, phase=p + 1, step_time=dt, samples_per_s=samples / dt,
                            nonfinite_skipped=self.nonfinite_total)
-                if main and (self.step % d.log_every == 0 or self.step == stop):
+                if self.step % d.log_every == 0 or self.step == stop:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                 bar.update(1)
@@ -399,8 +400,7 @@ class PhasedDMDTrainer:
                     self.plot_fn(self.out / "samples" / f"step_{self.step:06d}.png", self)
         finally:
             bar.close()
-            if log is not None:
-                log.close()
+            log.close()
         self.save()
 
     # ------------------------------------------------------------------ checkpoints
@@ -466,6 +466,8 @@ class PhasedDMDTrainer:
     def check_config(self, stored: dict, path) -> None:
         """ValueError unless the checkpoint's config (a dict) matches ours except max_steps and intervals."""
         mine, theirs = self.cfg.to_dict(), from_dict(stored).to_dict()
+        if mine["seed"] != theirs["seed"]:
+            raise ValueError(f"config field seed is {mine['seed']} but the checkpoint {path} was made with {theirs['seed']}")
         for section in ("teacher", "distill"):
             for key, v in theirs[section].items():
                 if key not in ("max_steps", "checkpoint_every", "log_every", "plot_every") and mine[section][key] != v:
