@@ -186,19 +186,38 @@ def _lora(sd: dict) -> dict:
     return {k: v for k, v in sd.items() if "lora_" in k}
 
 
-def _state(trainer) -> dict:
-    """The sharded tensors of a checkpoint: adapters, fake score and both optimisers, keyed by FQN."""
+def _split_local(osd: dict) -> dict:
+    """Move optimiser state held as plain per-rank tensors (e.g. the 8-bit codes and scales of
+    ``pdmd.optim.AdamW8bitV``, made for the local shard) out of ``osd``: DCP would take same-named plain
+    tensors on every rank for replicated copies and keep one. They are saved under per-rank keys."""
+    from torch.distributed.tensor import DTensor
+
+    local = {}
+    for fqn, st in list(osd["state"].items()):
+        mine = {k: v for k, v in st.items() if torch.is_tensor(v) and not isinstance(v, DTensor) and v.dim() > 0}
+        if mine:  # a new dict: ``st`` may be the optimiser's live state
+            local[fqn] = mine
+            osd["state"][fqn] = {k: v for k, v in st.items() if k not in mine}
+    return local
+
+
+def _state(trainer) -> tuple[dict, dict]:
+    """The sharded tensors of a checkpoint (adapters, fake score, both optimisers, keyed by FQN) and
+    the optimisers' dicts, whose per-rank state ``_state`` moved to ``rank<r>.<name>``."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     mod = trainer.experts.module
-    state = {"adapters": _lora(get_model_state_dict(mod))}
+    state, opts = {"adapters": _lora(get_model_state_dict(mod))}, {}
     if trainer.phase >= 0:
         fake_mod = trainer.fake_module if trainer.fake_module is not None else mod
         if trainer.fake_module is not None:
             state["fake"] = get_model_state_dict(trainer.fake_module)
-        state["opt_gen"] = get_optimizer_state_dict(mod, trainer.opt_gen)
-        state["opt_fake"] = get_optimizer_state_dict(fake_mod, trainer.opt_fake)
-    return state
+        opts["opt_gen"] = get_optimizer_state_dict(mod, trainer.opt_gen)
+        opts["opt_fake"] = get_optimizer_state_dict(fake_mod, trainer.opt_fake)
+        for name, osd in opts.items():
+            state[name] = osd
+            state[f"rank{trainer.par.rank}.{name}"] = _split_local(osd)
+    return state, opts
 
 
 def _meta(trainer) -> dict:
@@ -223,7 +242,7 @@ def save_checkpoint(trainer, path: str | Path) -> Path:
     if par.is_main and tmp.exists():
         shutil.rmtree(tmp)
     par.barrier()
-    dcp.save(_state(trainer), checkpoint_id=str(tmp))
+    dcp.save(_state(trainer)[0], checkpoint_id=str(tmp))
     par.barrier()
     if par.is_main:
         with open(tmp / "meta.pt", "wb") as f:
@@ -254,16 +273,22 @@ def load_checkpoint(trainer, path: str | Path) -> None:
     trainer.check_config(meta["config"], path)
     if meta["phase"] >= 0:
         trainer.start_phase(meta["phase"])
-    state = _state(trainer)
+    if meta["world"] != trainer.par.world and _has_local_state(path):
+        raise ValueError(f"the checkpoint {path} holds per-rank optimiser state of {meta['world']} processes; "
+                         f"resume it with {meta['world']} processes, not {trainer.par.world}")
+    state, opts = _state(trainer)
     dcp.load(state, checkpoint_id=str(path))
+    for name, osd in opts.items():
+        for fqn, st in state[f"rank{trainer.par.rank}.{name}"].items():
+            osd["state"][fqn] = {**osd["state"][fqn], **st}
     mod = trainer.experts.module
     set_model_state_dict(mod, state["adapters"], options=StateDictOptions(strict=False))
     if meta["phase"] >= 0:
         fake_mod = trainer.fake_module if trainer.fake_module is not None else mod
         if trainer.fake_module is not None:
             set_model_state_dict(trainer.fake_module, state["fake"])
-        set_optimizer_state_dict(mod, trainer.opt_gen, state["opt_gen"])
-        set_optimizer_state_dict(fake_mod, trainer.opt_fake, state["opt_fake"])
+        set_optimizer_state_dict(mod, trainer.opt_gen, opts["opt_gen"])
+        set_optimizer_state_dict(fake_mod, trainer.opt_fake, opts["opt_fake"])
         pool = meta["pool"]
         trainer.pool.restore(pool["fill_state"], pool["cursor"])
     for k, g in trainer.gens.items():
@@ -278,6 +303,13 @@ def gathered(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _has_local_state(path: Path) -> bool:
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return any(k.startswith("rank") for k in keys)
 
 
 def full_state(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,15 +1,18 @@
 """Run by ``torchrun --nproc_per_node 2`` from tests/test_parallel.py (gloo, CPU).
 
 Trains the tiny toy config straight through, then again with a stop, a sharded checkpoint and a
-resume, then the VARIANTS straight; rank 0 writes the gathered final weights to OUT/straight.pt,
-OUT/resumed.pt and OUT/variants.pt.
+resume, then the VARIANTS straight, then the 8-bit optimizer (``pdmd.optim.AdamW8bitV``, per-rank state)
+straight and resumed; rank 0 writes the gathered final weights to OUT/straight.pt, OUT/resumed.pt,
+OUT/variants.pt and OUT/eight_bit.pt.
 """
 import sys
 from pathlib import Path
 
 import torch
 
+import pdmd.trainer as trainer_mod
 from pdmd import parallel
+from pdmd.optim import AdamW8bitV
 from pdmd.toy import ToyData
 from pdmd.trainer import PhasedDMDTrainer
 from trainer_helpers import tiny_cfg, tiny_teacher
@@ -56,6 +59,21 @@ def main(out: Path, stop_at: int) -> None:
         ws[name] = weights(d)
     if par.is_main:
         torch.save(ws, out / "variants.pt")
+    trainer_mod.build_optimizer = lambda name, params, lr, betas, weight_decay: AdamW8bitV(
+        params, lr=lr, betas=betas, weight_decay=weight_decay, seed=5)
+    ws = {}
+    for name, stop in (("straight", None), ("stopped", stop_at)):
+        e = PhasedDMDTrainer(cfg, tiny_teacher(), ToyData(), out / f"8bit_{name}", progress=False, parallel=par)
+        e.train(stop_at=stop)
+        ws[name] = weights(e)
+    codes = [st["codes"] for st in e.opt_fake.state.values() if "codes" in st]
+    assert codes and not any(hasattr(c, "to_local") for c in codes)  # plain per-rank tensors
+    f = PhasedDMDTrainer(cfg, tiny_teacher(), ToyData(), out / "8bit_continued", progress=False, parallel=par)
+    f.load(out / "8bit_stopped" / parallel.DCP_DIR)
+    f.train()
+    ws["resumed"] = weights(f)
+    if par.is_main:
+        torch.save(ws, out / "eight_bit.pt")
     torch.distributed.destroy_process_group()
 
 

@@ -104,6 +104,15 @@ def test_sharded_checkpoint_resume_equals_straight_run(two_ranks):
     assert len((two_ranks / "continued" / "log.jsonl").read_text().splitlines()) == CFG["max_steps"] - 3
 
 
+def test_sharded_checkpoint_keeps_per_rank_8bit_optimizer_state(two_ranks):
+    """AdamW8bitV keeps plain per-rank codes/scales for each local shard: saved under per-rank keys
+    (not deduplicated as replicas), so a 2-rank resume is bit-identical to the straight run."""
+    w = torch.load(two_ranks / "eight_bit.pt")
+    for k in w["straight"]:
+        torch.testing.assert_close(w["resumed"][k], w["straight"][k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(w["stopped"][k], w["straight"][k]) for k in w["straight"])  # steps 4 matter
+
+
 def test_two_rank_checkpoint_resumes_on_one_rank(two_ranks, tmp_path):
     """DCP reshards: the 2-rank checkpoint at step 3 (mid phase 2: optimiser states, pool position)
     continued on a 1-rank mesh ends where the straight 2-rank run does (reduction order only)."""
@@ -115,6 +124,10 @@ def test_two_rank_checkpoint_resumes_on_one_rank(two_ranks, tmp_path):
         assert t.step == 3 and t.phase == 1
         t.train()
         got = weights(t)
+        u = PhasedDMDTrainer(tiny_cfg(**CFG), tiny_teacher(), ToyData(), tmp_path / "two", progress=False,
+                             parallel=parallel.Parallel(mesh))
+        with pytest.raises(ValueError, match="per-rank optimiser state of 2 processes"):
+            u.load(two_ranks / "8bit_stopped" / parallel.DCP_DIR)  # 8-bit state is per rank: same world only
     for k in straight:
         torch.testing.assert_close(got[k], straight[k], rtol=0, atol=ATOL, msg=k)
 
