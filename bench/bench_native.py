@@ -4,6 +4,7 @@ Run (benchmarks are not collected by the test suite):
     python -m pytest bench/bench_native.py -o python_files='bench_*.py' --benchmark-enable \
         --benchmark-json runs/bench_native.json
     PYTHONPATH=kernels python bench/bench_native.py runs/bench_native.json   # markdown table for bench/RESULTS.md
+    PYTHONPATH=kernels python bench/bench_native.py --interleaved 15       # variants in alternation
 PDMD_BENCH_THREADS=1 runs it on one thread (all three implementations).
 
 Each case is one training use of the op: the subinterval loss with a gradient for pred only (the
@@ -178,5 +179,35 @@ def table(path: str) -> str:
     return "\n".join(out)
 
 
+def interleaved(rounds: int = 15, dtypes=(torch.float32,)) -> str:
+    """Markdown table of min ms when the three variants of a case run in alternation, round by round:
+    on a shared machine the ratios then compare the same moments of load."""
+    import time
+
+    out = ["| case | native ms | eager ms | compiled ms | vs eager | vs compiled |", "|---|---|---|---|---|---|"]
+    for dtype in dtypes:
+        for size, shape in SIZES.items():
+            for op in OPS:
+                runs = {impl: make_case(op, impl, shape, dtype)[0] for impl in IMPLS}
+                best = dict.fromkeys(IMPLS, float("inf"))
+                for run in runs.values():
+                    run()  # warm-up (and compilation)
+                for _ in range(rounds):
+                    for impl, run in runs.items():
+                        start = time.perf_counter()
+                        run()
+                        best[impl] = min(best[impl], time.perf_counter() - start)
+                n, e, c = (best[i] * 1e3 for i in IMPLS)
+                out.append(f"| {op} {size} {str(dtype).split('.')[1]} {torch.get_num_threads()}T | {n:.1f} | {e:.1f} | "
+                           f"{c:.1f} | {e / n:.1f}x | {c / n:.2f}x |")
+                print(out[-1], file=sys.stderr, flush=True)
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1]))
+    # python bench/bench_native.py FILE.json: table of a pytest-benchmark run;
+    # python bench/bench_native.py --interleaved [ROUNDS]: the three variants measured in alternation.
+    if sys.argv[1] == "--interleaved":
+        print(interleaved(int(sys.argv[2]) if len(sys.argv) > 2 else 15))
+    else:
+        print(table(sys.argv[1]))

@@ -8,9 +8,12 @@ def as_time(name: str, t, like: torch.Tensor | None = None, low: float = 0.0, hi
     """Turn a float or tensor time into a float tensor, checking it is finite and in [low, high]."""
     if not torch.is_tensor(t):
         wide = like is None or like.dtype == torch.float64
-        t = torch.tensor(float(t), dtype=torch.float64 if wide else torch.float32)
+        t = torch.tensor(float(t), dtype=torch.float64 if wide else torch.float32,
+                         device=None if like is None else like.device)
     elif t.dtype not in (torch.float32, torch.float64):
         t = t.float()  # integers and half precision times are computed in float32
+    if like is not None and t.device != like.device:
+        t = t.to(like.device)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} has non-finite values")
     if bool((t < low).any()) or bool((t > high).any()):

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import METHODS, RunConfig, load_config
+from .parallel import DCP_DIR, Parallel, from_env
 from .evaluate import energy_distance, evaluate_prompt, pairwise_diversity
 from .sampler import sample_few_step
 from .toy import ToyData, load_or_train_teacher, sample_teacher
@@ -158,29 +159,42 @@ def _plot_losses(path: Path, log: Path) -> None:
 def _progress_plot(data: ToyData):
     def plot(path: Path, trainer: PhasedDMDTrainer) -> None:
         s = _samples(_trained(trainer), data, 500, 12345)
+        if not trainer.par.is_main:  # every rank samples (the sharded model runs in lockstep), rank 0 draws
+            return
         exact = {k: m.sample(500, torch.Generator().manual_seed(k)).float() for k, m in enumerate(data.mixtures)}
         _plot_panel(path, data, {f"{trainer.plan.n_steps}-step generator, step {trainer.step}": s}, exact)
     return plot
 
 
 def distill(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True,
-            teacher_dir: str | Path | None = None) -> dict:
-    """Train (or reuse) the teacher, distil, evaluate; writes report.json, report.md and pictures to ``out``."""
+            teacher_dir: str | Path | None = None, parallel: Parallel | None = None) -> dict:
+    """Train (or reuse) the teacher, distil, evaluate; writes report.json, report.md and pictures to ``out``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank trains its share of each batch (``pdmd.parallel``);
+    rank 0 trains the teacher once and writes the log, checkpoint metadata, reports and pictures.
+    """
+    par = parallel or from_env(cfg.device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     start = time.time()
     data = ToyData()
     teacher_dir = Path(teacher_dir or out)
-    teacher, teacher_seconds = load_or_train_teacher(teacher_dir, data, cfg.teacher, cfg.seed, progress)
-    if teacher_dir != out and not (out / "teacher.safetensors").exists():
-        shutil.copyfile(teacher_dir / "teacher.safetensors", out / "teacher.safetensors")
-    ckpt = out / CHECKPOINT
+    if not par.is_main:
+        par.barrier()  # wait for rank 0 to train or load the cached teacher, then load it
+    teacher, teacher_seconds = load_or_train_teacher(teacher_dir, data, cfg.teacher, cfg.seed,
+                                                     progress and par.is_main)
+    if par.is_main:
+        if teacher_dir != out and not (out / "teacher.safetensors").exists():
+            shutil.copyfile(teacher_dir / "teacher.safetensors", out / "teacher.safetensors")
+        par.barrier()
+    ckpt = out / (DCP_DIR if par.distributed else CHECKPOINT)
     if not resume and ckpt.exists():
         raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
-    if not resume and (out / "log.jsonl").exists():
+    par.barrier()  # every rank checked before rank 0 clears the log
+    if par.is_main and not resume and (out / "log.jsonl").exists():
         (out / "log.jsonl").unlink()
-    trainer = PhasedDMDTrainer(cfg, teacher, data, out, progress, plot_fn=_progress_plot(data))
+    trainer = PhasedDMDTrainer(cfg, teacher, data, out, progress, plot_fn=_progress_plot(data), parallel=par)
     if resume:
         if not ckpt.exists():
             raise ValueError(f"--resume given but there is no checkpoint at {ckpt}")
@@ -190,13 +204,15 @@ def distill(cfg: RunConfig, out: str | Path, resume: bool = False, progress: boo
     distill_seconds = time.time() - t0
     trainer.export_experts(out / "experts.safetensors")
     t0 = time.time()
-    ev = evaluate_run(cfg, data, _generators(cfg, data, teacher_dir, trainer))
+    ev = evaluate_run(cfg, data, _generators(cfg, data, teacher_dir, trainer))  # on every rank: lockstep
     seeds = _noise(range(cfg.eval.diversity_seeds), data.dim)
     seed_x = {name: {k: fn(seeds, torch.full((len(seeds),), k, dtype=torch.long)) for k in range(data.n_prompts)}
               for name, fn in (("teacher", _generators(cfg, data, teacher_dir, None)["teacher"]),
                                ("generator", _trained(trainer)))}
     t_label = LABELS["teacher"].format(steps=cfg.teacher.sample_steps, cfg=cfg.teacher.guidance_scale)
     g_label = f"{LABELS[cfg.distill.method]}, {trainer.plan.n_steps} steps"
+    if not par.is_main:
+        return {}
     _plot_panel(out / "samples.png", data, {t_label: ev["_samples"]["teacher"], g_label: ev["_samples"]["generator"]},
                 ev["_exact"], {t_label: seed_x["teacher"], g_label: seed_x["generator"]})
     _plot_losses(out / "losses.png", out / "log.jsonl")
@@ -358,6 +374,8 @@ def _cmd_distill(args) -> int:
     except NonFiniteError as e:
         print(f"pdmd distill: {e}", file=sys.stderr)
         return 1
+    if not r:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     g, t = r["generator"]["mean"], r["teacher"]["mean"]
     print(f"{r['method']}: modes {g['covered']}/{g['modes']} (teacher {t['covered']}), mass TV {g['mass_tv']:.3f} "
           f"(teacher {t['mass_tv']:.3f}), energy to data {g['energy_to_data']:.4f} (teacher {t['energy_to_data']:.4f}), "
@@ -379,7 +397,7 @@ def add_commands(sub) -> None:
     d.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     d.add_argument("--out", required=True, help="run directory")
     d.add_argument("--max-steps", type=int, default=None, help="generator updates in total (overrides the config)")
-    d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors (checkpoint.dcp under torchrun)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_distill)
     c = sub.add_parser("compare", help="DMD, DMD+SGTS, Phased DMD, Phased DMD+SGTS with the same budget")

@@ -31,7 +31,7 @@ def cat_cond(a, b):
 
 
 def _lora_targets(model: nn.Module) -> list[str]:
-    if hasattr(model, "lora_targets"):  # a method (toy) or a tuple of name suffixes (diffusers adapters)
+    if hasattr(model, "lora_targets"):  # a method (toy) or a tuple of module-name suffixes (diffusers adapters)
         targets = model.lora_targets
         return list(targets() if callable(targets) else targets)
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,7 @@ from .compile import StepClock
 from .experts import DenoiserView, Experts, base_state, cat_cond, expert_name
 from .layout import apply_layout
 from .optim import build_optimizer
+from .parallel import DCP_DIR, Parallel, gathered, load_checkpoint, save_checkpoint
 from .sampler import Plan, ddim_step, make_plan
 
 __all__ = ["PhasedDMDTrainer", "NonFiniteError", "BoundaryPool", "split_steps"]
@@ -69,9 +71,10 @@ class BoundaryPool:
     generator state before the fill, which is what a checkpoint stores.
     """
 
-    def __init__(self, draw: Callable, prefix: Callable, size: int, chunk: int, gen: torch.Generator):
-        self.draw, self.prefix, self.chunk, self.gen = draw, prefix, chunk, gen
+    def __init__(self, draw: Callable, prefix: Callable, size: int, chunk: int, gen: torch.Generator, world: int = 1):
+        self.draw, self.prefix, self.chunk, self.gen, self.world = draw, prefix, chunk, gen, world
         self.size = max(chunk, (size + chunk - 1) // chunk * chunk)
+        self.rows = self.size // world  # ``draw`` returns this rank's rows of each chunk
         self.x = self.cond = self.fill_state = None
         self.cursor = 0
 
@@ -87,34 +90,37 @@ class BoundaryPool:
     def take(self, n: int):
         xs, cs = [], []
         while n > 0:
-            if self.x is None or self.cursor == self.size:
+            if self.x is None or self.cursor == self.rows:
                 self._fill()
-            m = min(n, self.size - self.cursor)
+            m = min(n, self.rows - self.cursor)
             idx = slice(self.cursor, self.cursor + m)
             xs.append(self.x[idx]), cs.append(_index_cond(self.cond, idx))
             self.cursor, n = self.cursor + m, n - m
         return (xs[0], cs[0]) if len(xs) == 1 else (torch.cat(xs), cat_cond_all(cs))
 
     def state(self) -> dict:
-        return {"fill_state": self.fill_state, "cursor": self.cursor}
+        return {"fill_state": self.fill_state, "cursor": self.cursor * self.world}  # global position
 
     def restore(self, fill_state, cursor: int) -> None:
         if fill_state is not None:
             self.gen.set_state(fill_state)
             self._fill()
-            self.cursor = cursor
+            self.cursor = cursor // self.world
 
 
 class PhasedDMDTrainer:
     """Distils ``teacher`` into K LoRA experts on its own weights (the module is wrapped in place).
 
-    ``task`` supplies ``sample_cond(n, generator)`` (prompts) and ``latent_shape``.
+    ``task`` supplies ``sample_cond(n, generator)`` (prompts) and ``latent_shape``. ``parallel``
+    (``pdmd.parallel``) shards the module and gives each rank its rows of every global batch.
     """
 
     def __init__(self, cfg: RunConfig, teacher: nn.Module, task, out_dir: str | Path, progress: bool = True,
-                 plot_fn: Callable | None = None):
+                 plot_fn: Callable | None = None, parallel: Parallel | None = None):
         d = cfg.distill
         self.cfg, self.task, self.out = cfg, task, Path(out_dir)
+        self.par = parallel or Parallel()
+        self.par.local(d.batch_size)  # ValueError unless the global batch splits evenly over the ranks
         self.progress, self.plot_fn = progress, plot_fn
         self.device = torch.device(cfg.device)
         self.plan: Plan = make_plan(d.method, d.timesteps, d.phase_boundaries)
@@ -125,25 +131,33 @@ class PhasedDMDTrainer:
         self.experts = Experts(teacher, self.plan.n_phases, d.lora_rank, d.lora_alpha,
                                d.fake_lora_rank if d.fake_kind == "lora" else None, seed=cfg.seed,
                                autocast=self._autocast)
+        self.layout = apply_layout(self)  # dtype casts, checkpointing, compile: before FSDP2 sharding
+        self.par.shard_module(self.experts.module)  # after the adapters are injected
+        if self.fake_module is not None:
+            self.par.shard_module(self.fake_module)  # same sharding as the teacher: local copies at phase starts
         self.schedule, self.prediction = self.experts.schedule, self.experts.prediction
         self.teacher = self.experts.view("teacher")
         self.gens = {k: torch.Generator().manual_seed(cfg.seed * 1000 + i) for i, k in enumerate(("main", "rollout", "pool"))}
         self.step, self.phase = 0, -1
         self.nonfinite_total = self.nonfinite_run = 0
-        self.layout = apply_layout(self)  # frozen_dtype, fake_dtype, activation_checkpointing, compile
 
     # ------------------------------------------------------------------ randomness and helpers
+    # Every draw is of the global batch (n rows); ``self.par.shard`` keeps this rank's rows.
     def _rand(self, n: int) -> torch.Tensor:
-        return torch.rand(n, generator=self.gens["main"]).to(self.device)
+        return self.par.shard(torch.rand(n, generator=self.gens["main"])).to(self.device)
 
     def _randn(self, n: int) -> torch.Tensor:
-        return torch.randn((n, *self.task.latent_shape), generator=self.gens["main"]).to(self.device)
+        return self.par.shard(torch.randn((n, *self.task.latent_shape), generator=self.gens["main"])).to(self.device)
 
     def _draw(self, n: int, gen: torch.Generator):
-        cond = self.task.sample_cond(n, gen)
-        noise = torch.randn((n, *self.task.latent_shape), generator=gen)
+        cond = self.par.shard(self.task.sample_cond(n, gen))
+        noise = self.par.shard(torch.randn((n, *self.task.latent_shape), generator=gen))
         cond = {k: v.to(self.device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(self.device)
         return noise.to(self.device), cond
+
+    def _ok(self, *tensors) -> bool:
+        """All finite, on every rank (ranks must take the same branch around collectives)."""
+        return self.par.all_finite(_finite(*tensors))
 
     def _full(self, n: int, value: float) -> torch.Tensor:
         return torch.full((n,), float(value), device=self.device)
@@ -193,7 +207,7 @@ class PhasedDMDTrainer:
         lora_fake = d.fake_kind == "lora"
         gen_params = self.experts.train_only([expert_name(p + 1)] + (["fake"] if lora_fake else []))
         if lora_fake:
-            self.experts.reset_adapter("fake", seed=self.cfg.seed * 1000 + p)
+            self.par.reset_adapter(self.experts, "fake", seed=self.cfg.seed * 1000 + p)
             fake_params = list(self.experts.adapter_params("fake").values())
             gen_params = [q for q in gen_params if all(q is not f for f in fake_params)]
             self.fake = self.experts.view("fake")
@@ -207,7 +221,7 @@ class PhasedDMDTrainer:
         self.opt_gen = self._optimizer(d.optimizer_generator, gen_params, d.lr_generator, p)
         self.opt_fake = self._optimizer(d.optimizer_fake, fake_params, d.lr_fake, p)
         self.pool = BoundaryPool(self._draw, self._prefix(p), d.pool_size if p > 0 else d.batch_size,
-                                 d.batch_size, self.gens["pool"])
+                                 d.batch_size, self.gens["pool"], self.par.world)
         self.boundary = self.plan.boundaries[p + 1]
 
     def _optimizer(self, name: str, params, lr: float, phase: int):
@@ -217,12 +231,13 @@ class PhasedDMDTrainer:
 
     # ------------------------------------------------------------------ rollouts
     def rollout(self, n: int, grad: bool):
-        """(x_s, cond): n samples at the boundary s of the current phase; gradient through the exit step only.
+        """(x_s, cond): this rank's rows of n (global) samples at the boundary s of the current phase;
+        gradient through the exit step only.
 
         SGTS draws an exit step j per sample; the exit step jumps from t_{i0+j-1} straight to s.
         """
         p, B = self.phase, self.cfg.distill.batch_size
-        x, cond = self.pool.take(n)
+        x, cond = self.pool.take(self.par.local(n))
         steps = self.plan.phase_steps(p)
         if self.plan.grad_all_steps:
             with torch.set_grad_enabled(grad):
@@ -231,13 +246,17 @@ class PhasedDMDTrainer:
             return x, cond
         if self.plan.sgts and len(steps) > 1:
             g = self.gens["rollout"]
-            j = torch.cat([torch.randint(1, len(steps) + 1, (min(B, n - a),), generator=g) for a in range(0, n, B)])
+            chunks = [torch.randint(1, len(steps) + 1, (min(B, n - a),), generator=g) for a in range(0, n, B)]
+            j_max = max(int(c.max()) for c in chunks)  # global: every rank runs the same number of steps
+            j = torch.cat([self.par.shard(c) for c in chunks])
         else:
-            j = torch.full((n,), len(steps), dtype=torch.long)
+            j_max = len(steps)
+            j = torch.full((x.shape[0],), j_max, dtype=torch.long)
+        n = x.shape[0]
         j = j.to(self.device)
         with torch.no_grad():
             states = [x]
-            for m in range(int(j.max()) - 1):
+            for m in range(j_max - 1):
                 states.append(self._step(p, states[-1], steps[m], steps[m] + 1, cond))
             rows = torch.arange(n, device=self.device)
             x_in = torch.stack(states)[j - 1, rows]
@@ -257,7 +276,7 @@ class PhasedDMDTrainer:
     # ------------------------------------------------------------------ updates
     def _apply(self, opt, params, ok: bool, what: str):
         """Clip, check and step; a non-finite loss or gradient skips the update and is counted."""
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.distill.grad_clip) if ok else torch.tensor(float("nan"))
+        norm = self.par.clip_grad_norm_(params, self.cfg.distill.grad_clip) if ok else torch.tensor(float("nan"))
         ok = ok and bool(torch.isfinite(norm))
         if ok:
             opt.step()
@@ -274,25 +293,25 @@ class PhasedDMDTrainer:
         return float(norm), ok
 
     def fake_update(self, x_s, cond):
-        """One fake-score step on boundary samples (``grad_accum`` micro-batches of ``batch_size``)."""
+        """One fake-score step on boundary samples (``grad_accum`` micro-batches of ``batch_size``;
+        ``x_s`` holds this rank's rows of each)."""
         d, B = self.cfg.distill, self.cfg.distill.batch_size
-        s = self.boundary
+        b, s = self.par.local(B), self.boundary
         total, ok = 0.0, True
         for a in range(d.grad_accum):
-            xs, c = x_s[a * B:(a + 1) * B], _index_cond(cond, slice(a * B, (a + 1) * B))
-            n = xs.shape[0]
-            t = (s + (1 - s) * (1 - self._rand(n))).clamp_min(s + 1e-4)
-            noise = self._randn(n)
-            if not _finite(xs):
+            xs, c = x_s[a * b:(a + 1) * b], _index_cond(cond, slice(a * b, (a + 1) * b))
+            t = (s + (1 - s) * (1 - self._rand(B))).clamp_min(s + 1e-4)
+            noise = self._randn(B)
+            if not self._ok(xs):
                 ok = False
                 break
             x_t, _ = obj.subinterval_target(xs, noise, s, t, self.schedule, self.prediction)
             pred = self.fake(x_t, t, c)
-            if not _finite(pred):
+            if not self._ok(pred):
                 ok = False
                 break
             loss = obj.subinterval_loss(pred, xs, noise, s, t, self.schedule, self.prediction, d.clamp_max).mean()
-            if not _finite(loss):
+            if not self._ok(loss):
                 ok = False
                 break
             (loss / d.grad_accum).backward()
@@ -312,21 +331,21 @@ class PhasedDMDTrainer:
                 self._finish(x_s.detach(), cond)
             t = s + (1 - s) * (lo + (hi - lo) * self._rand(B))
             eps = self._randn(B)
-            if not _finite(x_s):
+            if not self._ok(x_s):
                 ok = False
                 break
             with torch.no_grad():
                 x_t, _ = obj.subinterval_target(x_s.detach(), eps, s, t, self.schedule, self.prediction)
                 real, uncond = self._teacher_parts(x_t, t, cond)
                 fake = self._flow(self.fake(x_t, t, cond), x_t, t)
-                if not _finite(real, fake, *([] if uncond is None else [uncond])):
+                if not self._ok(real, fake, *([] if uncond is None else [uncond])):
                     ok = False
                     break
             # fused op: CFG of the teacher, the weighting of Eq. 11 and the surrogate in one pass
             per_sample = obj.dmd_loss(x_s, real, fake, x_t, s, t, self.schedule, real_uncond=uncond,
                                       guidance_scale=self.cfg.teacher.guidance_scale, weighting=d.weighting)
             loss = per_sample.mean()
-            if not _finite(loss):
+            if not self._ok(loss):
                 ok = False
                 break
             (loss / d.grad_accum).backward()
@@ -349,15 +368,16 @@ class PhasedDMDTrainer:
             x_all, c_all = torch.cat([x for x, _ in parts]), cat_cond_all([c for _, c in parts])
         else:
             x_all, c_all = self.rollout(n_fake, grad=False)
-        fl, fn, per = [], [], d.grad_accum * B
+        fl, fn, per = [], [], self.par.local(d.grad_accum * B)
         for r in range(d.fake_updates):
             sl = slice(r * per, (r + 1) * per)
             loss, norm, _ = self.fake_update(x_all[sl], _index_cond(c_all, sl))
             fl.append(loss), fn.append(norm)
         gl, g_rms, gn, _ = self.generator_update(plain)
         self.step += 1
-        return {"loss_fake": sum(fl) / len(fl), "grad_norm_fake": max(fn), "loss_gen": gl, "g_rms": g_rms,
-                "grad_norm_gen": gn}
+        rec = {"loss_fake": sum(fl) / len(fl), "grad_norm_fake": max(fn), "loss_gen": gl, "g_rms": g_rms,
+               "grad_norm_gen": gn}
+        return self.par.average(rec, ("loss_fake", "loss_gen", "g_rms"))  # norms are global already
 
     # ------------------------------------------------------------------ loop
     def train(self, stop_at: int | None = None) -> None:
@@ -366,9 +386,9 @@ class PhasedDMDTrainer:
         stop = d.max_steps if stop_at is None else min(stop_at, d.max_steps)
         samples = (d.fake_updates + 1) * d.grad_accum * d.batch_size
         self.out.mkdir(parents=True, exist_ok=True)
-        log = (self.out / "log.jsonl").open("a")
-        bar = tqdm(total=d.max_steps, initial=self.step, desc=f"distill {d.method}", disable=not self.progress,
-                   dynamic_ncols=True, mininterval=1.0)
+        log = (self.out / "log.jsonl").open("a") if self.par.is_main else open(os.devnull, "w")  # rank 0 logs
+        bar = tqdm(total=d.max_steps, initial=self.step, desc=f"distill {d.method}",
+                   disable=not (self.progress and self.par.is_main), dynamic_ncols=True, mininterval=1.0)
         try:
             while self.step < stop:
                 p = self.phase_of(self.step)
@@ -394,9 +414,16 @@ class PhasedDMDTrainer:
         self.save()
 
     # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        """``checkpoint.safetensors``, or the sharded ``checkpoint.dcp`` directory with more than one process."""
+        return self.out / (DCP_DIR if self.par.distributed else CHECKPOINT)
+
     def save(self, path: str | Path | None = None) -> Path:
         """Atomic checkpoint of everything the next step depends on."""
-        path = Path(path or self.out / CHECKPOINT)
+        path = Path(path or self.checkpoint_path)
+        if self.par.distributed:
+            return save_checkpoint(self, path)
         tensors = {}
         for name in self.experts.adapters:
             tensors.update({f"adapter.{n}": p for n, p in self.experts.adapter_params(name).items()})
@@ -421,17 +448,11 @@ class PhasedDMDTrainer:
 
     def load(self, path: str | Path | None = None) -> None:
         """Restore a checkpoint written by ``save`` with the same configuration (max_steps may differ)."""
-        path = Path(path or self.out / CHECKPOINT)
+        path = Path(path or self.checkpoint_path)
+        if self.par.distributed:
+            return load_checkpoint(self, path)
         tensors, meta = load_tensors(path)
-        stored = from_dict(json.loads(meta["config"]))
-        mine, theirs = self.cfg.to_dict(), stored.to_dict()
-        if mine["seed"] != theirs["seed"]:
-            raise ValueError(f"config field seed is {mine['seed']} but the checkpoint {path} was made with {theirs['seed']}")
-        for section in ("teacher", "distill"):
-            for key, v in theirs[section].items():
-                if key not in ("max_steps", "checkpoint_every", "log_every", "plot_every", *RESUME_FREE) and mine[section][key] != v:
-                    raise ValueError(f"config field {section}.{key} is {mine[section][key]!r} but the checkpoint "
-                                     f"{path} was made with {v!r}")
+        self.check_config(json.loads(meta["config"]), path)
         phase = int(meta["phase"])
         if phase >= 0:
             self.start_phase(phase)
@@ -452,8 +473,20 @@ class PhasedDMDTrainer:
         self.step, self.phase = int(meta["step"]), phase
         self.nonfinite_total, self.nonfinite_run = int(meta["nonfinite_total"]), int(meta["nonfinite_run"])
 
+    def check_config(self, stored: dict, path) -> None:
+        """ValueError unless the checkpoint's config (a dict) matches ours except max_steps and intervals."""
+        mine, theirs = self.cfg.to_dict(), from_dict(stored).to_dict()
+        if mine["seed"] != theirs["seed"]:
+            raise ValueError(f"config field seed is {mine['seed']} but the checkpoint {path} was made with {theirs['seed']}")
+        for section in ("teacher", "distill"):
+            for key, v in theirs[section].items():
+                if key not in ("max_steps", "checkpoint_every", "log_every", "plot_every", *RESUME_FREE) and mine[section][key] != v:
+                    raise ValueError(f"config field {section}.{key} is {mine[section][key]!r} but the checkpoint "
+                                     f"{path} was made with {v!r}")
+
     def export_experts(self, path: str | Path) -> None:
         """The distilled generator alone: every expert's LoRA weights (safetensors)."""
-        tensors = {n: p for name in self.experts.adapters if name != "fake"
+        tensors = {n: gathered(p) for name in self.experts.adapters if name != "fake"
                    for n, p in self.experts.adapter_params(name).items()}
-        save_tensors(path, tensors, {"config": json.dumps(self.cfg.to_dict())})
+        if self.par.is_main:
+            save_tensors(path, tensors, {"config": json.dumps(self.cfg.to_dict())})

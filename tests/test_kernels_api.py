@@ -16,6 +16,8 @@ from pdmd_kernels import backends
 from pdmd_kernels import reference as R
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CPU_DEFAULT = "native" if K.native.available() else "reference"  # the C++ backend, when it was built
+_NATIVE = pytest.param("native", marks=pytest.mark.skipif(not K.native.available(), reason="native backend not built"))
 
 
 def inputs(shape=(2, 3, 4), dtype=torch.float32):
@@ -72,7 +74,7 @@ def test_bad_inputs_raise_value_error(call, match):
 
 def test_backend_info_defaults_and_forcing(monkeypatch):
     monkeypatch.delenv("PDMD_KERNELS_BACKEND", raising=False)
-    assert set(K.backend_info("cpu").values()) == {"reference"}
+    assert set(K.backend_info("cpu").values()) == {CPU_DEFAULT}
     assert set(K.backend_info("cpu", torch.float64).values()) == {"reference"}
     monkeypatch.setenv("PDMD_KERNELS_BACKEND", "reference")
     assert set(K.backend_info("cpu").values()) == {"reference"}
@@ -87,12 +89,12 @@ def test_backend_info_defaults_and_forcing(monkeypatch):
 
 @pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
 def test_triton_on_cpu_only_when_forced_and_not_for_float64():
-    assert K.backend_info("cpu")["dmd_loss"] == "reference"
+    assert K.backend_info("cpu")["dmd_loss"] == CPU_DEFAULT
     with K.use_backend("triton"):
         assert set(K.backend_info("cpu", torch.float16).values()) == {"triton"}
         assert set(K.backend_info("cpu", torch.float64).values()) == {"reference"}  # falls back
         with K.use_backend(None):
-            assert K.backend_info("cpu")["renoise"] == "reference"
+            assert K.backend_info("cpu")["renoise"] == CPU_DEFAULT
 
 
 def test_a_registered_native_backend_is_the_cpu_default(monkeypatch):
@@ -119,7 +121,7 @@ def test_a_registered_native_backend_is_the_cpu_default(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
-    not INTERPRETED, reason="needs TRITON_INTERPRET=1"))])
+    not INTERPRETED, reason="needs TRITON_INTERPRET=1")), _NATIVE])
 def test_backward_saves_nothing_of_latent_size_but_the_inputs(backend):
     """Every tensor autograd saves for the ops' backward is an input itself or a [B] vector."""
     gen = torch.Generator().manual_seed(0)
@@ -134,7 +136,7 @@ def test_backward_saves_nothing_of_latent_size_but_the_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
-    not INTERPRETED, reason="needs TRITON_INTERPRET=1"))])
+    not INTERPRETED, reason="needs TRITON_INTERPRET=1")), _NATIVE])
 def test_opcheck_custom_ops(backend):
     """torch.library.opcheck: schema, fake kernels against real outputs, autograd registration."""
     gen = torch.Generator().manual_seed(0)
@@ -170,7 +172,7 @@ def _all_ops(pred, x_s, noise, x, cond, uncond, fake, a_s, s_s, a_t, s_t):
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
-    not INTERPRETED, reason="needs TRITON_INTERPRET=1"))])
+    not INTERPRETED, reason="needs TRITON_INTERPRET=1")), _NATIVE])
 def test_torch_compile_fullgraph_traces_the_ops(backend):
     """fullgraph=True fails on any graph break; aot_eager traces forward and backward through the
     custom ops' fake kernels (inductor would compile the same graph, too slowly for CI)."""

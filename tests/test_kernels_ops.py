@@ -28,6 +28,8 @@ LOSS_TOL = 2e-5
 
 _interp = pytest.mark.skipif(not (INTERPRETED and HAS_TRITON),
                              reason="needs triton with TRITON_INTERPRET=1 (CUDA machines run the gpu configs)")
+_native = pytest.mark.skipif(not K.native.available(),
+                             reason=f"native backend unavailable: {K.native.unavailable_reason()}")
 _gpu = [pytest.mark.gpu, pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")]
 CONFIGS = [
     pytest.param("reference", "cpu", torch.float32, id="ref-f32"),
@@ -36,6 +38,9 @@ CONFIGS = [
     pytest.param("triton", "cpu", torch.float32, marks=_interp, id="interp-f32"),
     pytest.param("triton", "cpu", torch.float16, marks=_interp, id="interp-f16"),
     pytest.param("triton", "cpu", torch.bfloat16, marks=_interp, id="interp-bf16"),
+    pytest.param("native", "cpu", torch.float32, marks=_native, id="native-f32"),
+    pytest.param("native", "cpu", torch.float16, marks=_native, id="native-f16"),
+    pytest.param("native", "cpu", torch.bfloat16, marks=_native, id="native-bf16"),
     pytest.param("triton", "cuda", torch.float32, marks=_gpu, id="cuda-f32"),
     pytest.param("triton", "cuda", torch.float16, marks=_gpu, id="cuda-f16"),
     pytest.param("triton", "cuda", torch.bfloat16, marks=_gpu, id="cuda-bf16"),
@@ -218,7 +223,8 @@ def test_random_shapes(backend, device, dtype, shape, layout, prediction, form, 
 # ---------------------------------------------------------------- exact special cases
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=_interp)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=_interp),
+                                     pytest.param("native", marks=_native)])
 def test_dmd_normalized_zeroes_non_finite(backend):
     """A zero normaliser (x = real) or an inf in fake gives g = 0 there, like nan_to_num(..., 0, 0, 0)."""
     x, cond, fake = torch.randn(3, 2, 5), torch.randn(3, 2, 5), torch.randn(3, 2, 5)

@@ -254,6 +254,26 @@ def test_supports_and_build_info():
     assert torch.__version__.split("+")[0] in native.build_info()
 
 
+def test_register_backends_maps_the_dispatch_table_signatures():
+    """The adapters given to pdmd_kernels' register_backend take its argument orders."""
+    table = {}
+    native.register_backends(lambda op, name, fwd, bwd, supports: table.setdefault(op, (name, fwd, bwd, supports)))
+    assert {name for name, *_ in table.values()} == {"native"}
+    gen = torch.Generator().manual_seed(4)
+    x, cond, uncond, fake = (torch.randn(3, 2, 9, generator=gen) for _ in range(4))
+    w, grad = torch.rand(3, generator=gen), torch.rand(3, generator=gen)
+    _, fwd, bwd, supports = table["dmd_loss"]
+    loss, norm = fwd(x, cond, uncond, fake, 2.0, None, "normalized", 1e-6)
+    assert torch.equal(loss, native.dmd_loss(x, cond, fake, uncond, 2.0, None, "normalized"))
+    assert torch.equal(bwd(grad, x, cond, uncond, fake, 2.0, w, norm, "theory", 1e-6),
+                       native.dmd_loss_grad(x, cond, fake, uncond, 2.0, w, "theory", grad=grad))
+    _, fwd, bwd, _ = table["renoise"]
+    assert torch.equal(fwd(x, cond, w, grad), native.renoise(x, cond, w, grad))
+    gx, gn = bwd(x, w, grad, (x.dtype, x.dtype), (True, False))
+    assert gn is None and torch.equal(gx, native.renoise_grads(x, w, grad)[0])
+    assert table["subinterval_loss"][1] is native.subinterval_loss and supports("cpu", torch.float16)
+
+
 def test_build_reports_instead_of_failing(monkeypatch):
     """The build helper never raises: missing tools or an opt-out give a reason and exit status 0."""
     assert build.find_source() is not None

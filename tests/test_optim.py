@@ -305,7 +305,11 @@ def test_cuda_triton_kernel_matches_reference_and_auto_uses_it():
         kw = _step_kw(t, wd=0.1, state_rounding="nearest", weight_rounding="nearest")
         ops.step_reference(p1, g, c1, s1, **kw)
         ops.step_triton(p2, g, c2, s2, seed=t, **kw)
-    torch.testing.assert_close(p2, p1, rtol=1e-5, atol=1e-7)  # GPU exp2/log2 may differ in the last bits
+    # GPU exp2/log2 may differ in the last bits, which moves a few 8-bit codes by one level (measured on an
+    # H100: 19 of 1e6 weights, largest difference 4.4e-5): bound the share and the size of such differences
+    close = torch.isclose(p2, p1, rtol=1e-5, atol=1e-7)
+    assert float(close.float().mean()) > 1 - 1e-4
+    assert float((p2 - p1).abs().max()) < 2e-4
     assert float((c1 != c2).float().mean()) < 0.01
     w0 = torch.full((4096,), 0.02, device="cuda", dtype=torch.bfloat16)
     w = torch.nn.Parameter(w0.clone())

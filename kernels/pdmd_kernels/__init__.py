@@ -11,7 +11,7 @@ from . import reference
 from .backends import backend_info, register_backend, use_backend
 from .ops import dmd_loss, renoise, subinterval_loss
 
-__all__ = ["reference", "subinterval_loss", "dmd_loss", "renoise", "backend_info", "register_backend",
+__all__ = ["reference", "native", "subinterval_loss", "dmd_loss", "renoise", "backend_info", "register_backend",
            "use_backend"]
 
 
@@ -34,3 +34,10 @@ for _op, _fwd, _bwd in (("subinterval_loss", "subinterval_forward", "subinterval
                      lambda *a, _n=_fwd: getattr(_triton(), _n)(*a),
                      lambda *a, _n=_bwd: getattr(_triton(), _n)(*a),
                      _triton_supports)
+
+# The native CPU backend (C++/OpenMP, built by `python -m pdmd_kernels.build`): first choice on CPU
+# when its library is loaded; otherwise `native.unavailable_reason()` says why and the reference runs.
+from . import native  # noqa: E402  (never raises; loads the library if it was built)
+
+if native.available():
+    native.register_backends(register_backend)

@@ -27,6 +27,7 @@ __all__ = [
     "dmd_loss_grad",
     "renoise",
     "renoise_grads",
+    "register_backends",
 ]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -136,3 +137,24 @@ def renoise(x_s, noise, alpha_ts, sigma_ts):
 def renoise_grads(grad, alpha_ts, sigma_ts, needs=(True, True)):
     """Gradients (x_s, noise) of ``(grad * renoise(...)).sum()`` in grad's dtype; None where not needed."""
     return tuple(_ops().renoise_bwd(grad, alpha_ts, sigma_ts, [bool(n) for n in needs]))
+
+
+def register_backends(register_backend) -> None:
+    """Register these ops as backend "native" of the pdmd_kernels dispatch table.
+
+    ``register_backend(op, name, forward, backward, supports)`` is ``pdmd_kernels.backends``'
+    function; the adapters map its argument orders (dmd: ``real_uncond`` before ``fake``, the
+    saved normaliser before ``form``; renoise: output dtypes before ``needs``) onto this module's.
+    """
+    register_backend("subinterval_loss", "native", subinterval_loss, subinterval_loss_grads, supports)
+    register_backend(
+        "dmd_loss", "native",
+        lambda x, cond, uncond, fake, scale, weight, form, min_norm:
+            dmd_loss(x, cond, fake, uncond, scale, weight, form, min_norm, return_norm=True),
+        lambda grad, x, cond, uncond, fake, scale, weight, norm, form, min_norm:
+            dmd_loss_grad(x, cond, fake, uncond, scale, weight, form, min_norm, grad=grad, norm=norm),
+        supports)
+    register_backend(
+        "renoise", "native", renoise,
+        lambda grad, alpha_ts, sigma_ts, dtypes, needs: renoise_grads(grad, alpha_ts, sigma_ts, needs),
+        supports)

@@ -40,7 +40,9 @@ def bcast(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def subinterval_coefficients(alpha_s, sigma_s, alpha_t, sigma_t):
     """Per-sample (alpha_ts, sigma_ts) of the transition s -> t (Eq. 2); sigma_ts is 0 at t = s."""
     alpha_ts = alpha_t / alpha_s
-    sigma_ts = torch.sqrt(torch.clamp(sigma_t**2 - alpha_ts**2 * sigma_s**2, min=0.0))
+    # sigma_t^2 - (alpha_ts sigma_s)^2 as a product: exactly 0 at t = s, and the form the kernels use
+    diff = torch.clamp(sigma_t - alpha_ts * sigma_s, min=0.0)
+    sigma_ts = torch.sqrt(diff * (sigma_t + alpha_ts * sigma_s))
     return alpha_ts, sigma_ts
 
 

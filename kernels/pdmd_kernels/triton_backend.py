@@ -93,8 +93,11 @@ def _subinterval_coefs(as_ptr, ss_ptr, at_ptr, st_ptr, b, clamp_max, PRED: tl.co
     s_s = tl.load(ss_ptr + b).to(tl.float32)
     a_t = tl.load(at_ptr + b).to(tl.float32)
     s_t = tl.load(st_ptr + b).to(tl.float32)
-    alpha_ts = a_t / a_s
-    sigma_ts = tl.sqrt(tl.maximum(s_t * s_t - alpha_ts * alpha_ts * s_s * s_s, 0.0))
+    # correctly rounded division and the factored difference of squares: at t = s this gives alpha_ts = 1
+    # and sigma_ts = 0 exactly, whatever FMA contraction the compiler applies (s_t^2 - s_s^2 did not)
+    alpha_ts = tl.div_rn(a_t, a_s)
+    diff = tl.maximum(s_t - alpha_ts * s_s, 0.0)
+    sigma_ts = tl.sqrt_rn(diff * (s_t + alpha_ts * s_s))
     if PRED == 0:
         a = (a_s * a_s * s_t + a_t * s_s * s_s) / (a_s * a_s)
         c = -sigma_ts / a_s

@@ -1,0 +1,317 @@
+"""More than one GPU: FSDP2 sharding, rank slices of the global batch, sharded (DCP) checkpoints.
+
+Kept apart from the model and the loop, as torchtitan does: ``Parallel.shard_module`` is applied to a
+module before training (after the LoRA adapters are injected, so adapters are sharded with their base
+layer), and the trainer only calls a few hooks (``shard``, ``local``, ``all_finite``, ``clip_grad_norm_``,
+``average``). ``Parallel()`` is the single-process identity.
+
+Data parallelism is exact by construction: every rank holds the same random generators and draws the
+*global* batch (noise, prompts, timesteps, SGTS exits), then keeps its rows. Gradients are averaged over
+ranks by FSDP's reduce-scatter, so W ranks with B/W rows each compute the same update as one process
+with B rows, up to the order of floating-point reductions.
+
+Launch (one node, 8 GPUs; several nodes: same on every node with its ``--node_rank``)::
+
+    torchrun --standalone --nproc_per_node 8 -m pdmd.cli distill --config cfg.yaml --out runs/x
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d \
+        --rdzv_endpoint HOST:29500 -m pdmd.cli distill --config cfg.yaml --out runs/x
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["Parallel", "from_env", "DCP_DIR", "save_checkpoint", "load_checkpoint", "gathered", "full_state"]
+
+DCP_DIR = "checkpoint.dcp"
+
+
+def _blocks(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks each getting their own FSDP unit: ``fsdp_blocks()`` if the model lists them,
+    else the children of every ``nn.ModuleList`` (transformer blocks), else of the top ``nn.Sequential``s."""
+    if hasattr(module, "fsdp_blocks"):
+        return list(module.fsdp_blocks())
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        lists = [m for m in module.modules() if isinstance(m, nn.Sequential)]
+    out, seen = [], set()
+    for lst in lists:
+        for child in lst.children():
+            if any(True for _ in child.parameters()) and id(child) not in seen:
+                out.append(child)
+                seen.update(id(m) for m in child.modules())
+    return out
+
+
+class Parallel:
+    """Rank ``rank`` of ``world`` on ``mesh`` (a 1-D device mesh); ``Parallel()`` is one plain process."""
+
+    def __init__(self, mesh=None, mixed_precision: bool | None = None):
+        self.mesh = mesh
+        self.distributed = mesh is not None
+        self.world = mesh.size() if mesh is not None else 1
+        self.rank = mesh.get_local_rank() if mesh is not None else 0
+        if mixed_precision is None:
+            mixed_precision = mesh is not None and mesh.device_type == "cuda"
+        self.mixed_precision = mixed_precision
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---------------------------------------------------------------- model
+    def shard_module(self, module: nn.Module) -> nn.Module:
+        """FSDP2 ``fully_shard`` per block and on the root; bf16 compute / fp32 gradient reduction on GPU."""
+        if not self.distributed:
+            return module
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kw = {"mesh": self.mesh}
+        if self.mixed_precision:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in _blocks(module):
+            fully_shard(block, **kw)
+        fully_shard(module, **kw)
+        return module
+
+    def reset_adapter(self, experts, name: str, seed: int) -> None:
+        """``experts.reset_adapter`` giving the values of one process: each sharded weight of the adapter is
+        initialised whole (tiny: LoRA factors) and this rank keeps its shard (random ops on DTensors
+        would draw other numbers)."""
+        if not self.distributed:
+            return experts.reset_adapter(name, seed)
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        owners = []
+        for n, p in experts.adapter_params(name).items():
+            if isinstance(p, DTensor):
+                mod_name, attr = n.rsplit(".", 1)
+                mod = experts.peft.get_submodule(mod_name)
+                owners.append((mod, attr, p))
+                setattr(mod, attr, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)))
+        try:
+            experts.reset_adapter(name, seed)
+        finally:
+            for mod, attr, p in owners:
+                full = getattr(mod, attr).detach()
+                setattr(mod, attr, p)
+                with torch.no_grad():
+                    p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
+
+    # ---------------------------------------------------------------- data
+    def local(self, n: int) -> int:
+        """This rank's share of a global batch of ``n`` rows."""
+        if n % self.world:
+            raise ValueError(f"batch_size must be divisible by the number of processes ({self.world}); "
+                             f"a global batch of {n} rows is not")
+        return n // self.world
+
+    def shard(self, x):
+        """This rank's rows of a global batch (a tensor or a dict of tensors)."""
+        if isinstance(x, dict):
+            return {k: self.shard(v) for k, v in x.items()}
+        if not self.distributed:
+            return x
+        b = self.local(x.shape[0])
+        return x[self.rank * b:(self.rank + 1) * b]
+
+    # ---------------------------------------------------------------- collectives
+    def all_finite(self, ok: bool) -> bool:
+        """True on every rank iff ``ok`` is true on every rank (so all ranks skip an update together)."""
+        if not self.distributed:
+            return ok
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if ok else 0.0], device=self._device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.mesh.get_group())
+        return bool(flag.item() > 0)
+
+    def average(self, rec: dict, keys) -> dict:
+        """``rec`` with the values under ``keys`` averaged over ranks (equal batch shares)."""
+        if not self.distributed:
+            return rec
+        import torch.distributed as dist
+
+        vals = torch.tensor([float(rec[k]) for k in keys], dtype=torch.float64, device=self._device())
+        dist.all_reduce(vals, group=self.mesh.get_group())
+        return {**rec, **{k: float(v) / self.world for k, v in zip(keys, vals.tolist())}}
+
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        """Global gradient norm over sharded (DTensor) gradients, then clip; the plain function otherwise."""
+        if not self.distributed:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        from torch.distributed.tensor import DTensor
+
+        params = list(params)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.mesh.get_group())
+
+    def _device(self):
+        return torch.device("cuda", torch.cuda.current_device()) if self.mesh.device_type == "cuda" else "cpu"
+
+
+def from_env(device: str = "cpu") -> Parallel:
+    """``Parallel`` from torchrun's environment (``WORLD_SIZE`` > 1): NCCL on CUDA, gloo on CPU; else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Parallel()
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    cuda = device.startswith("cuda")
+    if cuda and device != "cuda":
+        raise ValueError(f"device must be 'cuda' under torchrun (rank r uses cuda:LOCAL_RANK), got {device!r}")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Parallel(init_device_mesh("cuda" if cuda else "cpu", (world,)))
+
+
+# -------------------------------------------------------------------- checkpoints
+def _lora(sd: dict) -> dict:
+    return {k: v for k, v in sd.items() if "lora_" in k}
+
+
+def _split_local(osd: dict) -> dict:
+    """Move optimiser state held as plain per-rank tensors (e.g. the 8-bit codes and scales of
+    ``pdmd.optim.AdamW8bitV``, made for the local shard) out of ``osd``: DCP would take same-named plain
+    tensors on every rank for replicated copies and keep one. They are saved under per-rank keys."""
+    from torch.distributed.tensor import DTensor
+
+    local = {}
+    for fqn, st in list(osd["state"].items()):
+        mine = {k: v for k, v in st.items() if torch.is_tensor(v) and not isinstance(v, DTensor) and v.dim() > 0}
+        if mine:  # a new dict: ``st`` may be the optimiser's live state
+            local[fqn] = mine
+            osd["state"][fqn] = {k: v for k, v in st.items() if k not in mine}
+    return local
+
+
+def _state(trainer) -> tuple[dict, dict]:
+    """The sharded tensors of a checkpoint (adapters, fake score, both optimisers, keyed by FQN) and
+    the optimisers' dicts, whose per-rank state ``_state`` moved to ``rank<r>.<name>``."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    mod = trainer.experts.module
+    state, opts = {"adapters": _lora(get_model_state_dict(mod))}, {}
+    if trainer.phase >= 0:
+        fake_mod = trainer.fake_module if trainer.fake_module is not None else mod
+        if trainer.fake_module is not None:
+            state["fake"] = get_model_state_dict(trainer.fake_module)
+        opts["opt_gen"] = get_optimizer_state_dict(mod, trainer.opt_gen)
+        opts["opt_fake"] = get_optimizer_state_dict(fake_mod, trainer.opt_fake)
+        for name, osd in opts.items():
+            state[name] = osd
+            state[f"rank{trainer.par.rank}.{name}"] = _split_local(osd)
+    return state, opts
+
+
+def _meta(trainer) -> dict:
+    meta = {"step": trainer.step, "phase": trainer.phase, "config": trainer.cfg.to_dict(),
+            "nonfinite_total": trainer.nonfinite_total, "nonfinite_run": trainer.nonfinite_run,
+            "rng": {k: g.get_state() for k, g in trainer.gens.items()}, "rng_torch": torch.get_rng_state(),
+            "world": trainer.par.world}
+    if trainer.phase >= 0:
+        meta["pool"] = trainer.pool.state()
+    return meta
+
+
+def save_checkpoint(trainer, path: str | Path) -> Path:
+    """Sharded checkpoint (torch.distributed.checkpoint) in directory ``path``, written atomically:
+    every rank writes its shards into ``path.tmp``; after a barrier rank 0 adds the metadata (step, phase,
+    RNG states, pool position, config) and renames it over ``path`` (the old one is kept as ``path.old``
+    until the rename is done, and ``load_checkpoint`` falls back to it)."""
+    import torch.distributed.checkpoint as dcp
+
+    par, path = trainer.par, Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if par.is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    par.barrier()
+    dcp.save(_state(trainer)[0], checkpoint_id=str(tmp))
+    par.barrier()
+    if par.is_main:
+        with open(tmp / "meta.pt", "wb") as f:
+            torch.save(_meta(trainer), f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    par.barrier()
+    return path
+
+
+def load_checkpoint(trainer, path: str | Path) -> None:
+    """Restore a ``save_checkpoint`` directory into ``trainer`` (same config; max_steps may differ)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    path = Path(path)
+    if not path.exists() and path.with_name(path.name + ".old").exists():
+        path = path.with_name(path.name + ".old")  # a crash between the two renames of a save
+    meta = torch.load(path / "meta.pt", weights_only=True)
+    trainer.check_config(meta["config"], path)
+    if meta["phase"] >= 0:
+        trainer.start_phase(meta["phase"])
+    if meta["world"] != trainer.par.world and _has_local_state(path):
+        raise ValueError(f"the checkpoint {path} holds per-rank optimiser state of {meta['world']} processes; "
+                         f"resume it with {meta['world']} processes, not {trainer.par.world}")
+    state, opts = _state(trainer)
+    dcp.load(state, checkpoint_id=str(path))
+    for name, osd in opts.items():
+        for fqn, st in state[f"rank{trainer.par.rank}.{name}"].items():
+            osd["state"][fqn] = {**osd["state"][fqn], **st}
+    mod = trainer.experts.module
+    set_model_state_dict(mod, state["adapters"], options=StateDictOptions(strict=False))
+    if meta["phase"] >= 0:
+        fake_mod = trainer.fake_module if trainer.fake_module is not None else mod
+        if trainer.fake_module is not None:
+            set_model_state_dict(trainer.fake_module, state["fake"])
+        set_optimizer_state_dict(mod, trainer.opt_gen, opts["opt_gen"])
+        set_optimizer_state_dict(fake_mod, trainer.opt_fake, opts["opt_fake"])
+        pool = meta["pool"]
+        trainer.pool.restore(pool["fill_state"], pool["cursor"])
+    for k, g in trainer.gens.items():
+        g.set_state(meta["rng"][k])
+    torch.set_rng_state(meta["rng_torch"])
+    trainer.step, trainer.phase = meta["step"], meta["phase"]
+    trainer.nonfinite_total, trainer.nonfinite_run = meta["nonfinite_total"], meta["nonfinite_run"]
+
+
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) one (a collective: call on every rank), else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _has_local_state(path: Path) -> bool:
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return any(k.startswith("rank") for k in keys)
+
+
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict with sharded tensors gathered (on every rank), on CPU."""
+    return {k: gathered(v).detach().cpu() for k, v in module.state_dict().items()}
