@@ -41,7 +41,9 @@ def compile_regions(module: nn.Module, backend: str = "inductor", fullgraph: boo
     blocks = repeated_blocks(module) or [module]
     # each block class is traced for a few variants (grad on/off, adapter on/off, batch sizes); the default
     # limit of 8 recompiles per code object would silently fall back to eager for the rest
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    cfg = torch._dynamo.config
+    key = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+    setattr(cfg, key, max(getattr(cfg, key), 64))
     for b in blocks:
         b.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     return blocks

@@ -242,3 +242,17 @@ def test_compiled_trainer_matches_eager_and_logs_compile_time(tmp_path):
     for a in eager.experts.adapters:
         for (n, p), q in zip(eager.experts.adapter_params(a).items(), comp.experts.adapter_params(a).values()):
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_resume_may_change_the_speed_switches_only(tmp_path):
+    cfg = tiny_cfg(max_steps=4)
+    a = PhasedDMDTrainer(cfg, tiny_teacher(), DATA, tmp_path, progress=False)
+    a.train(stop_at=2)
+    b = PhasedDMDTrainer(tiny_cfg(max_steps=4, activation_checkpointing=True, compile_backend="aot_eager"),
+                         tiny_teacher(), DATA, tmp_path, progress=False)
+    b.load()
+    assert b.step == 2
+    c = PhasedDMDTrainer(tiny_cfg(max_steps=4, optimizer_fake="adamw8bit-v"), tiny_teacher(), DATA, tmp_path,
+                         progress=False)
+    with pytest.raises(ValueError, match="distill.optimizer_fake"):
+        c.load()
