@@ -271,7 +271,7 @@ def run_ours(arch, device, latent, args, fwd, compiled: bool, out_dir: Path) -> 
         method="phased_sgts", timesteps=TIMESTEPS, phase_boundaries=[BOUNDARY], max_steps=1000, batch_size=1,
         fake_updates=args.fake_updates, lr_generator=5e-5, lr_fake=4e-7, betas=[0.0, 0.999], bf16=True,
         optimizer_fake="adamw8bit-v", optimizer_generator="adamw", lora_rank=args.lora_rank, lora_alpha=8.0,
-        pool_size=1, frozen_dtype="bfloat16", fake_dtype="bfloat16", activation_checkpointing=True,
+        pool_size=1, frozen_dtype="bfloat16", fake_dtype="bfloat16", activation_checkpointing=not args.no_checkpointing,
         compile=compiled, compile_backend=args.compile_backend)))
     transformer = build_diffusers(arch, device).requires_grad_(False)
     cast_frozen(transformer, torch.bfloat16)  # bf16 except diffusers' float32 modules (norms, time embedding)
@@ -335,7 +335,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--budget", type=float, default=190.0, help="seconds for all sections together")
     ap.add_argument("--compile-backend", default=None, help="default inductor (eager on --cpu-smoke)")
-    ap.add_argument("--ref-checkpointing", action="store_true")
+    ap.add_argument("--ref-checkpointing", action="store_true", help="activation checkpointing in the reference too")
+    ap.add_argument("--no-checkpointing", action="store_true",
+                    help="ours without activation checkpointing (it costs one more forward per trained forward)")
     ap.add_argument("--sections", default="ours_eager,reference,ours_compiled")
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     args = ap.parse_args(argv)
@@ -362,6 +364,7 @@ def main(argv=None) -> dict:
          "command": "python bench/gpu_wan_phased.py " + " ".join(argv if argv is not None else sys.argv[1:]),
          "latent": [1, *latent], "video_tokens": S, "text_tokens": args.text_tokens, "fake_updates": args.fake_updates,
          "compile_backend": args.compile_backend, "ref_checkpointing": args.ref_checkpointing,
+         "ours_checkpointing": not args.no_checkpointing,
          "forward_flops_batch1": fwd(1), "sections": {}}
     try:
         plan = make_plan(arch, gpus=1, gpu_mem=80.0, frames=args.frames, height=args.height, width=args.width,
