@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .diversity import add_cli as add_diversity
 
     add_commands(sub)
+    from .real import add_encode_command
+
+    add_encode_command(sub)
     add_diversity(sub)
     _add_sample(sub)
     add_plan_parser(sub)

@@ -369,6 +369,10 @@ def _config(args) -> RunConfig:
 
 
 def _cmd_distill(args) -> int:
+    from .real import cmd_distill, is_real
+
+    if is_real(args.config):  # a config with a model: section distils a local diffusers model
+        return cmd_distill(args)
     try:
         r = distill(_config(args), args.out, resume=args.resume, progress=not args.quiet)
     except NonFiniteError as e:
@@ -393,7 +397,7 @@ def _cmd_compare(args) -> int:
 
 def add_commands(sub) -> None:
     """Register distill and compare on the ``pdmd`` argument parser."""
-    d = sub.add_parser("distill", help="distil the embedded toy teacher into a few-step generator and report")
+    d = sub.add_parser("distill", help="distil the embedded toy teacher (or, for a config with model:, a local Wan/Qwen-Image) into few-step experts")
     d.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     d.add_argument("--out", required=True, help="run directory")
     d.add_argument("--max-steps", type=int, default=None, help="generator updates in total (overrides the config)")
