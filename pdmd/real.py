@@ -226,6 +226,12 @@ def distill_real(rc: RealConfig, out, resume: bool = False, progress: bool = Tru
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("pdmd distill of a real model runs in one process for now (WORLD_SIZE > 1 given)")
     cfg = rc.run
+    if rc.dtype in ("bfloat16", "float16") and cfg.distill.fake_kind == "full" and cfg.distill.optimizer == "adamw":
+        # the full fake score is a copy of the teacher: in half precision torch AdamW's steps of ~lr (4e-7)
+        # fall below half an ulp of the weights and are rounded away, so the fake score would never train
+        raise ValueError(f"model.dtype: a full-parameter fake score in {rc.dtype} with AdamW loses its updates to "
+                         "rounding; use model.dtype: float32 with distill.bf16: true (bfloat16 autocast), or "
+                         "fake.full_parameters: false (a float32 LoRA fake score)")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(out)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from pdmd.cli import main
 from pdmd.export import activate_adapter, expert_sampling, load_experts
-from pdmd.real import real_config
+from pdmd.real import distill_real, real_config
 from test_prompts import PROMPTS, QWEN_TEMPLATE, _qwen_encoder, _tokenizer, _wan_encoder
 from tiny_models import save_pipeline_dir, tiny_qwen, tiny_wan
 
@@ -75,6 +75,10 @@ def test_wan21_prompts_to_diffusers_lora_files(tmp_path):
     out, manifest = _run_commands(tmp_path, cfg_path)
     assert manifest["pipeline"] == "WanPipeline" and manifest["shift"] == 5.0
     _check_export_is_the_trained_adapters(out)
+    with pytest.raises(ValueError, match="--resume"):
+        main(["distill", "--config", str(cfg_path), "--out", str(out), "--quiet"])
+    assert main(["distill", "--config", str(cfg_path), "--out", str(out), "--max-steps", "2", "--resume", "--quiet"]) == 0
+    _check_export_is_the_trained_adapters(out)  # resumed at the end: nothing trained, the same experts exported
 
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
                        transformer=WanTransformer3DModel.from_pretrained(pipe_dir / "transformer"))
@@ -149,3 +153,9 @@ def test_real_config_maps_the_paper_fields_and_names_bad_ones():
     for change, msg in cases:
         with pytest.raises(ValueError, match=msg):
             real_config(_base() | change)
+
+
+def test_half_precision_full_fake_score_is_refused(tmp_path):
+    rc = real_config(_base() | {"model": {"kind": "wan", "path": "/m", "dtype": "bfloat16"}})
+    with pytest.raises(ValueError, match="model.dtype: a full-parameter fake score in bfloat16"):
+        distill_real(rc, tmp_path)
