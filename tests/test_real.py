@@ -159,3 +159,19 @@ def test_half_precision_full_fake_score_is_refused(tmp_path):
     rc = real_config(_base() | {"model": {"kind": "wan", "path": "/m", "dtype": "bfloat16"}})
     with pytest.raises(ValueError, match="model.dtype: a full-parameter fake score in bfloat16"):
         distill_real(rc, tmp_path)
+
+
+def test_qwen_fixed_length_padding_with_mask_changes_nothing():
+    """PromptTask pads every Qwen-Image batch to the cache's longest prompt; the mask makes that exact."""
+    from pdmd.models import QwenImageDenoiser
+
+    d = QwenImageDenoiser(tiny_qwen(0), 2.3)
+    x, e = torch.randn(2, 4, 4, 4), torch.randn(2, 5, 16)
+    m = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
+    with torch.no_grad():
+        short = d(x, 0.5, {"embeds": e, "mask": m})
+        long = d(x, 0.5, {"embeds": torch.cat([e, torch.randn(2, 4, 16)], 1),
+                          "mask": torch.cat([m, torch.zeros(2, 4, dtype=torch.bool)], 1)})
+        alone = d(x[1:], 0.5, {"embeds": e[1:, :3], "mask": None})
+    torch.testing.assert_close(long, short, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(short[1:], alone, atol=1e-5, rtol=1e-5)
