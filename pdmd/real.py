@@ -21,7 +21,7 @@ import yaml
 from .config import RunConfig, _coerce, validate
 from .trainer import CHECKPOINT, PhasedDMDTrainer
 
-__all__ = ["RealConfig", "real_config", "load_real_config", "PromptTask", "encode_real", "distill_real"]
+__all__ = ["RealConfig", "real_config", "load_real_config", "is_real", "PromptTask", "encode_real", "distill_real"]
 
 # real-config field -> RunConfig field (same meaning, copied after a type check)
 _DIRECT = {
@@ -241,6 +241,8 @@ def distill_real(rc: RealConfig, out, resume: bool = False, progress: bool = Tru
         raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
     if resume and not ckpt.exists():
         raise ValueError(f"--resume given but there is no checkpoint at {ckpt}")
+    if not (Path(rc.prompt_cache) / "meta.json").is_file():
+        raise ValueError(f"data.prompt_cache: {rc.prompt_cache!r} holds no prompt cache; run pdmd encode-prompts first")
     cache = PromptCache(rc.prompt_cache)
     if cache.kind != rc.kind:
         raise ValueError(f"data.prompt_cache: {rc.prompt_cache!r} was encoded for {cache.kind!r}, not {rc.kind!r}")

@@ -159,6 +159,9 @@ def test_half_precision_full_fake_score_is_refused(tmp_path):
     rc = real_config(_base() | {"model": {"kind": "wan", "path": "/m", "dtype": "bfloat16"}})
     with pytest.raises(ValueError, match="model.dtype: a full-parameter fake score in bfloat16"):
         distill_real(rc, tmp_path)
+    rc = real_config(_base() | {"data": {"prompts": "p", "prompt_cache": str(tmp_path / "none"), "resolutions": [[1, 32, 32]]}})
+    with pytest.raises(ValueError, match="data.prompt_cache: .* run pdmd encode-prompts first"):
+        distill_real(rc, tmp_path)
 
 
 def test_qwen_fixed_length_padding_with_mask_changes_nothing():
