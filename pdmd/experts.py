@@ -31,8 +31,9 @@ def cat_cond(a, b):
 
 
 def _lora_targets(model: nn.Module) -> list[str]:
-    if hasattr(model, "lora_targets"):
-        return model.lora_targets()
+    if hasattr(model, "lora_targets"):  # a method (toy) or a tuple of module-name suffixes (diffusers adapters)
+        targets = model.lora_targets
+        return list(targets() if callable(targets) else targets)
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
