@@ -293,10 +293,11 @@ def plot_grids(path: Path, grids: dict[str, torch.Tensor]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(2.4 * len(grids), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(grids), figsize=(2.9 * len(grids), 3.9), squeeze=False)
     for ax, (name, g) in zip(axes[0], grids.items()):
         c, s = g.shape[:2]
-        img = g[:, :, 0].permute(0, 2, 1, 3).reshape(c * 8, s * 8)  # rows = classes, columns = seeds
+        cells = F.pad(g[:, :, 0], (1, 1, 1, 1), value=-1.0)  # a blank pixel around each digit
+        img = cells.permute(0, 2, 1, 3).reshape(c * 10, s * 10)  # rows = classes, columns = seeds
         ax.imshow(img.numpy(), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
         ax.set_title(name, fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
