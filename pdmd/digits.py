@@ -173,11 +173,11 @@ class DigitsCNN(nn.Module):
 def load_or_train_classifier(run_dir: str | Path, seed: int = 0, steps: int = 600) -> tuple[DigitsCNN, float]:
     """(classifier, held-out accuracy), trained on 80 % of the digits (1-pixel random shifts) and cached."""
     path = Path(run_dir) / "classifier.safetensors"
-    net = DigitsCNN()
     meta = {"seed": str(seed), "steps": str(steps)}
     if path.exists():
         tensors, stored = load_tensors(path)
         if {k: stored.get(k) for k in meta} == meta:
+            net = DigitsCNN()
             net.load_state_dict(tensors)
             return net.eval().requires_grad_(False), float(stored["test_accuracy"])
     x, y = load_digits()
