@@ -371,10 +371,16 @@ def _config(args) -> RunConfig:
 def _cmd_distill(args) -> int:
     from .real import cmd_distill, is_real
 
-    if is_real(args.config):  # a config with a model: section distils a local diffusers model
-        return cmd_distill(args)
+    real = is_real(args.config)  # a config with a model: section distils a local diffusers model
+    cfg = None if real else _config(args)
     try:
-        r = distill(_config(args), args.out, resume=args.resume, progress=not args.quiet)
+        if real:
+            return cmd_distill(args)
+        if cfg.task == "digits":
+            from .digits import distill_digits
+
+            return _digits_done(args, distill_digits(cfg, args.out, args.resume, not args.quiet))
+        r = distill(cfg, args.out, resume=args.resume, progress=not args.quiet)
     except NonFiniteError as e:
         print(f"pdmd distill: {e}", file=sys.stderr)
         return 1
@@ -388,8 +394,19 @@ def _cmd_distill(args) -> int:
     return 0
 
 
+def _digits_done(args, result: dict) -> int:
+    print(Path(args.out, "diversity.md").read_text())
+    print(f"wrote {args.out}/grid.png, diversity.md, diversity.json, experts.safetensors; {result['seconds']['total']} s")
+    return 0
+
+
 def _cmd_compare(args) -> int:
-    compare(_config(args), args.out, progress=not args.quiet)
+    cfg = _config(args)
+    if cfg.task == "digits":
+        from .digits import compare_digits
+
+        return _digits_done(args, compare_digits(cfg, args.out, not args.quiet))
+    compare(cfg, args.out, progress=not args.quiet)
     print(Path(args.out, "table.md").read_text())
     print(f"wrote {args.out}/table.md, table.json, panel.png")
     return 0
