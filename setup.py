@@ -26,5 +26,5 @@ setup(
         "models": ["diffusers", "transformers", "peft"],
         "gpu": ["triton", "bitsandbytes", "xformers"],
     },
-    entry_points={"console_scripts": ["pdmd=pdmd.cli:main"]},
+    entry_points={"console_scripts": ["pdmd=pdmd.cli:entry"]},
 )

@@ -2,7 +2,7 @@
 # The one prepared GPU run (device tool): GPU tests and benchmarks of every part, each with its own time
 # limit; a failing part does not stop the next. Results go to $RES (all logs, JSON, markdown), and one
 # archive $OUT/gpu_results.tgz plus the markdown summaries come back (the tool returns at most 8 files).
-#   bash bench/gpu_all.sh [kernels] [tests] [optim] [plan] [wan]      (no argument: all parts)
+#   bash bench/gpu_all.sh [ktests] [kbench] [tests] [optim] [plan] [wan]      (no argument: all parts)
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_out}"
@@ -15,23 +15,25 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers is not in the
 fi
 export PYTHONPATH=".:kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-parts="${*:-kernels tests optim plan wan}"
+parts="${*:-ktests kbench tests optim plan wan}"
 has() { case " $parts " in *" $1 "*) return 0;; esac; return 1; }
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$RES/env.txt"
 
-if has kernels; then
+if has ktests; then
   echo "== kernels: GPU tests"
   timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts=-ra tests/test_kernels_ops.py > "$RES/kernels_tests.log" 2>&1
   echo "exit $?"; tail -4 "$RES/kernels_tests.log"
+fi
+if has kbench; then
   echo "== kernels: benchmark"
   timeout 170 "$PY" bench/gpu_kernels.py --out "$RES" --budget 110 > "$RES/kernels_bench.log" 2>&1
   echo "exit $?"; cat "$RES/gpu_kernels.md" 2>/dev/null || tail -20 "$RES/kernels_bench.log"
 fi
 if has tests; then
-  echo "== other GPU tests (optimizer, attention, trainer on CUDA)"
+  echo "== other GPU tests (optimizer, attention, trainer, FSDP2 mixed precision on CUDA)"
   timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts=-ra tests/test_optim.py tests/test_attention.py \
-    tests/test_trainer.py > "$RES/other_tests.log" 2>&1
+    tests/test_trainer.py tests/test_parallel.py > "$RES/other_tests.log" 2>&1
   echo "exit $?"; tail -8 "$RES/other_tests.log"
 fi
 if has optim; then

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .diversity import add_cli as add_diversity
 
     add_commands(sub)
+    from .real import add_encode_command
+
+    add_encode_command(sub)
     add_diversity(sub)
     _add_sample(sub)
     add_plan_parser(sub)
@@ -85,5 +88,14 @@ def main(argv=None) -> int:
     return args.func(args)
 
 
+def entry() -> int:
+    """The console command: bad input (config, paths, shapes) gives a message and exit code 2, not a traceback."""
+    try:
+        return main()
+    except ValueError as e:
+        print(f"pdmd: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["TeacherConfig", "DistillConfig", "EvalConfig", "RunConfig", "METHODS", "load_config", "from_dict"]
+__all__ = ["TeacherConfig", "DistillConfig", "EvalConfig", "RunConfig", "METHODS", "TASKS", "load_config", "from_dict"]
 
 METHODS = ("dmd", "dmd_sgts", "phased", "phased_sgts")
+TASKS = ("toy", "digits")  # toy: the 2-D mixtures (pdmd.toy); digits: the image demo (pdmd.digits)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
+    task: str = "toy"
     seed: int = 0
     device: str = "cpu"
     threads: int = 1  # torch CPU threads; tiny models run fastest on one (more threads spin on a busy machine)
@@ -154,6 +156,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(v > 0, name, f"must be > 0, got {v}")
     _check(0 <= t.cond_dropout < 1, "teacher.cond_dropout", "must lie in [0, 1)")
     _check(d.weight_decay >= 0, "distill.weight_decay", "must be >= 0")
+    _check(cfg.task in TASKS, "task", f"must be one of {TASKS}, got {cfg.task!r}")
     _check(d.method in METHODS, "distill.method", f"must be one of {METHODS}, got {d.method!r}")
     _check(d.weighting in ("theory", "normalized"), "distill.weighting", "must be 'theory' or 'normalized'")
     _check(d.fake_kind in ("full", "lora"), "distill.fake_kind", "must be 'full' or 'lora'")

@@ -369,8 +369,18 @@ def _config(args) -> RunConfig:
 
 
 def _cmd_distill(args) -> int:
+    from .real import cmd_distill, is_real
+
+    real = is_real(args.config)  # a config with a model: section distils a local diffusers model
+    cfg = None if real else _config(args)
     try:
-        r = distill(_config(args), args.out, resume=args.resume, progress=not args.quiet)
+        if real:
+            return cmd_distill(args)
+        if cfg.task == "digits":
+            from .digits import distill_digits
+
+            return _digits_done(args, distill_digits(cfg, args.out, args.resume, not args.quiet))
+        r = distill(cfg, args.out, resume=args.resume, progress=not args.quiet)
     except NonFiniteError as e:
         print(f"pdmd distill: {e}", file=sys.stderr)
         return 1
@@ -384,8 +394,19 @@ def _cmd_distill(args) -> int:
     return 0
 
 
+def _digits_done(args, result: dict) -> int:
+    print(Path(args.out, "diversity.md").read_text())
+    print(f"wrote {args.out}/grid.png, diversity.md, diversity.json, experts.safetensors; {result['seconds']['total']} s")
+    return 0
+
+
 def _cmd_compare(args) -> int:
-    compare(_config(args), args.out, progress=not args.quiet)
+    cfg = _config(args)
+    if cfg.task == "digits":
+        from .digits import compare_digits
+
+        return _digits_done(args, compare_digits(cfg, args.out, not args.quiet))
+    compare(cfg, args.out, progress=not args.quiet)
     print(Path(args.out, "table.md").read_text())
     print(f"wrote {args.out}/table.md, table.json, panel.png")
     return 0
@@ -393,7 +414,7 @@ def _cmd_compare(args) -> int:
 
 def add_commands(sub) -> None:
     """Register distill and compare on the ``pdmd`` argument parser."""
-    d = sub.add_parser("distill", help="distil the embedded toy teacher into a few-step generator and report")
+    d = sub.add_parser("distill", help="distil the embedded toy teacher (or, for a config with model:, a local Wan/Qwen-Image) into few-step experts")
     d.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     d.add_argument("--out", required=True, help="run directory")
     d.add_argument("--max-steps", type=int, default=None, help="generator updates in total (overrides the config)")

@@ -188,8 +188,16 @@ class PromptCache:
             embeds[k, :n], mask[k, :n] = r[:n], True
         return embeds, mask
 
-    def batch(self, indices: Sequence[int]) -> dict:
-        """``cond`` for the given prompts: prompt and negative embeddings, padded, with their masks."""
+    @property
+    def max_length(self) -> int:
+        """Tokens of the longest stored prompt or of the negative prompt (a fixed padding for every batch)."""
+        return max([len(self.negative)] + [int(lens.max()) for lens in self._lengths if len(lens)])
+
+    def batch(self, indices: Sequence[int], length: int | None = None) -> dict:
+        """``cond`` for the given prompts: prompt and negative embeddings, padded, with their masks.
+
+        ``length`` pads prompts and the negative prompt alike (default: the cache's ``pad_to`` or the longest
+        prompt of the batch); a fixed length lets batches and their null conditions be concatenated."""
         indices = [int(i) for i in indices]
         if not indices or any(not 0 <= i < len(self) for i in indices):
             raise ValueError(f"indices must be a non-empty list of integers in [0, {len(self)})")
@@ -203,14 +211,14 @@ class PromptCache:
                 part, off = f.get_slice("embeds"), self._offsets[s]
                 for k, j in items:
                     rows[k] = part[int(off[j]):int(off[j + 1])]
-        n = self.pad_to or max(len(r) for r in rows)
-        n_neg = self.pad_to or len(self.negative)
+        n = length or self.pad_to or max(len(r) for r in rows)
+        n_neg = length or self.pad_to or len(self.negative)
         embeds, mask = self._pad(rows, n)
         neg, neg_mask = self._pad([self.negative] * len(rows), n_neg)
         return {"embeds": embeds, "mask": mask, "neg_embeds": neg, "neg_mask": neg_mask}
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict:
-        """A batch of prompts drawn uniformly with replacement."""
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, length: int | None = None) -> dict:
+        """A batch of prompts drawn uniformly with replacement (``length``: as in ``batch``)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        return self.batch(torch.randint(len(self), (batch_size,), generator=generator).tolist())
+        return self.batch(torch.randint(len(self), (batch_size,), generator=generator).tolist(), length)

@@ -168,7 +168,8 @@ std::vector<SubCoef> subinterval_coefs(const at::Tensor& alpha_s, const at::Tens
   std::vector<SubCoef> c(B);
   for (int64_t i = 0; i < B; ++i) {
     const double ats = at_[i] / as[i];
-    const double sts = std::sqrt(std::max(st[i] * st[i] - ats * ats * ss[i] * ss[i], 0.0));
+    // factored difference of squares (as the reference and Triton): exactly 0 at t = s under FMA contraction
+    const double sts = std::sqrt(std::max(st[i] - ats * ss[i], 0.0) * (st[i] + ats * ss[i]));
     double a, b;
     if (flow) {
       a = (as[i] * as[i] * st[i] + at_[i] * ss[i] * ss[i]) / (as[i] * as[i]);

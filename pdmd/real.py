@@ -1,0 +1,294 @@
+"""Real models end to end: ``pdmd encode-prompts`` and ``pdmd distill`` for a config with a ``model:`` section.
+
+The real-model configs (``configs/wan2.1-t2v-14b.yaml``, ``configs/qwen-image.yaml``) are written in the paper's
+terms (model/data/teacher/distill/generator/fake/export); ``real_config`` maps them onto the trainer's
+``RunConfig`` in one place, so an unknown or ill-typed field is a ValueError naming the field as the user wrote it.
+``distill_real`` loads the teacher from the local folder, trains with ``PhasedDMDTrainer`` on the prompt cache and
+exports the experts as diffusers LoRA files with their manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import RunConfig, _coerce, validate
+from .trainer import CHECKPOINT, PhasedDMDTrainer
+
+__all__ = ["RealConfig", "real_config", "load_real_config", "is_real", "PromptTask", "encode_real", "distill_real"]
+
+# real-config field -> RunConfig field (same meaning, copied after a type check)
+_DIRECT = {
+    "seed": "seed", "device": "device", "threads": "threads",
+    "teacher.guidance_scale": "teacher.guidance_scale",
+    "distill.batch_size": "distill.batch_size", "distill.fake_updates_per_generator_update": "distill.fake_updates",
+    "distill.phase_boundaries": "distill.phase_boundaries",
+    **{f"distill.{k}": f"distill.{k}" for k in ("max_steps", "grad_accum", "grad_clip", "bf16", "weighting",
+                                                 "clamp_max", "dmd_t_range", "pool_size", "max_nonfinite",
+                                                 "checkpoint_every", "log_every", "optimizer")},
+    "generator.lora_rank": "distill.lora_rank", "generator.lora_alpha": "distill.lora_alpha",
+    "generator.lr": "distill.lr_generator", "generator.betas": "distill.betas",
+    "generator.weight_decay": "distill.weight_decay", "fake.lr": "distill.lr_fake", "fake.lora_rank": "distill.fake_lora_rank",
+}
+# fields that describe the model, the prompts and the export (typed here), and those translated by hand
+_OWN = {
+    "model.kind": str, "model.path": str, "model.shift": float, "model.dtype": str, "model.shift_resolution": list[int],
+    "data.prompts": str, "data.prompt_cache": str, "data.max_sequence_length": int, "data.negative_prompt": str,
+    "data.resolutions": list[list[int]], "export.dir": str, "export.sampler": str,
+    "distill.steps": list[float], "distill.sgts": bool, "fake.full_parameters": bool, "fake.betas": list[float],
+    "fake.weight_decay": float,
+}
+# Wan 2.2 A14B needs a phase-1 expert and fake score on the high-noise transformer and phase-2 ones on the
+# low-noise one; the trainer holds one module, so these fields are refused rather than trained wrongly.
+_NOT_YET = ("model.boundary_sigma", "model.phase_transformers", "teacher.guidance_scale_low")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RealConfig:
+    run: RunConfig
+    kind: str
+    path: str
+    prompts: str
+    prompt_cache: str
+    resolution: list[int]  # (frames, height, width) pixels the generator trains at
+    shift: float | None = None
+    dtype: str | None = None
+    shift_resolution: list[int] | None = None
+    max_sequence_length: int | None = None
+    negative_prompt: str | None = None
+    export_dir: str | None = None
+    sampler: str = "euler"
+    n_resolutions: int = 1
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype is None else _DTYPES[self.dtype]
+
+
+def _flatten(data: dict) -> dict:
+    """{"a": {"b": 1}, "seed": 0} -> {"a.b": 1, "seed": 0} (one level of sections)."""
+    out = {}
+    for key, v in data.items():
+        if isinstance(v, dict):
+            out.update({f"{key}.{k}": x for k, x in v.items()})
+        else:
+            out[key] = v
+    return out
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    *head, last = dotted.split(".")
+    for h in head:
+        d = d.setdefault(h, {})
+    d[last] = value
+
+
+def real_config(data: dict) -> RealConfig:
+    """Map a real-model config (a dict with a ``model:`` section) onto RunConfig; ValueError naming the field."""
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ValueError("a real-model config must be a mapping with a 'model' section")
+    flat = _flatten(data)
+    for key in flat:
+        if key in _NOT_YET:
+            raise ValueError(f"{key}: Wan 2.2 A14B (one transformer per phase) is not supported yet by pdmd distill; "
+                             "the trainer distils a single-transformer teacher (Wan 2.1, Qwen-Image)")
+        if key not in _DIRECT and key not in _OWN:
+            raise ValueError(f"unknown config field {key!r} (known: {sorted(set(_DIRECT) | set(_OWN) | set(_NOT_YET))})")
+    hints = typing.get_type_hints(RunConfig)
+    sections = {k: typing.get_type_hints(hints[k]) for k in ("teacher", "distill")}
+    run: dict = {}
+    back = {}  # RunConfig field -> real field, to name cross-field errors as the user wrote them
+    for key, target in _DIRECT.items():
+        if key in flat:
+            sec, _, name = target.rpartition(".")
+            tp = sections[sec][name] if sec else hints[name]
+            _set(run, target, _coerce(key, flat[key], tp))
+            back[target] = key
+    own = {k: _coerce(k, flat[k], tp) for k, tp in _OWN.items() if k in flat}
+    for k in ("model.kind", "model.path", "data.prompts", "data.prompt_cache", "data.resolutions", "distill.steps"):
+        if k not in own:
+            raise ValueError(f"{k} is required")
+    if own["model.kind"] not in ("wan", "qwen-image"):
+        raise ValueError(f"model.kind must be 'wan' or 'qwen-image', got {own['model.kind']!r}")
+    if own.get("model.dtype") is not None and own["model.dtype"] not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {own['model.dtype']!r}")
+    res = own["data.resolutions"]
+    if not res or any(len(r) != 3 for r in res):
+        raise ValueError(f"data.resolutions must be a non-empty list of [frames, height, width], got {res}")
+    if own["model.kind"] == "qwen-image":
+        if "data.max_sequence_length" in own:
+            raise ValueError("data.max_sequence_length applies to Wan only (Qwen-Image pads per batch with a mask)")
+        if res[0][0] != 1:
+            raise ValueError(f"data.resolutions: Qwen-Image makes images, frames must be 1, got {res[0]}")
+        if "model.shift" not in own and "model.shift_resolution" not in own:
+            own["model.shift_resolution"] = res[0][1:]
+    if "model.shift_resolution" in own and len(own["model.shift_resolution"]) != 2:
+        raise ValueError(f"model.shift_resolution must be [height, width], got {own['model.shift_resolution']}")
+    if own.get("export.sampler", "euler") not in ("euler", "renoise"):
+        raise ValueError(f"export.sampler must be 'euler' or 'renoise', got {own['export.sampler']!r}")
+    for k in ("betas", "weight_decay"):  # one AdamW setting for both optimisers in the trainer
+        g = run.get("distill", {}).get(k, getattr(RunConfig().distill, k))
+        if f"fake.{k}" in own and own[f"fake.{k}"] != g:
+            raise ValueError(f"fake.{k} must equal generator.{k} ({g}): the trainer uses one setting for both")
+    d = run.setdefault("distill", {})
+    d["timesteps"] = list(own["distill.steps"]) + [0.0]
+    back["distill.timesteps"] = "distill.steps"
+    d["method"] = "phased_sgts" if own.get("distill.sgts", True) else "phased"
+    back["distill.method"] = "distill.sgts"
+    d["fake_kind"] = "full" if own.get("fake.full_parameters", True) else "lora"
+    back.update({"distill.fake_kind": "fake.full_parameters", "distill.fake_lora_rank": "fake.lora_rank"})
+    cfg = RunConfig(**{k: v for k, v in run.items() if k not in sections})
+    cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **run.get(s, {})) for s in sections})
+    try:
+        validate(cfg)
+    except ValueError as e:  # name the field as the user wrote it
+        field, _, rest = str(e).partition(" ")
+        raise ValueError(f"{back.get(field, field)} {rest}") from None
+    return RealConfig(run=cfg, kind=own["model.kind"], path=own["model.path"], prompts=own["data.prompts"],
+                      prompt_cache=own["data.prompt_cache"], resolution=res[0], shift=own.get("model.shift"),
+                      dtype=own.get("model.dtype"), shift_resolution=own.get("model.shift_resolution"),
+                      max_sequence_length=own.get("data.max_sequence_length"),
+                      negative_prompt=own.get("data.negative_prompt"), export_dir=own.get("export.dir"),
+                      sampler=own.get("export.sampler", "euler"), n_resolutions=len(res))
+
+
+def is_real(path) -> bool:
+    """Whether the YAML config at ``path`` describes a real model (it has a ``model:`` section)."""
+    if path is None:
+        return False
+    data = yaml.safe_load(Path(path).read_text())
+    return isinstance(data, dict) and "model" in data
+
+
+def load_real_config(path) -> RealConfig:
+    return real_config(yaml.safe_load(Path(path).read_text()) or {})
+
+
+class PromptTask:
+    """The trainer's task for a real model: cached prompt embeddings and the latent shape of one resolution.
+
+    Every batch is padded to one length (the longest cached prompt, or Wan's 512), so batches, the pool and the
+    null conditions concatenate; the masks keep Qwen-Image's padding out of attention.
+    """
+
+    def __init__(self, cache, latent_shape):
+        self.cache, self.latent_shape = cache, tuple(latent_shape)
+        self.length = cache.pad_to or cache.max_length
+
+    def sample_cond(self, n: int, generator: torch.Generator) -> dict:
+        return self.cache.sample(n, generator, length=self.length)
+
+
+def _load_teacher(rc: RealConfig):
+    from .models import WanMoEDenoiser, load_denoiser
+
+    kw = {"dtype": rc.torch_dtype}
+    if rc.kind == "wan":
+        kw["shift"] = rc.shift
+    elif rc.shift is not None:
+        kw["shift"] = rc.shift
+    else:
+        kw["resolution"] = tuple(rc.shift_resolution)
+    teacher = load_denoiser(rc.kind, rc.path, **kw)
+    if isinstance(teacher, WanMoEDenoiser):
+        raise ValueError(f"model.path: {rc.path!r} is Wan 2.2 A14B (two transformers), which pdmd distill does not "
+                         "support yet; the trainer distils a single-transformer teacher (Wan 2.1, Qwen-Image)")
+    frames, height, width = rc.resolution
+    shape = teacher.latent_shape(frames, height, width) if rc.kind == "wan" else teacher.latent_shape(height, width)
+    return teacher, shape
+
+
+def encode_real(rc: RealConfig, progress: bool = True) -> Path:
+    """Encode ``data.prompts`` into ``data.prompt_cache`` with the model's own text encoder (freed afterwards)."""
+    from .prompts import encode_prompts
+
+    path = Path(rc.prompts)
+    if not path.is_file():
+        raise ValueError(f"data.prompts: {str(path)!r} is not a file (one prompt per line)")
+    prompts = [p for p in path.read_text().splitlines() if p.strip()]
+    extra = {"max_sequence_length": rc.max_sequence_length} if rc.max_sequence_length else {}
+    return encode_prompts(rc.kind, rc.path, prompts, rc.prompt_cache, rc.negative_prompt, dtype=rc.torch_dtype,
+                          device=rc.run.device, progress=progress, **extra)
+
+
+def distill_real(rc: RealConfig, out, resume: bool = False, progress: bool = True) -> dict:
+    """Distil the local teacher on the prompt cache, then export the experts; returns the export manifest."""
+    from .export import export_experts
+    from .prompts import PromptCache
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("pdmd distill of a real model runs in one process for now (WORLD_SIZE > 1 given)")
+    cfg = rc.run
+    if rc.dtype in ("bfloat16", "float16") and cfg.distill.fake_kind == "full" and cfg.distill.optimizer == "adamw":
+        # the full fake score is a copy of the teacher: in half precision torch AdamW's steps of ~lr (4e-7)
+        # fall below half an ulp of the weights and are rounded away, so the fake score would never train
+        raise ValueError(f"model.dtype: a full-parameter fake score in {rc.dtype} with AdamW loses its updates to "
+                         "rounding; use model.dtype: float32 with distill.bf16: true (bfloat16 autocast), or "
+                         "fake.full_parameters: false (a float32 LoRA fake score)")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT
+    if not resume and ckpt.exists():
+        raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
+    if resume and not ckpt.exists():
+        raise ValueError(f"--resume given but there is no checkpoint at {ckpt}")
+    if not (Path(rc.prompt_cache) / "meta.json").is_file():
+        raise ValueError(f"data.prompt_cache: {rc.prompt_cache!r} holds no prompt cache; run pdmd encode-prompts first")
+    cache = PromptCache(rc.prompt_cache)
+    if cache.kind != rc.kind:
+        raise ValueError(f"data.prompt_cache: {rc.prompt_cache!r} was encoded for {cache.kind!r}, not {rc.kind!r}")
+    teacher, shape = _load_teacher(rc)
+    if progress:
+        print(f"pdmd distill: training at (frames, height, width) {rc.resolution}, latents {tuple(shape)}"
+              + (" (the first of data.resolutions: one resolution per run for now)" if rc.n_resolutions > 1 else ""))
+    if not resume and (out / "log.jsonl").exists():
+        (out / "log.jsonl").unlink()
+    trainer = PhasedDMDTrainer(cfg, teacher, PromptTask(cache, shape), out, progress)
+    if resume:
+        trainer.load(ckpt)
+    t0 = time.time()
+    trainer.train()
+    d = cfg.distill
+    bounds = list(d.phase_boundaries) if d.method == "phased_sgts" else list(d.timesteps[1:-1])
+    manifest = export_experts(trainer.experts.module, rc.export_dir or out / "experts", d.timesteps[:-1], bounds,
+                              sampler=rc.sampler)
+    manifest["seconds"] = round(time.time() - t0, 1)
+    return manifest
+
+
+def add_encode_command(sub) -> None:
+    """``pdmd encode-prompts --config X.yaml``."""
+    e = sub.add_parser("encode-prompts", help="encode a real-model config's prompts once into its prompt cache")
+    e.add_argument("--config", required=True, help="real-model YAML config (model: and data: sections)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_cmd_encode)
+
+
+def _cmd_encode(args) -> int:
+    rc = load_real_config(args.config)
+    out = encode_real(rc, progress=not args.quiet)
+    print(f"wrote the prompt cache {out}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    """The real-model branch of ``pdmd distill``."""
+    rc = load_real_config(args.config)
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+        rc.run = dataclasses.replace(rc.run, distill=dataclasses.replace(rc.run.distill, max_steps=args.max_steps))
+    m = distill_real(rc, args.out, resume=args.resume, progress=not args.quiet)
+    where = rc.export_dir or Path(args.out) / "experts"
+    print(f"distilled {len(m['experts'])} experts in {m['seconds']} s; wrote {where}/manifest.json and "
+          + ", ".join(e["file"] for e in m["experts"]))
+    return 0

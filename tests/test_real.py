@@ -1,0 +1,180 @@
+"""From prompts to LoRA files diffusers loads, through the commands a user runs: ``pdmd encode-prompts`` then
+``pdmd distill`` on a real-model config, with tiny random models of the real classes saved in local folders."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pdmd.cli import main
+from pdmd.export import activate_adapter, expert_sampling, load_experts
+from pdmd.real import distill_real, real_config
+from test_prompts import PROMPTS, QWEN_TEMPLATE, _qwen_encoder, _tokenizer, _wan_encoder
+from tiny_models import save_pipeline_dir, tiny_qwen, tiny_wan
+
+STEPS = [1.0, 0.75, 0.5, 0.25]
+
+
+def _config(tmp_path, kind, pipe_dir, resolution, **model):
+    cfg = {
+        "threads": 1,
+        "model": {"kind": kind, "path": str(pipe_dir), **model},
+        "data": {"prompts": str(tmp_path / "prompts.txt"), "prompt_cache": str(tmp_path / "cache"),
+                 "resolutions": [resolution]},
+        "teacher": {"guidance_scale": 4.0},
+        "distill": {"steps": STEPS, "phase_boundaries": [0.5], "sgts": True, "batch_size": 2,
+                    "fake_updates_per_generator_update": 2, "pool_size": 4, "log_every": 1},
+        "generator": {"lora_rank": 4, "lora_alpha": 8, "lr": 1e-2, "betas": [0.0, 0.999], "weight_decay": 0.0},
+        "fake": {"full_parameters": True, "lr": 1e-3, "betas": [0.0, 0.999], "weight_decay": 0.0},
+    }
+    if kind == "wan":
+        cfg["data"]["max_sequence_length"] = 16
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, cfg
+
+
+def _run_commands(tmp_path, cfg_path):
+    assert main(["encode-prompts", "--config", str(cfg_path), "--quiet"]) == 0
+    out = tmp_path / "run"
+    assert main(["distill", "--config", str(cfg_path), "--out", str(out), "--max-steps", "2", "--quiet"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == [1, 2] and all(r["nonfinite_skipped"] == 0 for r in log)
+    manifest = json.loads((out / "experts" / "manifest.json").read_text())
+    assert [r["expert"] for r in manifest["steps"]] == ["expert_1", "expert_1", "expert_2", "expert_2"]
+    assert [r["t"] for r in manifest["steps"]] == STEPS
+    return out, manifest
+
+
+def _check_export_is_the_trained_adapters(out):
+    """The exported LoRA files hold exactly the trained adapters of the final checkpoint, moved off their zero init."""
+    ckpt = load_file(str(out / "checkpoint.safetensors"))
+    for name in ("expert_1", "expert_2"):
+        exported = load_file(str(out / "experts" / f"{name}.safetensors"))
+        trained = {k[len("adapter.base_model.model."):].replace(f".{name}.", "."): v for k, v in ckpt.items()
+                   if k.startswith("adapter.") and f".{name}." in k}
+        assert set(exported) == set(trained) and exported
+        for k, v in exported.items():
+            torch.testing.assert_close(v, trained[k], atol=0, rtol=0)
+        assert any(float(v.abs().max()) > 0 for k, v in exported.items() if ".lora_B." in k)
+
+
+def test_wan21_prompts_to_diffusers_lora_files(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    tok = _tokenizer(PROMPTS)
+    pipe_dir = save_pipeline_dir(tmp_path / "wan", "WanPipeline", {"transformer": tiny_wan(0)},
+                                 {"_class_name": "UniPCMultistepScheduler", "flow_shift": 5.0})
+    tok.save_pretrained(pipe_dir / "tokenizer")
+    _wan_encoder(len(tok)).save_pretrained(pipe_dir / "text_encoder")
+    cfg_path, _ = _config(tmp_path, "wan", pipe_dir, [1, 32, 32], shift=5.0)
+    out, manifest = _run_commands(tmp_path, cfg_path)
+    assert manifest["pipeline"] == "WanPipeline" and manifest["shift"] == 5.0
+    _check_export_is_the_trained_adapters(out)
+    with pytest.raises(ValueError, match="--resume"):
+        main(["distill", "--config", str(cfg_path), "--out", str(out), "--quiet"])
+    assert main(["distill", "--config", str(cfg_path), "--out", str(out), "--max-steps", "2", "--resume", "--quiet"]) == 0
+    _check_export_is_the_trained_adapters(out)  # resumed at the end: nothing trained, the same experts exported
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                       transformer=WanTransformer3DModel.from_pretrained(pipe_dir / "transformer"))
+    x, cond = torch.randn(1, 4, 1, 4, 4), torch.randn(1, 16, 16)
+    with torch.no_grad():
+        base = pipe.transformer(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=cond)[0]
+        load_experts(pipe, out / "experts")
+        activate_adapter(pipe.transformer, "expert_2")
+        moved = pipe.transformer(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=cond)[0]
+        assert not torch.allclose(base, moved, atol=1e-5)
+        with expert_sampling(pipe, manifest) as kw:
+            video = pipe(prompt_embeds=cond, latents=x, height=32, width=32, num_frames=1, output_type="latent", **kw).frames
+    assert video.shape == x.shape and bool(torch.isfinite(video).all())
+
+
+def test_qwen_image_prompts_to_diffusers_lora_files(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    tok = _tokenizer([QWEN_TEMPLATE] + PROMPTS)
+    pipe_dir = save_pipeline_dir(tmp_path / "qwen", "QwenImagePipeline", {"transformer": tiny_qwen(0)},
+                                 {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True,
+                                  "base_shift": 0.5, "max_shift": 0.9, "base_image_seq_len": 256,
+                                  "max_image_seq_len": 8192, "time_shift_type": "exponential"})
+    tok.save_pretrained(pipe_dir / "tokenizer")
+    _qwen_encoder(len(tok)).save_pretrained(pipe_dir / "text_encoder")
+    cfg_path, _ = _config(tmp_path, "qwen-image", pipe_dir, [1, 32, 32])
+    out, manifest = _run_commands(tmp_path, cfg_path)
+    assert manifest["pipeline"] == "QwenImagePipeline"
+    _check_export_is_the_trained_adapters(out)
+
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                             transformer=QwenImageTransformer2DModel.from_pretrained(pipe_dir / "transformer"))
+    load_experts(pipe, out / "experts")
+    x, cond = torch.randn(1, 4, 4, 4), torch.randn(1, 5, 16)
+    packed = QwenImagePipeline._pack_latents(x, 1, 4, 4, 4)
+    with torch.no_grad(), expert_sampling(pipe, manifest) as kw:
+        img = pipe(prompt_embeds=cond, prompt_embeds_mask=torch.ones(1, 5, dtype=torch.long), latents=packed,
+                   height=32, width=32, output_type="latent", **kw).images
+    assert img.shape == packed.shape and bool(torch.isfinite(img).all())
+
+
+def _base():
+    return {"model": {"kind": "wan", "path": "/m"}, "data": {"prompts": "p.txt", "prompt_cache": "c",
+                                                             "resolutions": [[1, 32, 32]]},
+            "distill": {"steps": STEPS, "phase_boundaries": [0.5]}}
+
+
+def test_real_config_maps_the_paper_fields_and_names_bad_ones():
+    rc = real_config(yaml.safe_load(open("configs/wan2.1-t2v-14b.yaml")))
+    d = rc.run.distill
+    assert (d.timesteps, d.phase_boundaries, d.method, d.batch_size, d.fake_updates) == \
+        ([1.0, 0.75, 0.5, 0.25, 0.0], [0.5], "phased_sgts", 64, 5)
+    assert (d.lr_generator, d.lr_fake, d.lora_rank, d.lora_alpha, d.fake_kind, d.betas) == \
+        (5e-5, 4e-7, 64, 8.0, "full", [0.0, 0.999])
+    assert rc.run.teacher.guidance_scale == 5.0 and rc.shift == 5.0 and rc.resolution == [1, 720, 1280]
+    rq = real_config(yaml.safe_load(open("configs/qwen-image.yaml")))
+    assert rq.shift_resolution == [1328, 1328] and rq.run.teacher.guidance_scale == 4.0 and rq.n_resolutions == 7
+    with pytest.raises(ValueError, match=r"model.phase_transformers.*not supported yet"):
+        real_config(yaml.safe_load(open("configs/wan2.2-t2v-a14b.yaml")) | {"model": {"kind": "wan", "path": "/m",
+                                                                                    "phase_transformers": ["high", "low"]}})
+    with pytest.raises(ValueError, match=r"not supported yet"):
+        real_config(yaml.safe_load(open("configs/wan2.2-t2v-a14b.yaml")))
+    cases = [({"generator": {"lr": "fast"}}, "generator.lr must be a finite number"),
+             ({"generator": {"rank": 4}}, "unknown config field 'generator.rank'"),
+             ({"distill": {"steps": [1.0, 0.3, 0.5], "phase_boundaries": [0.5]}}, "distill.steps .*strictly decreasing"),
+             ({"distill": {"steps": STEPS, "phase_boundaries": [0.4]}}, "distill.phase_boundaries must be interior"),
+             ({"distill": {"steps": STEPS, "sgts": "yes"}}, "distill.sgts must be true or false"),
+             ({"fake": {"betas": [0.9, 0.999]}}, "fake.betas must equal generator.betas"),
+             ({"model": {"kind": "flux", "path": "/m"}}, "model.kind must be"),
+             ({"model": {"kind": "wan", "path": "/m", "dtype": "float8"}}, "model.dtype must be one of"),
+             ({"data": {"prompts": "p", "prompt_cache": "c", "resolutions": [[32, 32]]}}, "data.resolutions must be")]
+    for change, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            real_config(_base() | change)
+
+
+def test_half_precision_full_fake_score_is_refused(tmp_path):
+    rc = real_config(_base() | {"model": {"kind": "wan", "path": "/m", "dtype": "bfloat16"}})
+    with pytest.raises(ValueError, match="model.dtype: a full-parameter fake score in bfloat16"):
+        distill_real(rc, tmp_path)
+    rc = real_config(_base() | {"data": {"prompts": "p", "prompt_cache": str(tmp_path / "none"), "resolutions": [[1, 32, 32]]}})
+    with pytest.raises(ValueError, match="data.prompt_cache: .* run pdmd encode-prompts first"):
+        distill_real(rc, tmp_path)
+
+
+def test_qwen_fixed_length_padding_with_mask_changes_nothing():
+    """PromptTask pads every Qwen-Image batch to the cache's longest prompt; the mask makes that exact."""
+    from pdmd.models import QwenImageDenoiser
+
+    d = QwenImageDenoiser(tiny_qwen(0), 2.3)
+    x, e = torch.randn(2, 4, 4, 4), torch.randn(2, 5, 16)
+    m = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
+    with torch.no_grad():
+        short = d(x, 0.5, {"embeds": e, "mask": m})
+        long = d(x, 0.5, {"embeds": torch.cat([e, torch.randn(2, 4, 16)], 1),
+                          "mask": torch.cat([m, torch.zeros(2, 4, dtype=torch.bool)], 1)})
+        alone = d(x[1:], 0.5, {"embeds": e[1:, :3], "mask": None})
+    torch.testing.assert_close(long, short, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(short[1:], alone, atol=1e-5, rtol=1e-5)
