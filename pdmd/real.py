@@ -31,10 +31,13 @@ _DIRECT = {
     "distill.phase_boundaries": "distill.phase_boundaries",
     **{f"distill.{k}": f"distill.{k}" for k in ("max_steps", "grad_accum", "grad_clip", "bf16", "weighting",
                                                  "clamp_max", "dmd_t_range", "pool_size", "max_nonfinite",
-                                                 "checkpoint_every", "log_every", "optimizer")},
+                                                 "checkpoint_every", "log_every", "activation_checkpointing",
+                                                 "compile", "compile_backend", "frozen_dtype")},
     "generator.lora_rank": "distill.lora_rank", "generator.lora_alpha": "distill.lora_alpha",
     "generator.lr": "distill.lr_generator", "generator.betas": "distill.betas",
     "generator.weight_decay": "distill.weight_decay", "fake.lr": "distill.lr_fake", "fake.lora_rank": "distill.fake_lora_rank",
+    "generator.optimizer": "distill.optimizer_generator", "fake.optimizer": "distill.optimizer_fake",
+    "fake.dtype": "distill.fake_dtype",
 }
 # fields that describe the model, the prompts and the export (typed here), and those translated by hand
 _OWN = {
@@ -226,12 +229,13 @@ def distill_real(rc: RealConfig, out, resume: bool = False, progress: bool = Tru
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("pdmd distill of a real model runs in one process for now (WORLD_SIZE > 1 given)")
     cfg = rc.run
-    if rc.dtype in ("bfloat16", "float16") and cfg.distill.fake_kind == "full" and cfg.distill.optimizer == "adamw":
+    if rc.dtype in ("bfloat16", "float16") and cfg.distill.fake_kind == "full" and cfg.distill.optimizer_fake == "adamw":
         # the full fake score is a copy of the teacher: in half precision torch AdamW's steps of ~lr (4e-7)
         # fall below half an ulp of the weights and are rounded away, so the fake score would never train
         raise ValueError(f"model.dtype: a full-parameter fake score in {rc.dtype} with AdamW loses its updates to "
                          "rounding; use model.dtype: float32 with distill.bf16: true (bfloat16 autocast), or "
-                         "fake.full_parameters: false (a float32 LoRA fake score)")
+                         "fake.full_parameters: false (a float32 LoRA fake score), or fake.optimizer: adamw8bit-v "
+                         "(its stochastic rounding keeps them)")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(out)
