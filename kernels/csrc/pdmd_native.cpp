@@ -30,21 +30,24 @@ constexpr int64_t kBlock = 8192;       // elements of one sample per parallel ta
 constexpr int64_t kParallelMin = 32768; // fewer elements than this per thread: not worth a thread
 
 // ---------------------------------------------------------------- element access, float32 math
-inline uint32_t bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-inline float from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+// always_inline: these are also called from the optimizer step, compiled with other fp options (no FMA
+// contraction), and GCC does not otherwise inline across differing optimisation attributes.
+#define PDMD_INLINE inline __attribute__((always_inline))
+PDMD_INLINE uint32_t bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+PDMD_INLINE float from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline bool is_finite(float f) { return (bits(f) & 0x7f800000u) != 0x7f800000u; }
 
 typedef uint16_t u16_alias __attribute__((may_alias));
 
 // IEEE half <-> float with integer and float32 operations only (bit-exact with F16C's
 // vcvtph2ps / round-to-nearest-even vcvtps2ph): unlike _cvtsh_ss or a _Float16 cast, GCC vectorises it.
-inline float half_to_float(uint32_t h) {
+PDMD_INLINE float half_to_float(uint32_t h) {
   const uint32_t two_w = h << 17;  // exponent and mantissa at the top, sign dropped
   const float normal = from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;  // inf/NaN survive the scale
   const float subnormal = from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
   return from_bits(((h & 0x8000u) << 16) | (two_w < (1u << 27) ? bits(subnormal) : bits(normal)));
 }
-inline uint16_t float_to_half(float f) {
+PDMD_INLINE uint16_t float_to_half(float f) {
   const uint32_t w = bits(f), shl1_w = w + w;
   float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;  // rounds the mantissa, overflows to inf
   base += from_bits((std::max(shl1_w & 0xFF000000u, 0x71000000u) >> 1) + 0x07800000u);
@@ -58,13 +61,13 @@ inline uint16_t float_to_half(float f) {
 template <typename T> struct Io;
 template <> struct Io<float> {
   using S = float;
-  static inline float load(S v) { return v; }
-  static inline S store(float f) { return f; }
+  static PDMD_INLINE float load(S v) { return v; }
+  static PDMD_INLINE S store(float f) { return f; }
 };
 template <> struct Io<c10::BFloat16> {
   using S = u16_alias;
-  static inline float load(S v) { return from_bits(uint32_t(v) << 16); }
-  static inline S store(float f) {  // round to nearest even, NaN stays NaN (as c10::BFloat16)
+  static PDMD_INLINE float load(S v) { return from_bits(uint32_t(v) << 16); }
+  static PDMD_INLINE S store(float f) {  // round to nearest even, NaN stays NaN (as c10::BFloat16)
     const uint32_t u = bits(f);
     const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : uint16_t(r);
@@ -72,8 +75,8 @@ template <> struct Io<c10::BFloat16> {
 };
 template <> struct Io<c10::Half> {
   using S = u16_alias;
-  static inline float load(S v) { return half_to_float(v); }
-  static inline S store(float f) { return float_to_half(f); }
+  static PDMD_INLINE float load(S v) { return half_to_float(v); }
+  static PDMD_INLINE S store(float f) { return float_to_half(f); }
 };
 
 template <typename T> inline const typename Io<T>::S* raw(const at::Tensor& t) {
@@ -547,29 +550,29 @@ constexpr int64_t kOptBlock = 256;      // values per quantisation block (optim_
 constexpr float kLevels = 254.0f;       // optim_step.LEVELS
 constexpr float kMaxRange = 40.0f;      // optim_step.MAX_RANGE
 
-inline uint64_t mix64(uint64_t x) {  // splitmix64's finaliser: a bijection with full avalanche
+PDMD_INLINE uint64_t mix64(uint64_t x) {  // splitmix64's finaliser: a bijection with full avalanche
   x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ull;
   x ^= x >> 27; x *= 0x94d049bb133111ebull;
   return x ^ (x >> 31);
 }
-inline uint64_t rand64(uint64_t key, uint64_t i) { return mix64(key + i * 0x9e3779b97f4a7c15ull); }
+PDMD_INLINE uint64_t rand64(uint64_t key, uint64_t i) { return mix64(key + i * 0x9e3779b97f4a7c15ull); }
 
 // No fused multiply-adds here: each float32 operation rounds as in the reference's separate torch ops.
 template <typename TP, typename TG>
-__attribute__((optimize("fp-contract=off"))) void adamw8bitv_blocks(typename Io<TP>::S* __restrict__ p, const typename Io<TG>::S* __restrict__ g,
+__attribute__((optimize("fp-contract=off", "no-math-errno"))) void adamw8bitv_blocks(typename Io<TP>::S* __restrict__ p, const typename Io<TG>::S* __restrict__ g,
                        uint8_t* __restrict__ codes, float* __restrict__ scales, int64_t n, int64_t b0, int64_t b1,
                        float lr, float decay, float beta2, float one_minus_beta2, float eps, float inv_bc2,
                        uint64_t seed, bool sr_state, bool sr_weight) {
   const uint64_t key_state = mix64(seed * 2 + 1), key_weight = mix64(seed * 2 + 2);
   float v[kOptBlock], lv[kOptBlock];
   for (int64_t blk = b0; blk < b1; ++blk) {
-    const int64_t off = blk * kOptBlock, len = std::min<int64_t>(kOptBlock, std::max<int64_t>(n - off, 0));
+    const int64_t off = blk * kOptBlock, len = n - off < kOptBlock ? std::max<int64_t>(n - off, 0) : kOptBlock;
     uint8_t* c = codes + off;
     const float lo0 = scales[2 * blk], hi0 = scales[2 * blk + 1], step0 = (hi0 - lo0) / kLevels;
     // v = beta2 dequant(codes) + (1 - beta2) g^2 (padding has g = 0), then the weight update
     for (int64_t i = 0; i < kOptBlock; ++i) {
-      const float q = float(c[i]);
-      v[i] = beta2 * (c[i] > 0 ? std::exp2(lo0 + (q - 1.0f) * step0) : 0.0f);
+      const float e = std::exp2(lo0 + (float(c[i]) - 1.0f) * step0);  // computed for all: vectorises
+      v[i] = beta2 * (c[i] > 0 ? e : 0.0f);
     }
     for (int64_t i = 0; i < len; ++i) {
       const float gi = Io<TG>::load(g[off + i]);
@@ -591,19 +594,23 @@ __attribute__((optimize("fp-contract=off"))) void adamw8bitv_blocks(typename Io<
     for (int64_t i = 0; i < kOptBlock; ++i) {
       const bool nz = v[i] > 0.0f;
       lv[i] = std::log2(nz ? v[i] : 1.0f);
-      hi = std::max(hi, nz ? lv[i] : -1e30f);
-      lo = std::min(lo, nz ? lv[i] : 1e30f);
+    }
+    for (int64_t i = 0; i < kOptBlock; ++i) {
+      const bool nz = v[i] > 0.0f;
+      const float h = nz ? lv[i] : -1e30f, l = nz ? lv[i] : 1e30f;
+      hi = h > hi ? h : hi;
+      lo = l < lo ? l : lo;
     }
     if (hi < -1e29f) {
       hi = 0.0f; lo = 0.0f;
     } else {
-      lo = std::max(lo, hi - kMaxRange);
+      lo = lo > hi - kMaxRange ? lo : hi - kMaxRange;
     }
     const float step = (hi - lo) / kLevels, inv = step > 0.0f ? 1.0f / step : 0.0f;
     for (int64_t i = 0; i < kOptBlock; ++i) {
       const float r = sr_state ? float(rand64(key_state, uint64_t(off + i)) >> 40) * 0x1.0p-24f : 0.5f;
-      const float pos = (std::max(lv[i], lo) - lo) * inv;
-      const float q = std::min(std::max(std::floor(pos + r), 0.0f), kLevels);
+      const float pos = ((lv[i] > lo ? lv[i] : lo) - lo) * inv;
+      const float f = std::floor(pos + r), q = f < 0.0f ? 0.0f : (f > kLevels ? kLevels : f);
       c[i] = v[i] > 0.0f ? uint8_t(q + 1.0f) : uint8_t(0);
     }
     scales[2 * blk] = lo;
