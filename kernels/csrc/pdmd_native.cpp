@@ -557,9 +557,11 @@ PDMD_INLINE uint64_t mix64(uint64_t x) {  // splitmix64's finaliser: a bijection
 }
 PDMD_INLINE uint64_t rand64(uint64_t key, uint64_t i) { return mix64(key + i * 0x9e3779b97f4a7c15ull); }
 
-// No fused multiply-adds here: each float32 operation rounds as in the reference's separate torch ops.
+// No fused multiply-adds here: each float32 operation rounds as in the reference's separate torch ops
+// (no-math-errno: sqrt is one instruction, without an errno branch).
 template <typename TP, typename TG>
-__attribute__((optimize("fp-contract=off", "no-math-errno"))) void adamw8bitv_blocks(typename Io<TP>::S* __restrict__ p, const typename Io<TG>::S* __restrict__ g,
+__attribute__((optimize("fp-contract=off", "no-math-errno")))
+void adamw8bitv_blocks(typename Io<TP>::S* __restrict__ p, const typename Io<TG>::S* __restrict__ g,
                        uint8_t* __restrict__ codes, float* __restrict__ scales, int64_t n, int64_t b0, int64_t b1,
                        float lr, float decay, float beta2, float one_minus_beta2, float eps, float inv_bc2,
                        uint64_t seed, bool sr_state, bool sr_weight) {
@@ -571,7 +573,7 @@ __attribute__((optimize("fp-contract=off", "no-math-errno"))) void adamw8bitv_bl
     const float lo0 = scales[2 * blk], hi0 = scales[2 * blk + 1], step0 = (hi0 - lo0) / kLevels;
     // v = beta2 dequant(codes) + (1 - beta2) g^2 (padding has g = 0), then the weight update
     for (int64_t i = 0; i < kOptBlock; ++i) {
-      const float e = std::exp2(lo0 + (float(c[i]) - 1.0f) * step0);  // computed for all: vectorises
+      const float e = std::exp2(lo0 + (float(c[i]) - 1.0f) * step0);  // for every code: no branch
       v[i] = beta2 * (c[i] > 0 ? e : 0.0f);
     }
     for (int64_t i = 0; i < len; ++i) {
