@@ -10,11 +10,13 @@ from __future__ import annotations
 import itertools
 
 import torch
+from pdmd_kernels import native
 from pdmd_kernels import optim_step as ops
 
 __all__ = ["AdamW8bitV", "build_optimizer", "state_bytes", "OPTIMIZERS"]
 
 _ROUNDINGS = ("stochastic", "nearest")
+_BACKENDS = ("auto", "torch", "triton", "native")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -36,8 +38,8 @@ class AdamW8bitV(torch.optim.Optimizer):
     ``weight_rounding``: how a bfloat16 parameter receives the float32 result ("stochastic" keeps
     tiny updates in expectation; "nearest" loses updates below half a bfloat16 ulp).
     ``state_rounding``: rounding of the 8-bit state ("stochastic" keeps the EMA's slow drift).
-    ``backend``: "auto" (Triton kernel on CUDA when triton is importable, else PyTorch), "torch"
-    or "triton". Works on FSDP2 DTensor parameters by updating the local shard.
+    ``backend``: "auto" (Triton kernel on CUDA when triton is importable, the native C++ step on
+    CPU when ``pdmd_kernels.native`` is built, else PyTorch), "torch", "triton" or "native". Works on FSDP2 DTensor parameters by updating the local shard.
     ``seed``: random bits are derived from (seed, step, parameter index, rank): reproducible and
     resumable from a checkpoint.
     """
@@ -58,20 +60,27 @@ class AdamW8bitV(torch.optim.Optimizer):
         for name, value in (("weight_rounding", weight_rounding), ("state_rounding", state_rounding)):
             if value not in _ROUNDINGS:
                 raise ValueError(f"{name} must be one of {_ROUNDINGS}, got {value!r}")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if backend == "triton" and not ops.HAVE_TRITON:
             raise ValueError("backend='triton' needs the triton package (pip install triton)")
+        if backend == "native" and not native.available():
+            raise ValueError(f"backend='native' needs the native library: {native.unavailable_reason()}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         weight_rounding=weight_rounding, state_rounding=state_rounding)
         super().__init__(params, defaults)
         self.backend = backend
         self.seed = int(seed)
 
-    def _use_triton(self, p: torch.Tensor) -> bool:
-        if self.backend == "auto":
-            return p.is_cuda and ops.HAVE_TRITON
-        return self.backend == "triton"
+    def _backend_for(self, p: torch.Tensor) -> str:
+        """The step implementation for this (local) parameter: "triton", "native" or "torch"."""
+        if self.backend != "auto":
+            return self.backend
+        if p.is_cuda and ops.HAVE_TRITON:
+            return "triton"
+        if p.device.type == "cpu" and p.dtype in native.DTYPES and native.available():
+            return "native"
+        return "torch"
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -110,8 +119,11 @@ class AdamW8bitV(torch.optim.Optimizer):
                   bias_correction2=1.0 - beta2**t, state_rounding=group["state_rounding"],
                   weight_rounding=group["weight_rounding"])
         work = w if w.is_contiguous() else w.contiguous()
-        if self._use_triton(work):
+        backend = self._backend_for(work)
+        if backend == "triton":
             ops.step_triton(work, g.contiguous(), state["codes"], state["scales"], seed=seed, **kw)
+        elif backend == "native":
+            native.adamw8bitv_step(work, g, state["codes"], state["scales"], seed=seed, **kw)
         else:
             gen = torch.Generator(device=work.device).manual_seed(seed)
             ops.step_reference(work, g, state["codes"], state["scales"], generator=gen, **kw)

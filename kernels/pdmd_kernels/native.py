@@ -27,6 +27,7 @@ __all__ = [
     "dmd_loss_grad",
     "renoise",
     "renoise_grads",
+    "adamw8bitv_step",
     "register_backends",
 ]
 
@@ -137,6 +138,22 @@ def renoise(x_s, noise, alpha_ts, sigma_ts):
 def renoise_grads(grad, alpha_ts, sigma_ts, needs=(True, True)):
     """Gradients (x_s, noise) of ``(grad * renoise(...)).sum()`` in grad's dtype; None where not needed."""
     return tuple(_ops().renoise_bwd(grad, alpha_ts, sigma_ts, [bool(n) for n in needs]))
+
+
+def adamw8bitv_step(p, g, codes, scales, *, lr, beta2, eps, weight_decay, bias_correction2, seed=0,
+                    state_rounding="stochastic", weight_rounding="stochastic"):
+    """In place, the update of ``optim_step.step_reference`` in one pass over p, g and the 8-bit state.
+
+    ``p`` contiguous float32/bfloat16/float16, ``g`` of p's numel; random bits come from a
+    counter-based hash of ``seed`` and the element index (not torch's generator), so stochastic
+    results are reproducible and independent of the thread count but differ from the reference's.
+    """
+    for name, value in (("state_rounding", state_rounding), ("weight_rounding", weight_rounding)):
+        if value not in ("stochastic", "nearest"):
+            raise ValueError(f"{name} must be 'stochastic' or 'nearest', got {value!r}")
+    _ops().adamw8bitv_step(p, g, codes, scales, float(lr), float(beta2), float(eps), float(weight_decay),
+                           float(bias_correction2), int(seed), state_rounding == "stochastic",
+                           p.dtype == torch.bfloat16 and weight_rounding == "stochastic")
 
 
 def register_backends(register_backend) -> None:
