@@ -16,12 +16,7 @@ from pdmd.toy import ToyData, ToyDenoiser
 from pdmd.trainer import PhasedDMDTrainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])

@@ -11,12 +11,7 @@ from pdmd.digits import DigitsTask, build_teacher
 from pdmd.trainer import PhasedDMDTrainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("phase", [0, 1], ids=["phase1", "phase2"])

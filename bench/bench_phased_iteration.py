@@ -29,12 +29,7 @@ def _trainer(tmp_path, pool_size: int, phase: int) -> PhasedDMDTrainer:
     return tr
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("phase", [0, 1], ids=["phase1", "phase2"])

@@ -11,12 +11,7 @@ from tiny_models import tiny_qwen, tiny_wan
 from trainer_helpers import tiny_cfg
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class PromptTask:

@@ -17,12 +17,7 @@ from trainer_helpers import tiny_cfg, tiny_teacher
 DATA = ToyData()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(tmp_path, cfg=None, **distill):

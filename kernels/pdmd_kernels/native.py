@@ -42,6 +42,11 @@ def library_path() -> Path | None:
     return found[0] if found else None
 
 
+# every op the sources define: a library missing one was built from older sources
+_OPS = ("subinterval_loss_fwd", "subinterval_loss_bwd", "dmd_loss_fwd", "dmd_loss_bwd", "renoise", "renoise_bwd",
+        "adamw8bitv_step")
+
+
 def _load() -> str | None:
     """Load the library once; returns None on success, else the reason it is not available."""
     path = library_path()
@@ -50,6 +55,9 @@ def _load() -> str | None:
     try:
         torch.ops.load_library(str(path))
         torch.ops.pdmd_native.build_info()
+        missing = [op for op in _OPS if not hasattr(torch.ops.pdmd_native, op)]
+        if missing:  # built from older sources: using it would fail later, mid-training
+            raise RuntimeError(f"stale library without {', '.join(missing)}")
     except Exception as e:  # a stale or foreign library must not break the import
         reason = f"{path.name} failed to load ({type(e).__name__}: {e}); rebuild with `python -m pdmd_kernels.build --force`"
         warnings.warn(f"pdmd_kernels native backend unavailable: {reason}", RuntimeWarning, stacklevel=2)
