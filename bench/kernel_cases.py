@@ -32,38 +32,20 @@ LATENTS = {
 SCALE = 4.5
 
 
-def _eager_subinterval(pred, x_s, noise, a_s, s_s, a_t, s_t):
-    return R.subinterval_loss(pred, x_s, noise, a_s, s_s, a_t, s_t, 100.0, "flow")
+def _cases(ops) -> dict:
+    """The four cases on ``ops``: the reference module (eager) or pdmd_kernels (fused); same signatures."""
+    return {
+        "subinterval_loss": lambda pred, x_s, noise, a_s, s_s, a_t, s_t: ops.subinterval_loss(
+            pred, x_s, noise, a_s, s_s, a_t, s_t, 100.0, "flow"),
+        "dmd_theory": lambda x, cond, uncond, fake, weight: ops.dmd_loss(x, cond, fake, uncond, SCALE, weight, "theory"),
+        "dmd_normalized": lambda x, cond, uncond, fake, weight: ops.dmd_loss(
+            x, cond, fake, uncond, SCALE, None, "normalized"),
+        "renoise": ops.renoise,
+    }
 
 
-def _eager_dmd_theory(x, cond, uncond, fake, weight):
-    return R.dmd_loss(x, cond, fake, uncond, SCALE, weight, "theory")
-
-
-def _eager_dmd_normalized(x, cond, uncond, fake, weight):
-    return R.dmd_loss(x, cond, fake, uncond, SCALE, None, "normalized")
-
-
-def _eager_renoise(x_s, noise, a, s):
-    return R.renoise(x_s, noise, a, s)
-
-
-def _fused_subinterval(pred, x_s, noise, a_s, s_s, a_t, s_t):
-    return K.subinterval_loss(pred, x_s, noise, a_s, s_s, a_t, s_t, 100.0, "flow")
-
-
-def _fused_dmd_theory(x, cond, uncond, fake, weight):
-    return K.dmd_loss(x, cond, fake, uncond, SCALE, weight, "theory")
-
-
-def _fused_dmd_normalized(x, cond, uncond, fake, weight):
-    return K.dmd_loss(x, cond, fake, uncond, SCALE, None, "normalized")
-
-
-EAGER = {"subinterval_loss": _eager_subinterval, "dmd_theory": _eager_dmd_theory,
-         "dmd_normalized": _eager_dmd_normalized, "renoise": _eager_renoise}
-FUSED = {"subinterval_loss": _fused_subinterval, "dmd_theory": _fused_dmd_theory,
-         "dmd_normalized": _fused_dmd_normalized, "renoise": K.renoise}
+EAGER = _cases(R)
+FUSED = _cases(K)
 _compiled: dict = {}
 
 
