@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ class TeacherConfig:
     guidance_scale: float = 1.5
     sample_steps: int = 50
     shift: float = 1.0  # the teacher schedule's timestep shift; sampler timesteps are warped by it
+    # a two-transformer teacher (Wan 2.2 A14B) guides its low-noise transformer with this scale (None: guidance_scale)
+    guidance_scale_low: float | None = None
 
 
 @dataclass
@@ -90,6 +93,11 @@ class RunConfig:
 def _coerce(name: str, value, tp):
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(name, value, inner)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
@@ -152,7 +160,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.eval.diversity_seeds >= 2, "eval.diversity_seeds", "must be >= 2")
     for name, v in (("teacher.lr", t.lr), ("distill.lr_generator", d.lr_generator), ("distill.lr_fake", d.lr_fake),
                     ("distill.clamp_max", d.clamp_max), ("teacher.shift", t.shift), ("distill.grad_clip", d.grad_clip),
-                    ("distill.lora_alpha", d.lora_alpha), ("teacher.guidance_scale", t.guidance_scale)):
+                    ("distill.lora_alpha", d.lora_alpha), ("teacher.guidance_scale", t.guidance_scale),
+                    ("teacher.guidance_scale_low", 1.0 if t.guidance_scale_low is None else t.guidance_scale_low)):
         _check(v > 0, name, f"must be > 0, got {v}")
     _check(0 <= t.cond_dropout < 1, "teacher.cond_dropout", "must lie in [0, 1)")
     _check(d.weight_decay >= 0, "distill.weight_decay", "must be >= 0")

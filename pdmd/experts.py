@@ -3,6 +3,9 @@
 Adapter ``expert_k`` (1-based) serves the sampling steps of phase k; the teacher is the same module with
 the adapters disabled. An optional adapter ``fake`` holds a LoRA fake score. Every view returned here
 follows the denoiser contract (``pdmd.denoiser``), so the trainer never sees peft.
+
+A base with ``for_phase(k)`` (Wan 2.2 A14B: two transformers) starts phase k's expert from that sub-denoiser:
+the adapter is injected there only and the expert runs it alone, while the teacher stays the whole base.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from torch import nn
 
 from .denoiser import check_denoiser
 
-__all__ = ["Experts", "DenoiserView", "expert_name", "cat_cond", "base_state"]
+__all__ = ["Experts", "DenoiserView", "expert_name", "cat_cond", "base_state", "phase_module"]
 
 
 def expert_name(k: int) -> str:
@@ -35,6 +38,24 @@ def _lora_targets(model: nn.Module) -> list[str]:
         targets = model.lora_targets
         return list(targets() if callable(targets) else targets)
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def phase_module(base: nn.Module, k: int) -> nn.Module:
+    """The (sub-)denoiser phase k's expert and fake score start from: ``base.for_phase(k)``, or ``base``."""
+    return base.for_phase(k) if hasattr(base, "for_phase") else base
+
+
+def _scoped_targets(base: nn.Module, subs: list[nn.Module], targets: list[str]) -> list[str]:
+    """``targets`` (peft's module-name suffixes) restricted to the submodules ``subs`` of ``base``, as full names."""
+    prefix = {id(m): n for n, m in base.named_modules()}
+    out = []
+    for sub in subs:
+        if id(sub) not in prefix:
+            raise ValueError(f"for_phase returned a module that is not part of the base: {type(sub).__name__}")
+        pre = prefix[id(sub)]
+        out += [f"{pre}.{n}" for n, _ in sub.named_modules()
+                if n and any(n == t or n.endswith("." + t) for t in targets)]
+    return sorted(set(out))
 
 
 def base_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -69,15 +90,23 @@ class Experts:
         self.n_experts = n_experts
         self.autocast = autocast
         targets = _lora_targets(base)
+        # phase k's expert lives on its sub-denoiser (the module itself for one-transformer models)
+        self.subs = [phase_module(base, k) for k in range(1, n_experts + 1)]
+
+        def scope(subs):
+            return targets if all(m is base for m in subs) else _scoped_targets(base, subs, targets)
         base.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):  # adapter init must not move the caller's RNG
             torch.manual_seed(seed)
-            cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
-            self.peft = get_peft_model(base, cfg, adapter_name=expert_name(1))
-            for k in range(2, n_experts + 1):
-                self.peft.add_adapter(expert_name(k), cfg)
-            if fake_lora_rank:
-                fcfg = LoraConfig(r=fake_lora_rank, lora_alpha=fake_lora_rank, lora_dropout=0.0, target_modules=targets)
+            for k in range(1, n_experts + 1):
+                cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=scope([self.subs[k - 1]]))
+                if k == 1:
+                    self.peft = get_peft_model(base, cfg, adapter_name=expert_name(1))
+                else:
+                    self.peft.add_adapter(expert_name(k), cfg)
+            if fake_lora_rank:  # on every phase's sub-denoiser; phase k trains the part on its own
+                fcfg = LoraConfig(r=fake_lora_rank, lora_alpha=fake_lora_rank, lora_dropout=0.0,
+                                  target_modules=scope(self.subs))
                 self.peft.add_adapter("fake", fcfg)
         self.module = self.peft.get_base_model()
         self.adapters = [expert_name(k) for k in range(1, n_experts + 1)] + (["fake"] if fake_lora_rank else [])
@@ -89,31 +118,46 @@ class Experts:
             self.peft.base_model.set_adapter(name, inference_mode=name not in self._trainable)
             self._active = name
 
-    def run(self, name: str, x_t, t, cond):
+    def phase_module(self, k: int) -> nn.Module:
+        """The sub-denoiser of (1-based) phase k: where ``expert_k`` lives and what the phase's fake score copies."""
+        return self.subs[min(k, self.n_experts) - 1]
+
+    def run(self, name: str, x_t, t, cond, phase: int | None = None):
+        """Adapter ``name`` on phase ``phase``'s sub-denoiser (default: the expert's own phase)."""
         self._activate(name)
-        return self.module(x_t, t, cond)
+        k = int(name.rsplit("_", 1)[1]) if phase is None else phase
+        return self.phase_module(k)(x_t, t, cond)
 
     def run_teacher(self, x_t, t, cond):
         with self.peft.disable_adapter():
             return self.module(x_t, t, cond)
 
-    def view(self, name: str) -> DenoiserView:
+    def view(self, name: str, phase: int | None = None) -> DenoiserView:
+        """A denoiser view of ``teacher`` or an adapter; the ``fake`` adapter needs the ``phase`` it serves."""
         if name == "teacher":
             return DenoiserView(self.run_teacher, self.prediction, self.schedule, self.null_cond, self.autocast)
         if name not in self.adapters:
             raise ValueError(f"name must be 'teacher' or one of {self.adapters}, got {name!r}")
-        return DenoiserView(lambda x, t, c: self.run(name, x, t, c), self.prediction, self.schedule, self.null_cond,
-                            self.autocast)
+        if name == "fake" and phase is None:
+            raise ValueError("phase: the fake adapter's view needs the phase it serves")
+        return DenoiserView(lambda x, t, c: self.run(name, x, t, c, phase=phase), self.prediction, self.schedule,
+                            self.null_cond, self.autocast)
 
-    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+    def adapter_params(self, name: str, phase: int | None = None) -> dict[str, nn.Parameter]:
+        """The adapter's parameters (under the peft model's names); with ``phase``, those on that phase's sub-denoiser."""
         key = f".{name}."
-        return {n: p for n, p in self.peft.named_parameters() if key in n}
+        params = {n: p for n, p in self.peft.named_parameters() if key in n}
+        if phase is None or self.phase_module(phase) is self.module:
+            return params
+        mine = {id(p) for p in self.phase_module(phase).parameters()}
+        return {n: p for n, p in params.items() if id(p) in mine}
 
-    def train_only(self, names: list[str]) -> list[nn.Parameter]:
-        """Make exactly the adapters ``names`` trainable (peft's set_adapter also touches requires_grad)."""
+    def train_only(self, names: list[str], phase: int | None = None) -> list[nn.Parameter]:
+        """Make exactly the adapters ``names`` trainable (on ``phase``'s sub-denoiser if given; peft's
+        set_adapter also touches requires_grad)."""
         self.peft.requires_grad_(False)
         self._trainable, self._active = tuple(names), None
-        params = [p for name in names for p in self.adapter_params(name).values()]
+        params = [p for name in names for p in self.adapter_params(name, phase).values()]
         for p in params:
             p.requires_grad_(True)
         return params

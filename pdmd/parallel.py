@@ -226,7 +226,7 @@ def _meta(trainer) -> dict:
             "rng": {k: g.get_state() for k, g in trainer.gens.items()}, "rng_torch": torch.get_rng_state(),
             "world": trainer.par.world}
     if trainer.phase >= 0:
-        meta["pool"] = trainer.pool.state()
+        meta["pools"] = trainer.pool_states()
     return meta
 
 
@@ -289,8 +289,7 @@ def load_checkpoint(trainer, path: str | Path) -> None:
             set_model_state_dict(trainer.fake_module, state["fake"])
         set_optimizer_state_dict(mod, trainer.opt_gen, opts["opt_gen"])
         set_optimizer_state_dict(fake_mod, trainer.opt_fake, opts["opt_fake"])
-        pool = meta["pool"]
-        trainer.pool.restore(pool["fill_state"], pool["cursor"])
+        trainer.restore_pools(meta["pools"])
     for k, g in trainer.gens.items():
         g.set_state(meta["rng"][k])
     torch.set_rng_state(meta["rng_torch"])

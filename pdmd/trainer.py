@@ -27,7 +27,7 @@ from . import objectives as obj
 from .checkpoint import load_optimizer, load_tensors, optimizer_tensors, save_tensors
 from .config import RunConfig, from_dict
 from .compile import StepClock
-from .experts import DenoiserView, Experts, base_state, cat_cond, expert_name
+from .experts import DenoiserView, Experts, base_state, cat_cond, expert_name, phase_module
 from .layout import apply_layout
 from .optim import build_optimizer
 from .parallel import DCP_DIR, Parallel, gathered, load_checkpoint, save_checkpoint
@@ -111,8 +111,9 @@ class BoundaryPool:
 class PhasedDMDTrainer:
     """Distils ``teacher`` into K LoRA experts on its own weights (the module is wrapped in place).
 
-    ``task`` supplies ``sample_cond(n, generator)`` (prompts) and ``latent_shape``. ``parallel``
-    (``pdmd.parallel``) shards the module and gives each rank its rows of every global batch.
+    ``task`` supplies ``sample_cond(n, generator)`` (prompts) and ``latent_shape``, or ``latent_shapes`` for
+    several resolutions: each iteration then draws one of them, and each keeps its own boundary pool.
+    ``parallel`` (``pdmd.parallel``) shards the module and gives each rank its rows of every global batch.
     """
 
     def __init__(self, cfg: RunConfig, teacher: nn.Module, task, out_dir: str | Path, progress: bool = True,
@@ -125,9 +126,14 @@ class PhasedDMDTrainer:
         self.device = torch.device(cfg.device)
         self.plan: Plan = make_plan(d.method, d.timesteps, d.phase_boundaries)
         self.phase_lengths = split_steps(d.max_steps, self.plan.n_phases)
+        if cfg.teacher.guidance_scale_low is not None and not hasattr(teacher, "high_noise"):
+            raise ValueError("teacher.guidance_scale_low applies to a two-transformer teacher (Wan 2.2 A14B), "
+                             f"not to {type(teacher).__name__}")
         teacher = teacher.to(self.device)
         self._autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if d.bf16 else nullcontext
-        self.fake_module = copy.deepcopy(teacher).requires_grad_(False) if d.fake_kind == "full" else None
+        # a full fake score copies the transformer of phase 1 (all of a one-transformer teacher; Wan 2.2 A14B's
+        # high-noise one) and is reloaded from the phase's own at each phase start
+        self.fake_module = copy.deepcopy(phase_module(teacher, 1)).requires_grad_(False) if d.fake_kind == "full" else None
         self.experts = Experts(teacher, self.plan.n_phases, d.lora_rank, d.lora_alpha,
                                d.fake_lora_rank if d.fake_kind == "lora" else None, seed=cfg.seed,
                                autocast=self._autocast)
@@ -138,6 +144,8 @@ class PhasedDMDTrainer:
         self.schedule, self.prediction = self.experts.schedule, self.experts.prediction
         self.teacher = self.experts.view("teacher")
         self.gens = {k: torch.Generator().manual_seed(cfg.seed * 1000 + i) for i, k in enumerate(("main", "rollout", "pool"))}
+        self.shapes = [tuple(s) for s in getattr(task, "latent_shapes", None) or [task.latent_shape]]
+        self.shape_index = 0
         self.step, self.phase = 0, -1
         self.nonfinite_total = self.nonfinite_run = 0
 
@@ -147,11 +155,12 @@ class PhasedDMDTrainer:
         return self.par.shard(torch.rand(n, generator=self.gens["main"])).to(self.device)
 
     def _randn(self, n: int) -> torch.Tensor:
-        return self.par.shard(torch.randn((n, *self.task.latent_shape), generator=self.gens["main"])).to(self.device)
+        shape = self.shapes[self.shape_index]
+        return self.par.shard(torch.randn((n, *shape), generator=self.gens["main"])).to(self.device)
 
-    def _draw(self, n: int, gen: torch.Generator):
+    def _draw(self, n: int, gen: torch.Generator, shape: tuple):
         cond = self.par.shard(self.task.sample_cond(n, gen))
-        noise = self.par.shard(torch.randn((n, *self.task.latent_shape), generator=gen))
+        noise = self.par.shard(torch.randn((n, *shape), generator=gen))
         cond = {k: v.to(self.device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(self.device)
         return noise.to(self.device), cond
 
@@ -164,11 +173,23 @@ class PhasedDMDTrainer:
 
     def _teacher_parts(self, x_t, t, cond):
         """Conditional and null-prompt teacher predictions (flow), batched in one call; uncond is None without CFG."""
-        if self.cfg.teacher.guidance_scale == 1.0:
+        tc = self.cfg.teacher
+        if tc.guidance_scale == 1.0 and tc.guidance_scale_low in (None, 1.0):
             return self._flow(self.teacher(x_t, t, cond), x_t, t), None
         both = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(cond, self.teacher.null_cond(cond)))
         c, u = both.chunk(2)
         return self._flow(c, x_t, t), self._flow(u, x_t, t)
+
+    def _guided(self, real, uncond, x_t, t):
+        """(real, uncond, scale) for the fused loss. A two-transformer teacher with ``teacher.guidance_scale_low``
+        guides each sample with its transformer's scale, here (the op takes one scale)."""
+        tc = self.cfg.teacher
+        if uncond is None or tc.guidance_scale_low in (None, tc.guidance_scale):
+            return real, uncond, tc.guidance_scale
+        high = self.experts.module.high_noise(t, x_t)
+        scale = torch.where(high, tc.guidance_scale, tc.guidance_scale_low).to(real.dtype)
+        scale = scale.view(-1, *[1] * (real.dim() - 1))
+        return uncond + scale * (real - uncond), None, 1.0
 
     def _flow(self, pred, x_t, t):
         """The DMD gradient is stated on flow (psi) predictions: convert x0/eps models."""
@@ -205,14 +226,14 @@ class PhasedDMDTrainer:
         d = self.cfg.distill
         self.phase = p
         lora_fake = d.fake_kind == "lora"
-        gen_params = self.experts.train_only([expert_name(p + 1)] + (["fake"] if lora_fake else []))
+        gen_params = self.experts.train_only([expert_name(p + 1)] + (["fake"] if lora_fake else []), phase=p + 1)
         if lora_fake:
             self.par.reset_adapter(self.experts, "fake", seed=self.cfg.seed * 1000 + p)
-            fake_params = list(self.experts.adapter_params("fake").values())
+            fake_params = list(self.experts.adapter_params("fake", phase=p + 1).values())
             gen_params = [q for q in gen_params if all(q is not f for f in fake_params)]
-            self.fake = self.experts.view("fake")
+            self.fake = self.experts.view("fake", phase=p + 1)
         else:
-            self.fake_module.load_state_dict(base_state(self.experts.module))
+            self.fake_module.load_state_dict(base_state(self.experts.phase_module(p + 1)))
             self.fake_module.requires_grad_(True)
             fake_params = list(self.fake_module.parameters())
             self.fake = DenoiserView(self.fake_module, self.prediction, self.schedule, self.experts.null_cond,
@@ -220,9 +241,29 @@ class PhasedDMDTrainer:
         self.gen_params, self.fake_params = gen_params, fake_params
         self.opt_gen = self._optimizer(d.optimizer_generator, gen_params, d.lr_generator, p)
         self.opt_fake = self._optimizer(d.optimizer_fake, fake_params, d.lr_fake, p)
-        self.pool = BoundaryPool(self._draw, self._prefix(p), d.pool_size if p > 0 else d.batch_size,
-                                 d.batch_size, self.gens["pool"], self.par.world)
+        self.pools = {}  # resolution index -> BoundaryPool, made when first drawn
         self.boundary = self.plan.boundaries[p + 1]
+
+    @property
+    def pool(self) -> BoundaryPool:
+        """The boundary pool of the current phase and resolution."""
+        i = self.shape_index
+        if i not in self.pools:
+            d = self.cfg.distill
+            draw = lambda n, gen: self._draw(n, gen, self.shapes[i])  # noqa: E731
+            self.pools[i] = BoundaryPool(draw, self._prefix(self.phase), d.pool_size if self.phase > 0 else d.batch_size,
+                                         d.batch_size, self.gens["pool"], self.par.world)
+        return self.pools[i]
+
+    def pool_states(self) -> dict[str, dict]:
+        """What a checkpoint stores of the pools: each one's fill RNG state and cursor, by resolution index."""
+        return {str(i): pool.state() for i, pool in self.pools.items()}
+
+    def restore_pools(self, states: dict[str, dict]) -> None:
+        for i, st in sorted(states.items()):
+            self.shape_index = int(i)
+            self.pool.restore(st["fill_state"], st["cursor"])
+        self.shape_index = 0
 
     def _optimizer(self, name: str, params, lr: float, phase: int):
         d = self.cfg.distill
@@ -341,9 +382,10 @@ class PhasedDMDTrainer:
                 if not self._ok(real, fake, *([] if uncond is None else [uncond])):
                     ok = False
                     break
+                real, uncond, scale = self._guided(real, uncond, x_t, t)
             # fused op: CFG of the teacher, the weighting of Eq. 11 and the surrogate in one pass
             per_sample = obj.dmd_loss(x_s, real, fake, x_t, s, t, self.schedule, real_uncond=uncond,
-                                      guidance_scale=self.cfg.teacher.guidance_scale, weighting=d.weighting)
+                                      guidance_scale=scale, weighting=d.weighting)
             loss = per_sample.mean()
             if not self._ok(loss):
                 ok = False
@@ -359,6 +401,8 @@ class PhasedDMDTrainer:
         (a full rollout from noise for every fake update, no pool): same updates, more compute."""
         d, B = self.cfg.distill, self.cfg.distill.batch_size
         n_fake = d.fake_updates * d.grad_accum * B
+        if len(self.shapes) > 1:  # one resolution per iteration, drawn from the run's RNG (same on every rank)
+            self.shape_index = int(torch.randint(len(self.shapes), (1,), generator=self.gens["main"]))
         if plain:
             parts = []
             for _ in range(d.fake_updates * d.grad_accum):
@@ -439,10 +483,12 @@ class PhasedDMDTrainer:
                 t, extra = optimizer_tensors(opt, name)
                 tensors.update(t)
                 meta[name] = extra
-            st = self.pool.state()
-            meta["pool_cursor"] = str(st["cursor"])
-            if st["fill_state"] is not None:
-                tensors["rng.pool_fill"] = st["fill_state"]
+            cursors = {}
+            for i, st in self.pool_states().items():
+                cursors[i] = st["cursor"]
+                if st["fill_state"] is not None:
+                    tensors[f"rng.pool_fill.{i}"] = st["fill_state"]
+            meta["pool_cursors"] = json.dumps(cursors)
         save_tensors(path, tensors, meta)
         return path
 
@@ -465,8 +511,8 @@ class PhasedDMDTrainer:
                 self.fake_module.load_state_dict({n[5:]: v for n, v in tensors.items() if n.startswith("fake.")})
             load_optimizer(self.opt_gen, tensors, "opt_gen", meta["opt_gen"])
             load_optimizer(self.opt_fake, tensors, "opt_fake", meta["opt_fake"])
-            if "rng.pool_fill" in tensors:
-                self.pool.restore(tensors["rng.pool_fill"], int(meta["pool_cursor"]))
+            self.restore_pools({i: {"fill_state": tensors.get(f"rng.pool_fill.{i}"), "cursor": c}
+                                for i, c in json.loads(meta["pool_cursors"]).items()})
         for k, g in self.gens.items():
             g.set_state(tensors[f"rng.{k}"])
         torch.set_rng_state(tensors["rng.torch"])

@@ -51,9 +51,9 @@ def test_sampler_routes_each_step_to_its_phase_expert(monkeypatch):
     calls = []
     orig = Experts.run
 
-    def spy(self, name, x, t, c):
+    def spy(self, name, x, t, c, **kw):
         calls.append((name, round(float(t[0]), 4)))
-        return orig(self, name, x, t, c)
+        return orig(self, name, x, t, c, **kw)
     monkeypatch.setattr(Experts, "run", spy)
     plan = make_plan("phased_sgts", [1.0, 0.75, 0.5, 0.25, 0.0], [0.5])
     sample_few_step(experts, plan, torch.randn(5, 2), torch.zeros(5, dtype=torch.long))

@@ -99,9 +99,12 @@ class WanMoEDenoiser(DiffusersDenoiser):
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return self.high.latent_shape(frames, height, width)
 
+    def high_noise(self, t, x_t: torch.Tensor) -> torch.Tensor:
+        """[B] bool: which samples the high-noise transformer serves (sigma >= ``boundary_sigma``)."""
+        return (sigma_of(self.schedule, t, x_t) >= self.boundary_sigma).to(x_t.device)
+
     def forward(self, x_t: torch.Tensor, t, cond) -> torch.Tensor:
-        sigma = sigma_of(self.schedule, t, x_t)
-        use_high = sigma >= self.boundary_sigma
+        use_high = self.high_noise(t, x_t)
         if bool(use_high.all()):
             return self.high(x_t, t, cond)
         if not bool(use_high.any()):
