@@ -111,12 +111,22 @@ class Experts:
         self.module = self.peft.get_base_model()
         self.adapters = [expert_name(k) for k in range(1, n_experts + 1)] + (["fake"] if fake_lora_rank else [])
         self.peft.requires_grad_(False)
-        self._active, self._trainable = None, ()
+        self._active, self._trainable = None, ([], None)
 
     def _activate(self, name: str) -> None:
         if self._active != name:
-            self.peft.base_model.set_adapter(name, inference_mode=name not in self._trainable)
+            # peft's set_adapter sets requires_grad on every adapter (False for all but the active one); a
+            # graph already built through another trainable adapter (the generator's rollout, before the fake
+            # score runs) would then drop that adapter's gradient in backward: restore the trainable set
+            self.peft.base_model.set_adapter(name, inference_mode=True)
+            for p in self._trainable_params():
+                p.requires_grad_(True)
             self._active = name
+
+    def _trainable_params(self) -> list[nn.Parameter]:
+        # looked up each time: sharding (FSDP2) replaces the parameter objects after ``train_only``
+        names, phase = self._trainable
+        return [p for name in names for p in self.adapter_params(name, phase).values()]
 
     def phase_module(self, k: int) -> nn.Module:
         """The sub-denoiser of (1-based) phase k: where ``expert_k`` lives and what the phase's fake score copies."""
@@ -153,11 +163,10 @@ class Experts:
         return {n: p for n, p in params.items() if id(p) in mine}
 
     def train_only(self, names: list[str], phase: int | None = None) -> list[nn.Parameter]:
-        """Make exactly the adapters ``names`` trainable (on ``phase``'s sub-denoiser if given; peft's
-        set_adapter also touches requires_grad)."""
+        """Make exactly the adapters ``names`` trainable (on ``phase``'s sub-denoiser if given)."""
         self.peft.requires_grad_(False)
-        self._trainable, self._active = tuple(names), None
-        params = [p for name in names for p in self.adapter_params(name, phase).values()]
+        self._trainable, self._active = (list(names), phase), None
+        params = self._trainable_params()
         for p in params:
             p.requires_grad_(True)
         return params

@@ -25,6 +25,7 @@ import torch
 from .models.base import DiffusersDenoiser
 from .models.qwen_image import QwenImageDenoiser
 from .models.wan import WanDenoiser, WanMoEDenoiser
+from .parallel import gathered
 
 __all__ = ["lora_state_dict", "activate_adapter", "export_experts", "read_manifest", "load_experts", "expert_sampling", "sample",
            "SAMPLERS"]
@@ -60,7 +61,7 @@ def lora_state_dict(transformer: torch.nn.Module, adapter: str) -> tuple[dict, d
     for name, m in layers:
         for part in ("lora_A", "lora_B"):
             for pname, p in getattr(m, part)[adapter].named_parameters():
-                sd[f"{name}.{part}.{pname}"] = p.detach().cpu().contiguous()
+                sd[f"{name}.{part}.{pname}"] = gathered(p.detach()).cpu().contiguous()
     config = LoraConfig(r=ranks.pop(), lora_alpha=alphas.pop(), use_rslora=rslora.pop(),
                         target_modules=sorted(n for n, _ in layers)).to_dict()
     return sd, config
@@ -108,12 +109,13 @@ def _phase_of(t: float, boundaries: list[float]) -> int:
 
 
 def export_experts(model: DiffusersDenoiser, out_dir, steps: Sequence[float], phase_boundaries: Sequence[float],
-                   adapters: Sequence[str] | None = None, sampler: str = "euler") -> dict:
+                   adapters: Sequence[str] | None = None, sampler: str = "euler", write: bool = True) -> dict:
     """Write each phase's expert as a diffusers LoRA file plus ``manifest.json``; return the manifest.
 
     ``steps``: the sampling steps' pdmd times, from 1.0 down; ``phase_boundaries``: t_1 > ... > t_{N-1}, each
     one of the steps; ``adapters``: the peft adapter of each phase (default ``expert_1`` ... ``expert_N``).
-    For Wan 2.2 A14B, phase k's expert is taken from ``model.for_phase(k)``'s transformer.
+    For Wan 2.2 A14B, phase k's expert is taken from ``model.for_phase(k)``'s transformer. Sharded (FSDP2)
+    adapters are gathered, a collective: call it on every rank, with ``write`` true on one.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -132,15 +134,17 @@ def export_experts(model: DiffusersDenoiser, out_dir, steps: Sequence[float], ph
         return float(model.schedule.sigma(torch.tensor(t, dtype=torch.float64)))
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     edges = [1.0] + bounds + [0.0]
     experts = []
     for k, name in enumerate(adapters, start=1):
         sub = model.for_phase(k)
         component = "transformer_2" if isinstance(model, WanMoEDenoiser) and sub is model.low else "transformer"
         sd, config = lora_state_dict(sub.transformer, name)
-        pipe_cls.save_lora_weights(out, transformer_lora_layers=sd, transformer_lora_adapter_metadata=config,
-                                   weight_name=f"{name}.safetensors")
+        if write:
+            pipe_cls.save_lora_weights(out, transformer_lora_layers=sd, transformer_lora_adapter_metadata=config,
+                                       weight_name=f"{name}.safetensors")
         experts.append({"name": name, "phase": k, "file": f"{name}.safetensors", "component": component,
                         "t_range": [edges[k], edges[k - 1]], "sigma_range": [sig(edges[k]), sig(edges[k - 1])],
                         "rank": config["r"], "alpha": config["lora_alpha"]})
@@ -158,7 +162,8 @@ def export_experts(model: DiffusersDenoiser, out_dir, steps: Sequence[float], ph
         if hi and lo and min(hi) <= max(lo):
             raise ValueError("phase_transformers interleave high and low transformers across steps: WanPipeline cannot run that")
         manifest["boundary_ratio"] = 0.5 * (min(hi) + max(lo)) if hi and lo else (0.0 if hi else 1.5)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if write:
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 

@@ -75,7 +75,14 @@ class Parallel:
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in _blocks(module):
             fully_shard(block, **kw)
-        fully_shard(module, **kw)
+        # parts called on their own (Wan 2.2 A14B's two transformers: each phase's expert runs one) are roots of
+        # their own: a root's all-gather of its direct parameters runs only when that module itself is called
+        parts = list(getattr(module, "sub_denoisers", lambda: [])())
+        for part in parts:
+            fully_shard(part, **kw)
+        inside = {id(p) for part in parts for p in part.parameters()}
+        if not parts or any(id(p) not in inside for p in module.parameters()):
+            fully_shard(module, **kw)
         return module
 
     def reset_adapter(self, experts, name: str, seed: int) -> None:

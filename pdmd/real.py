@@ -1,6 +1,7 @@
 """Real models end to end: ``pdmd encode-prompts`` and ``pdmd distill`` for a config with a ``model:`` section.
 
-The real-model configs (``configs/wan2.1-t2v-14b.yaml``, ``configs/qwen-image.yaml``) are written in the paper's
+The real-model configs (``configs/wan2.1-t2v-14b.yaml``, ``configs/wan2.2-t2v-a14b.yaml``, ``configs/qwen-image.yaml``)
+are written in the paper's
 terms (model/data/teacher/distill/generator/fake/export); ``real_config`` maps them onto the trainer's
 ``RunConfig`` in one place, so an unknown or ill-typed field is a ValueError naming the field as the user wrote it.
 ``distill_real`` loads the teacher from the local folder, trains with ``PhasedDMDTrainer`` on the prompt cache and
@@ -19,6 +20,7 @@ import torch
 import yaml
 
 from .config import RunConfig, _coerce, validate
+from .parallel import DCP_DIR, from_env
 from .trainer import CHECKPOINT, PhasedDMDTrainer
 
 __all__ = ["RealConfig", "real_config", "load_real_config", "is_real", "PromptTask", "encode_real", "distill_real"]
@@ -26,7 +28,7 @@ __all__ = ["RealConfig", "real_config", "load_real_config", "is_real", "PromptTa
 # real-config field -> RunConfig field (same meaning, copied after a type check)
 _DIRECT = {
     "seed": "seed", "device": "device", "threads": "threads",
-    "teacher.guidance_scale": "teacher.guidance_scale",
+    "teacher.guidance_scale": "teacher.guidance_scale", "teacher.guidance_scale_low": "teacher.guidance_scale_low",
     "distill.batch_size": "distill.batch_size", "distill.fake_updates_per_generator_update": "distill.fake_updates",
     "distill.phase_boundaries": "distill.phase_boundaries",
     **{f"distill.{k}": f"distill.{k}" for k in ("max_steps", "grad_accum", "grad_clip", "bf16", "weighting",
@@ -42,14 +44,12 @@ _DIRECT = {
 # fields that describe the model, the prompts and the export (typed here), and those translated by hand
 _OWN = {
     "model.kind": str, "model.path": str, "model.shift": float, "model.dtype": str, "model.shift_resolution": list[int],
+    "model.boundary_sigma": float, "model.phase_transformers": list[str],
     "data.prompts": str, "data.prompt_cache": str, "data.max_sequence_length": int, "data.negative_prompt": str,
     "data.resolutions": list[list[int]], "export.dir": str, "export.sampler": str,
     "distill.steps": list[float], "distill.sgts": bool, "fake.full_parameters": bool, "fake.betas": list[float],
     "fake.weight_decay": float,
 }
-# Wan 2.2 A14B needs a phase-1 expert and fake score on the high-noise transformer and phase-2 ones on the
-# low-noise one; the trainer holds one module, so these fields are refused rather than trained wrongly.
-_NOT_YET = ("model.boundary_sigma", "model.phase_transformers", "teacher.guidance_scale_low")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,7 +60,7 @@ class RealConfig:
     path: str
     prompts: str
     prompt_cache: str
-    resolution: list[int]  # (frames, height, width) pixels the generator trains at
+    resolutions: list[list[int]]  # (frames, height, width) pixels the generator trains at, one per iteration
     shift: float | None = None
     dtype: str | None = None
     shift_resolution: list[int] | None = None
@@ -68,7 +68,9 @@ class RealConfig:
     negative_prompt: str | None = None
     export_dir: str | None = None
     sampler: str = "euler"
-    n_resolutions: int = 1
+    boundary_sigma: float | None = None  # Wan 2.2 A14B: the transformers' switch (default: the folder's)
+    phase_transformers: list[str] | None = None  # Wan 2.2 A14B: "high"/"low" per phase (default: high, low)
+    default_boundaries: bool = False  # distill.phase_boundaries not given: the model's switch for A14B
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -99,11 +101,8 @@ def real_config(data: dict) -> RealConfig:
         raise ValueError("a real-model config must be a mapping with a 'model' section")
     flat = _flatten(data)
     for key in flat:
-        if key in _NOT_YET:
-            raise ValueError(f"{key}: Wan 2.2 A14B (one transformer per phase) is not supported yet by pdmd distill; "
-                             "the trainer distils a single-transformer teacher (Wan 2.1, Qwen-Image)")
         if key not in _DIRECT and key not in _OWN:
-            raise ValueError(f"unknown config field {key!r} (known: {sorted(set(_DIRECT) | set(_OWN) | set(_NOT_YET))})")
+            raise ValueError(f"unknown config field {key!r} (known: {sorted(set(_DIRECT) | set(_OWN))})")
     hints = typing.get_type_hints(RunConfig)
     sections = {k: typing.get_type_hints(hints[k]) for k in ("teacher", "distill")}
     run: dict = {}
@@ -125,6 +124,12 @@ def real_config(data: dict) -> RealConfig:
     res = own["data.resolutions"]
     if not res or any(len(r) != 3 for r in res):
         raise ValueError(f"data.resolutions must be a non-empty list of [frames, height, width], got {res}")
+    moe = [k for k in ("model.boundary_sigma", "model.phase_transformers", "teacher.guidance_scale_low") if k in flat]
+    if own["model.kind"] != "wan" and moe:
+        raise ValueError(f"{moe[0]} applies to Wan 2.2 A14B (two transformers) only, not to {own['model.kind']!r}")
+    pt = own.get("model.phase_transformers")
+    if pt is not None and (not pt or any(p not in ("high", "low") for p in pt)):
+        raise ValueError(f"model.phase_transformers must be a non-empty list of 'high'/'low', got {pt}")
     if own["model.kind"] == "qwen-image":
         if "data.max_sequence_length" in own:
             raise ValueError("data.max_sequence_length applies to Wan only (Qwen-Image pads per batch with a mask)")
@@ -142,6 +147,10 @@ def real_config(data: dict) -> RealConfig:
             raise ValueError(f"fake.{k} must equal generator.{k} ({g}): the trainer uses one setting for both")
     d = run.setdefault("distill", {})
     d["timesteps"] = list(own["distill.steps"]) + [0.0]
+    default_boundaries = "distill.phase_boundaries" not in flat
+    if default_boundaries and len(own["distill.steps"]) >= 2:
+        # two phases splitting the steps evenly; for Wan 2.2 A14B replaced by its own switch once the folder is read
+        d["phase_boundaries"] = [own["distill.steps"][len(own["distill.steps"]) // 2]]
     back["distill.timesteps"] = "distill.steps"
     d["method"] = "phased_sgts" if own.get("distill.sgts", True) else "phased"
     back["distill.method"] = "distill.sgts"
@@ -155,11 +164,12 @@ def real_config(data: dict) -> RealConfig:
         field, _, rest = str(e).partition(" ")
         raise ValueError(f"{back.get(field, field)} {rest}") from None
     return RealConfig(run=cfg, kind=own["model.kind"], path=own["model.path"], prompts=own["data.prompts"],
-                      prompt_cache=own["data.prompt_cache"], resolution=res[0], shift=own.get("model.shift"),
+                      prompt_cache=own["data.prompt_cache"], resolutions=res, shift=own.get("model.shift"),
                       dtype=own.get("model.dtype"), shift_resolution=own.get("model.shift_resolution"),
                       max_sequence_length=own.get("data.max_sequence_length"),
                       negative_prompt=own.get("data.negative_prompt"), export_dir=own.get("export.dir"),
-                      sampler=own.get("export.sampler", "euler"), n_resolutions=len(res))
+                      sampler=own.get("export.sampler", "euler"), boundary_sigma=own.get("model.boundary_sigma"),
+                      phase_transformers=pt, default_boundaries=default_boundaries)
 
 
 def is_real(path) -> bool:
@@ -175,14 +185,15 @@ def load_real_config(path) -> RealConfig:
 
 
 class PromptTask:
-    """The trainer's task for a real model: cached prompt embeddings and the latent shape of one resolution.
+    """The trainer's task for a real model: cached prompt embeddings and the latent shapes of the resolutions.
 
     Every batch is padded to one length (the longest cached prompt, or Wan's 512), so batches, the pool and the
     null conditions concatenate; the masks keep Qwen-Image's padding out of attention.
     """
 
-    def __init__(self, cache, latent_shape):
-        self.cache, self.latent_shape = cache, tuple(latent_shape)
+    def __init__(self, cache, latent_shapes):
+        self.cache, self.latent_shapes = cache, [tuple(s) for s in latent_shapes]
+        self.latent_shape = self.latent_shapes[0]
         self.length = cache.pad_to or cache.max_length
 
     def sample_cond(self, n: int, generator: torch.Generator) -> dict:
@@ -195,17 +206,34 @@ def _load_teacher(rc: RealConfig):
     kw = {"dtype": rc.torch_dtype}
     if rc.kind == "wan":
         kw["shift"] = rc.shift
+        kw["boundary_sigma"] = rc.boundary_sigma
+        if rc.phase_transformers is not None:
+            kw["phase_transformers"] = rc.phase_transformers
     elif rc.shift is not None:
         kw["shift"] = rc.shift
     else:
         kw["resolution"] = tuple(rc.shift_resolution)
     teacher = load_denoiser(rc.kind, rc.path, **kw)
-    if isinstance(teacher, WanMoEDenoiser):
-        raise ValueError(f"model.path: {rc.path!r} is Wan 2.2 A14B (two transformers), which pdmd distill does not "
-                         "support yet; the trainer distils a single-transformer teacher (Wan 2.1, Qwen-Image)")
-    frames, height, width = rc.resolution
-    shape = teacher.latent_shape(frames, height, width) if rc.kind == "wan" else teacher.latent_shape(height, width)
-    return teacher, shape
+    if not isinstance(teacher, WanMoEDenoiser):
+        given = [k for k, v in (("model.boundary_sigma", rc.boundary_sigma), ("model.phase_transformers", rc.phase_transformers),
+                                ("teacher.guidance_scale_low", rc.run.teacher.guidance_scale_low)) if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} applies to Wan 2.2 A14B, but {rc.path!r} holds one transformer (no transformer_2)")
+    elif rc.default_boundaries:
+        rc.run = _at_model_switch(rc.run, teacher)
+    shapes = [teacher.latent_shape(f, h, w) if rc.kind == "wan" else teacher.latent_shape(h, w) for f, h, w in rc.resolutions]
+    return teacher, shapes
+
+
+def _at_model_switch(cfg: RunConfig, teacher) -> RunConfig:
+    """Phase boundary = Wan 2.2 A14B's own switch between its transformers, which must be one of the steps."""
+    tb, steps = teacher.boundary_time, cfg.distill.timesteps[1:-1]
+    near = [t for t in steps if abs(t - tb) < 1e-4]
+    if not near:
+        raise ValueError(f"distill.phase_boundaries: not given, so it defaults to the model's switch between its "
+                         f"transformers, t = {tb:.6f} (sigma {teacher.boundary_sigma}), which is not one of distill.steps "
+                         f"{cfg.distill.timesteps[:-1]}; add it to the steps or set distill.phase_boundaries")
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, phase_boundaries=near[:1]))
 
 
 def encode_real(rc: RealConfig, progress: bool = True) -> Path:
@@ -226,8 +254,6 @@ def distill_real(rc: RealConfig, out, resume: bool = False, progress: bool = Tru
     from .export import export_experts
     from .prompts import PromptCache
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("pdmd distill of a real model runs in one process for now (WORLD_SIZE > 1 given)")
     cfg = rc.run
     if rc.dtype in ("bfloat16", "float16") and cfg.distill.fake_kind == "full" and cfg.distill.optimizer_fake == "adamw":
         # the full fake score is a copy of the teacher: in half precision torch AdamW's steps of ~lr (4e-7)
@@ -238,9 +264,10 @@ def distill_real(rc: RealConfig, out, resume: bool = False, progress: bool = Tru
                          "(its stochastic rounding keeps them)")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    par = from_env(cfg.device)  # torchrun: FSDP2 over the ranks (pdmd.parallel); else one process
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / CHECKPOINT
+    ckpt = out / (DCP_DIR if par.distributed else CHECKPOINT)
     if not resume and ckpt.exists():
         raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
     if resume and not ckpt.exists():
@@ -250,13 +277,23 @@ def distill_real(rc: RealConfig, out, resume: bool = False, progress: bool = Tru
     cache = PromptCache(rc.prompt_cache)
     if cache.kind != rc.kind:
         raise ValueError(f"data.prompt_cache: {rc.prompt_cache!r} was encoded for {cache.kind!r}, not {rc.kind!r}")
-    teacher, shape = _load_teacher(rc)
+    teacher, shapes = _load_teacher(rc)
+    cfg = rc.run
+    progress = progress and par.is_main
     if progress:
-        print(f"pdmd distill: training at (frames, height, width) {rc.resolution}, latents {tuple(shape)}"
-              + (" (the first of data.resolutions: one resolution per run for now)" if rc.n_resolutions > 1 else ""))
-    if not resume and (out / "log.jsonl").exists():
+        for res, shape in zip(rc.resolutions, shapes):
+            print(f"pdmd distill: (frames, height, width) {res} -> latents {shape}")
+        if len(shapes) > 1:
+            print("pdmd distill: each iteration draws one of these resolutions; each keeps its own boundary pool")
+        if getattr(teacher, "boundary_sigma", None) is not None:
+            print(f"pdmd distill: Wan 2.2 A14B, transformers switch at sigma {teacher.boundary_sigma} "
+                  f"(t = {teacher.boundary_time:.6f}); phase boundaries {cfg.distill.phase_boundaries}; phase experts on "
+                  + ", ".join("high" if teacher.for_phase(k) is teacher.high else "low"
+                              for k in range(1, len(cfg.distill.phase_boundaries) + 2)))
+    par.barrier()  # every rank checked the output folder before rank 0 clears the log
+    if par.is_main and not resume and (out / "log.jsonl").exists():
         (out / "log.jsonl").unlink()
-    trainer = PhasedDMDTrainer(cfg, teacher, PromptTask(cache, shape), out, progress)
+    trainer = PhasedDMDTrainer(cfg, teacher, PromptTask(cache, shapes), out, progress, parallel=par)
     if resume:
         trainer.load(ckpt)
     t0 = time.time()
@@ -264,7 +301,7 @@ def distill_real(rc: RealConfig, out, resume: bool = False, progress: bool = Tru
     d = cfg.distill
     bounds = list(d.phase_boundaries) if d.method == "phased_sgts" else list(d.timesteps[1:-1])
     manifest = export_experts(trainer.experts.module, rc.export_dir or out / "experts", d.timesteps[:-1], bounds,
-                              sampler=rc.sampler)
+                              sampler=rc.sampler, write=par.is_main)  # adapters gathered on every rank
     manifest["seconds"] = round(time.time() - t0, 1)
     return manifest
 
@@ -292,6 +329,8 @@ def cmd_distill(args) -> int:
             raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
         rc.run = dataclasses.replace(rc.run, distill=dataclasses.replace(rc.run.distill, max_steps=args.max_steps))
     m = distill_real(rc, args.out, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
+        return 0
     where = rc.export_dir or Path(args.out) / "experts"
     print(f"distilled {len(m['experts'])} experts in {m['seconds']} s; wrote {where}/manifest.json and "
           + ", ".join(e["file"] for e in m["experts"]))

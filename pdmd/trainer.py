@@ -129,7 +129,8 @@ class PhasedDMDTrainer:
         if cfg.teacher.guidance_scale_low is not None and not hasattr(teacher, "high_noise"):
             raise ValueError("teacher.guidance_scale_low applies to a two-transformer teacher (Wan 2.2 A14B), "
                              f"not to {type(teacher).__name__}")
-        teacher = teacher.to(self.device)
+        if not self.par.distributed:  # FSDP2 moves each block to the device as it shards it: no whole copy there
+            teacher = teacher.to(self.device)
         self._autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if d.bf16 else nullcontext
         # a full fake score copies the transformer of phase 1 (all of a one-transformer teacher; Wan 2.2 A14B's
         # high-noise one) and is reloaded from the phase's own at each phase start
@@ -145,7 +146,7 @@ class PhasedDMDTrainer:
         self.teacher = self.experts.view("teacher")
         self.gens = {k: torch.Generator().manual_seed(cfg.seed * 1000 + i) for i, k in enumerate(("main", "rollout", "pool"))}
         self.shapes = [tuple(s) for s in getattr(task, "latent_shapes", None) or [task.latent_shape]]
-        self.shape_index = 0
+        self.shape_index, self.pools = 0, {}
         self.step, self.phase = 0, -1
         self.nonfinite_total = self.nonfinite_run = 0
 

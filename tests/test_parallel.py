@@ -32,24 +32,30 @@ ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-6
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """One torchrun launch (2 processes, gloo): a straight run and a stopped + resumed run."""
-    out = tmp_path_factory.mktemp("fsdp")
+def torchrun(args: list[str], timeout: float = 240) -> str:
+    """``torchrun --standalone --nproc_per_node 2 ARGS`` (gloo on CPU, one thread each); fails the test on a
+    non-zero exit or a timeout; returns the output."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(ROOT / p) for p in (".", "kernels", "tests")),
                OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "parallel_worker.py"), str(out), "3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     # --standalone picks a free port; a new session lets a timeout kill torchrun and both workers.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        log, _ = proc.communicate(timeout=240)
+        log, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         log, _ = proc.communicate()
         pytest.fail(f"2-process run timed out:\n{log[-3000:]}")
     assert proc.returncode == 0, log[-3000:]
+    return log
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One torchrun launch (2 processes, gloo): a straight run and a stopped + resumed run."""
+    out = tmp_path_factory.mktemp("fsdp")
+    torchrun([str(ROOT / "tests" / "parallel_worker.py"), str(out), "3"])
     return out
 
 

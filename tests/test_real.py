@@ -13,6 +13,7 @@ from pdmd.cli import main
 from pdmd.export import activate_adapter, expert_sampling, load_experts
 from pdmd.real import distill_real, real_config
 from test_prompts import PROMPTS, QWEN_TEMPLATE, _qwen_encoder, _tokenizer, _wan_encoder
+from test_models import EULER
 from tiny_models import save_pipeline_dir, tiny_qwen, tiny_wan
 
 STEPS = [1.0, 0.75, 0.5, 0.25]
@@ -133,14 +134,13 @@ def test_real_config_maps_the_paper_fields_and_names_bad_ones():
         ([1.0, 0.75, 0.5, 0.25, 0.0], [0.5], "phased_sgts", 64, 5)
     assert (d.lr_generator, d.lr_fake, d.lora_rank, d.lora_alpha, d.fake_kind, d.betas) == \
         (5e-5, 4e-7, 64, 8.0, "full", [0.0, 0.999])
-    assert rc.run.teacher.guidance_scale == 5.0 and rc.shift == 5.0 and rc.resolution == [1, 720, 1280]
+    assert rc.run.teacher.guidance_scale == 5.0 and rc.shift == 5.0 and rc.resolutions == [[1, 720, 1280]]
     rq = real_config(yaml.safe_load(open("configs/qwen-image.yaml")))
-    assert rq.shift_resolution == [1328, 1328] and rq.run.teacher.guidance_scale == 4.0 and rq.n_resolutions == 7
-    with pytest.raises(ValueError, match=r"model.phase_transformers.*not supported yet"):
-        real_config(yaml.safe_load(open("configs/wan2.2-t2v-a14b.yaml")) | {"model": {"kind": "wan", "path": "/m",
-                                                                                    "phase_transformers": ["high", "low"]}})
-    with pytest.raises(ValueError, match=r"not supported yet"):
-        real_config(yaml.safe_load(open("configs/wan2.2-t2v-a14b.yaml")))
+    assert rq.shift_resolution == [1328, 1328] and rq.run.teacher.guidance_scale == 4.0 and len(rq.resolutions) == 7
+    ra = real_config(yaml.safe_load(open("configs/wan2.2-t2v-a14b.yaml")))
+    assert (ra.boundary_sigma, ra.phase_transformers, ra.run.teacher.guidance_scale, ra.run.teacher.guidance_scale_low) == \
+        (0.875, ["high", "low"], 4.0, 3.0)
+    assert ra.run.distill.phase_boundaries == [0.368421] and len(ra.resolutions) == 4 and not ra.default_boundaries
     cases = [({"generator": {"lr": "fast"}}, "generator.lr must be a finite number"),
              ({"generator": {"rank": 4}}, "unknown config field 'generator.rank'"),
              ({"distill": {"steps": [1.0, 0.3, 0.5], "phase_boundaries": [0.5]}}, "distill.steps .*strictly decreasing"),
@@ -149,7 +149,11 @@ def test_real_config_maps_the_paper_fields_and_names_bad_ones():
              ({"fake": {"betas": [0.9, 0.999]}}, "fake.betas must equal generator.betas"),
              ({"model": {"kind": "flux", "path": "/m"}}, "model.kind must be"),
              ({"model": {"kind": "wan", "path": "/m", "dtype": "float8"}}, "model.dtype must be one of"),
-             ({"data": {"prompts": "p", "prompt_cache": "c", "resolutions": [[32, 32]]}}, "data.resolutions must be")]
+             ({"data": {"prompts": "p", "prompt_cache": "c", "resolutions": [[32, 32]]}}, "data.resolutions must be"),
+             ({"model": {"kind": "wan", "path": "/m", "phase_transformers": ["high", "mid"]}}, "model.phase_transformers must"),
+             ({"model": {"kind": "qwen-image", "path": "/m", "boundary_sigma": 0.9}},
+              "model.boundary_sigma applies to Wan 2.2 A14B"),
+             ({"teacher": {"guidance_scale_low": 0}}, "teacher.guidance_scale_low must be > 0")]
     for change, msg in cases:
         with pytest.raises(ValueError, match=msg):
             real_config(_base() | change)
@@ -178,3 +182,91 @@ def test_qwen_fixed_length_padding_with_mask_changes_nothing():
         alone = d(x[1:], 0.5, {"embeds": e[1:, :3], "mask": None})
     torch.testing.assert_close(long, short, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(short[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+def _a14b_dir(tmp_path):
+    tok = _tokenizer(PROMPTS)
+    pipe_dir = save_pipeline_dir(tmp_path / "a14b", "WanPipeline", {"transformer": tiny_wan(0), "transformer_2": tiny_wan(1)},
+                                 dict(EULER, shift=12.0), boundary_ratio=0.875)
+    tok.save_pretrained(pipe_dir / "tokenizer")
+    _wan_encoder(len(tok)).save_pretrained(pipe_dir / "text_encoder")
+    return pipe_dir
+
+
+def test_wan22_a14b_prompts_to_lora_files_for_both_transformers(tmp_path):
+    """Wan 2.2 A14B from a local folder with two transformers and two resolutions: expert 1 trained on the
+    high-noise transformer, expert 2 on the low-noise one, exported into transformer and transformer_2."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    pipe_dir = _a14b_dir(tmp_path)
+    cfg_path, cfg = _config(tmp_path, "wan", pipe_dir, [1, 32, 32])
+    cfg["data"]["resolutions"] = [[1, 32, 32], [1, 32, 48]]
+    cfg["teacher"]["guidance_scale_low"] = 3.0
+    cfg["distill"].pop("phase_boundaries")  # defaults to the model's switch: t = 0.875 / (12 - 11 * 0.875)
+    tb = 0.875 / (12 - 11 * 0.875)
+    cfg["distill"]["steps"] = [1.0, 0.7, round(tb, 6), 0.2]
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["encode-prompts", "--config", str(cfg_path), "--quiet"]) == 0
+    out = tmp_path / "run"
+    assert main(["distill", "--config", str(cfg_path), "--out", str(out), "--max-steps", "2", "--quiet"]) == 0
+    manifest = json.loads((out / "experts" / "manifest.json").read_text())
+    assert manifest["model"] == "wan-a14b" and manifest["phase_boundaries"] == [round(tb, 6)]
+    assert [e["component"] for e in manifest["experts"]] == ["transformer", "transformer_2"]
+    ckpt = load_file(str(out / "checkpoint.safetensors"))
+    for name, sub in (("expert_1", "high"), ("expert_2", "low")):
+        exported = load_file(str(out / "experts" / f"{name}.safetensors"))
+        trained = {k[len(f"adapter.base_model.model.{sub}."):].replace(f".{name}.", "."): v for k, v in ckpt.items()
+                   if k.startswith("adapter.") and f".{name}." in k}
+        assert all(k.startswith(f"adapter.base_model.model.{sub}.") for k in ckpt if f".{name}." in k)
+        assert set(exported) == set(trained) and exported
+        assert all(torch.equal(v, trained[k]) for k, v in exported.items())
+        assert any(float(v.abs().max()) > 0 for k, v in exported.items() if ".lora_B." in k)
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=12.0),
+                       transformer=WanTransformer3DModel.from_pretrained(pipe_dir / "transformer"),
+                       transformer_2=WanTransformer3DModel.from_pretrained(pipe_dir / "transformer_2"), boundary_ratio=0.875)
+    load_experts(pipe, out / "experts")
+    x, cond = torch.randn(1, 4, 1, 4, 6), torch.randn(1, 16, 16)
+    with torch.no_grad(), expert_sampling(pipe, manifest) as kw:
+        video = pipe(prompt_embeds=cond, latents=x, height=32, width=48, num_frames=1, output_type="latent", **kw).frames
+    assert video.shape == x.shape and bool(torch.isfinite(video).all())
+
+    # the default boundary must be a step; options that need two transformers are refused on one
+    cfg["distill"]["steps"] = STEPS
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"distill.phase_boundaries: not given, so it defaults to the model's switch"):
+        main(["distill", "--config", str(cfg_path), "--out", str(tmp_path / "run2"), "--quiet"])
+    one = save_pipeline_dir(tmp_path / "wan21", "WanPipeline", {"transformer": tiny_wan(0)}, dict(EULER, shift=12.0))
+    cfg["model"]["path"] = str(one)
+    cfg["distill"]["phase_boundaries"] = [0.5]
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"teacher.guidance_scale_low applies to Wan 2.2 A14B"):
+        main(["distill", "--config", str(cfg_path), "--out", str(tmp_path / "run3"), "--quiet"])
+
+
+def test_wan22_a14b_under_torchrun_matches_one_process(tmp_path):
+    """``torchrun -m pdmd.cli distill`` on 2 gloo processes (FSDP2 over both transformers and the fake score,
+    each rank its half of every batch, the adapters gathered for export) writes the LoRA files of one
+    process, to the float32 reduction-order error: AdamW's first steps (beta1 = 0) move each weight by about
+    lr * g / |g| = 1e-2, which magnifies it where g is near eps; 3e-6 was the largest difference measured."""
+    from test_parallel import torchrun
+
+    pipe_dir = _a14b_dir(tmp_path)
+    cfg_path, cfg = _config(tmp_path, "wan", pipe_dir, [1, 32, 32])
+    tb = round(0.875 / (12 - 11 * 0.875), 6)
+    cfg["distill"].update(steps=[1.0, 0.7, tb, 0.2], phase_boundaries=[tb], batch_size=4, pool_size=8)
+    cfg["teacher"]["guidance_scale_low"] = 3.0
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["encode-prompts", "--config", str(cfg_path), "--quiet"]) == 0
+    assert main(["distill", "--config", str(cfg_path), "--out", str(tmp_path / "one"), "--max-steps", "2", "--quiet"]) == 0
+    torchrun(["-m", "pdmd.cli", "distill", "--config", str(cfg_path), "--out", str(tmp_path / "two"), "--max-steps", "2",
+              "--quiet"])
+    assert (tmp_path / "two" / "checkpoint.dcp").is_dir()
+    for name in ("expert_1", "expert_2"):
+        one = load_file(str(tmp_path / "one" / "experts" / f"{name}.safetensors"))
+        two = load_file(str(tmp_path / "two" / "experts" / f"{name}.safetensors"))
+        assert one.keys() == two.keys()
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=0, atol=2e-5, msg=k)
+        assert max(float(v.abs().max()) for k, v in one.items() if ".lora_B." in k) > 5e-3  # trained: not vacuous
+    assert json.loads((tmp_path / "two" / "experts" / "manifest.json").read_text())["experts"][1]["component"] == "transformer_2"

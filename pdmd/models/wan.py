@@ -99,6 +99,10 @@ class WanMoEDenoiser(DiffusersDenoiser):
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return self.high.latent_shape(frames, height, width)
 
+    def sub_denoisers(self) -> list[WanDenoiser]:
+        """The two transformers' denoisers: each phase's expert and fake score run one of them alone."""
+        return [self.high, self.low]
+
     def high_noise(self, t, x_t: torch.Tensor) -> torch.Tensor:
         """[B] bool: which samples the high-noise transformer serves (sigma >= ``boundary_sigma``)."""
         return (sigma_of(self.schedule, t, x_t) >= self.boundary_sigma).to(x_t.device)
