@@ -2,7 +2,7 @@
 # The one prepared GPU run (device tool): GPU tests and benchmarks of every part, each with its own time
 # limit; a failing part does not stop the next. Results go to $RES (all logs, JSON, markdown), and one
 # archive $OUT/gpu_results.tgz plus the markdown summaries come back (the tool returns at most 8 files).
-#   bash bench/gpu_all.sh [ktests] [kbench] [tests] [optim] [plan] [wan]      (no argument: all parts)
+#   bash bench/gpu_all.sh [ktests] [kbench] [tests] [real] [optim] [plan] [wan]      (no argument: all parts)
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_out}"
@@ -15,7 +15,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # diffusers is not in the
 fi
 export PYTHONPATH=".:kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-parts="${*:-ktests kbench tests optim plan wan}"
+parts="${*:-ktests kbench tests real optim plan wan}"
 has() { case " $parts " in *" $1 "*) return 0;; esac; return 1; }
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$RES/env.txt"
@@ -35,6 +35,12 @@ if has tests; then
   timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts=-ra tests/test_optim.py tests/test_attention.py \
     tests/test_trainer.py tests/test_parallel.py > "$RES/other_tests.log" 2>&1
   echo "exit $?"; tail -8 "$RES/other_tests.log"
+fi
+if has real; then
+  echo "== real-model path on CUDA: Wan 2.2 A14B recipe in the trainer, the shipped A14B config end to end (tiny models)"
+  timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts=-ra tests/test_a14b.py tests/test_real.py \
+    > "$RES/real_tests.log" 2>&1
+  echo "exit $?"; tail -8 "$RES/real_tests.log"
 fi
 if has optim; then
   echo "== optimizer benchmark"

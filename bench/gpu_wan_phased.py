@@ -10,6 +10,7 @@ boundary 0.5, SGTS exit inside the phase), batch 1, CFG teacher, 512 random text
     teacher weights, a bf16 full fake score with AdamW8bitV (8-bit v, stochastic rounding), fused ops
     (Triton), activation checkpointing per block, and (``ours_compiled``) torch.compile per block.
     ``ours_eager`` is the same without compilation (measured first: it needs no compile time).
+    ``ours_a14b`` (eager): a Wan 2.2 A14B-style teacher of two such transformers; phase 1 and phase 2.
 
 Reported per variant: seconds per iteration, peak memory (torch.cuda.max_memory_allocated over the timed
 iterations, models resident), bytes per base parameter (resident after warm-up, and peak), and FLOP
@@ -258,10 +259,12 @@ def run_reference(arch, device, latent, args, fwd) -> dict:
 
 
 # ---------------------------------------------------------------------- (b) ours: the trainer
-def run_ours(arch, device, latent, args, fwd, compiled: bool, out_dir: Path) -> dict:
+def run_ours(arch, device, latent, args, fwd, compiled: bool, out_dir: Path, moe: bool = False) -> dict:
+    """``moe``: a Wan 2.2 A14B-style teacher of two such transformers (switch at the phase boundary); phase 1
+    (experts on the high-noise one) and phase 2 (the low-noise one, the teacher switching per sample)."""
     from pdmd.attention import use_in_diffusers
     from pdmd.config import DistillConfig, RunConfig, TeacherConfig, validate
-    from pdmd.models.wan import WanDenoiser
+    from pdmd.models.wan import WanDenoiser, WanMoEDenoiser
     from pdmd.optim import state_bytes
     from pdmd.trainer import PhasedDMDTrainer
     import pdmd_kernels as K
@@ -280,21 +283,35 @@ def run_ours(arch, device, latent, args, fwd, compiled: bool, out_dir: Path) -> 
         info["attention_backend"] = use_in_diffusers(transformer)
     except Exception as e:  # an old diffusers without the dispatcher: its default (SDPA)
         info["attention_backend"] = f"default ({type(e).__name__}: {e})"
-    P = sum(p.numel() for p in transformer.parameters())
     task = RandomTextTask(latent, args.text_tokens, arch.text_dim)
-    tr = PhasedDMDTrainer(cfg, WanDenoiser(transformer, SHIFT), task, out_dir, progress=False)
-    tr.start_phase(0)
-    log = ForwardLog()
-    log.watch(tr.experts.module.transformer, "expert")
-    log.watch(tr.fake_module.transformer, "full")
+    if moe:
+        low = build_diffusers(arch, device).requires_grad_(False)
+        cast_frozen(low, torch.bfloat16)
+        use_in_diffusers(low)
+        sigma_b = SHIFT * BOUNDARY / (1 + (SHIFT - 1) * BOUNDARY)  # the switch at the phase boundary, as in A14B
+        teacher = WanMoEDenoiser(transformer, low, SHIFT, boundary_sigma=sigma_b)
+    else:
+        teacher = WanDenoiser(transformer, SHIFT)
+    P = sum(p.numel() for p in teacher.parameters())
+    tr = PhasedDMDTrainer(cfg, teacher, task, out_dir, progress=False)
     info["kernel_backends"] = K.backend_info(device, torch.bfloat16)
     info["layout"] = tr.layout
-    res = measure(tr.iteration, device, args.iters, warmup=2 if compiled else 1)
-    res["base_params"] = P
-    res["optimizer_state_bytes"] = state_bytes(tr.opt_fake) + state_bytes(tr.opt_gen)
-    res.update(info)
-    out = finish(res, log, fwd, {"full": 2, "expert": 1}, P, args.iters + (2 if compiled else 1), device)
-    del tr, transformer
+    out = {}
+    for phase in (0, 1) if moe else (0,):
+        tr.start_phase(phase)
+        log = ForwardLog()
+        log.watch(tr.experts.phase_module(phase + 1).transformer, "expert")
+        log.watch(tr.fake_module.transformer, "full")
+        res = measure(tr.iteration, device, args.iters, warmup=2 if compiled else 1)
+        res["base_params"] = P
+        res["optimizer_state_bytes"] = state_bytes(tr.opt_fake) + state_bytes(tr.opt_gen)
+        res.update(info)
+        res = finish(res, log, fwd, {"full": 2, "expert": 1}, P, args.iters + (2 if compiled else 1), device)
+        if not moe:
+            out = res
+        else:  # phase 1's figures at the top level, phase 2's beside them
+            out.update(res) if phase == 0 else out.update({"phase2": res})
+    del tr, transformer, teacher
     return out
 
 
@@ -307,8 +324,8 @@ def _markdown(r: dict) -> str:
              "| variant | s / iteration | peak GiB | resident B / base param | peak B / base param | TFLOP/s | MFU | compile s |",
              "|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-    for name in ("reference", "ours_eager", "ours_compiled"):
-        v = r["sections"].get(name, {})
+    for name in ("reference", "ours_eager", "ours_compiled", "ours_a14b", "ours_a14b_phase2"):
+        v = r["sections"].get(name, {}) if name != "ours_a14b_phase2" else r["sections"].get("ours_a14b", {}).get("phase2", {})
         if "iteration_s" not in v:
             lines.append(f"| {name} | {v.get('error', v.get('skipped', 'not run'))[:120]} | | | | | | |")
             continue
@@ -382,7 +399,8 @@ def main(argv=None) -> dict:
 
     runs = {"reference": lambda: run_reference(arch, device, latent, args, fwd),
             "ours_eager": lambda: run_ours(arch, device, latent, args, fwd, False, out / "trainer_eager"),
-            "ours_compiled": lambda: run_ours(arch, device, latent, args, fwd, True, out / "trainer_compiled")}
+            "ours_compiled": lambda: run_ours(arch, device, latent, args, fwd, True, out / "trainer_compiled"),
+            "ours_a14b": lambda: run_ours(arch, device, latent, args, fwd, False, out / "trainer_a14b", moe=True)}
     for name in args.sections.split(","):
         left = args.budget - (time.time() - start)
         if name not in runs:

@@ -25,9 +25,10 @@ def _moe():
     return WanMoEDenoiser(tiny_wan(3), tiny_wan(4), shift=SHIFT, boundary_sigma=BOUNDARY_SIGMA)
 
 
-def _trainer(tmp_path, moe=None, teacher=None, **distill):
+def _trainer(tmp_path, moe=None, teacher=None, device="cpu", **distill):
     cfg = tiny_cfg(**{"max_steps": 2, "batch_size": 4, "fake_updates": 2, "pool_size": 8, "lr_generator": 1e-2,
                       "lr_fake": 1e-2, **distill})
+    cfg = dataclasses.replace(cfg, device=device)
     if teacher:
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, **teacher))
     return PhasedDMDTrainer(cfg, moe or _moe(), PromptTask(SHAPE, 16), tmp_path, progress=False)
@@ -133,6 +134,24 @@ def test_a14b_resume_is_bit_identical(tmp_path):
     assert all(not _changed(a[k], b[k]) for k in a)
     fa, fb = straight.fake_module.state_dict(), resumed.fake_module.state_dict()
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a14b_config_recipe_on_cuda(tmp_path):
+    """configs/wan2.2-t2v-a14b.yaml's memory recipe on a GPU: bf16 frozen weights and bf16 fake score with
+    AdamW8bitV, activation checkpointing, the fused Triton ops, per-transformer guidance; both phases."""
+    tr = _trainer(tmp_path, device="cuda", bf16=True, frozen_dtype="bfloat16", fake_dtype="bfloat16",
+                  optimizer_fake="adamw8bit-v", activation_checkpointing=True, max_steps=4,
+                  teacher={"guidance_scale": 4.0, "guidance_scale_low": 3.0})
+    before = _snapshot(tr)
+    fake_high = {k: v.clone() for k, v in base_state(tr.experts.module.high).items()}
+    tr.train()
+    after = _snapshot(tr)
+    assert tr.step == 4 and tr.nonfinite_total == 0
+    assert _changed(before["expert_1"], after["expert_1"]) and _changed(before["expert_2"], after["expert_2"])
+    assert next(iter(tr.fake_module.parameters())).dtype == torch.bfloat16
+    assert all(torch.equal(v, base_state(tr.experts.module.high)[k]) for k, v in fake_high.items())  # teacher frozen
 
 
 class TwoSizes(PromptTask):

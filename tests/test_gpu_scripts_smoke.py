@@ -43,10 +43,13 @@ def _wan_phased():
 def test_gpu_wan_phased_cpu_smoke(tmp_path):
     pytest.importorskip("diffusers")
     mod = _wan_phased()
-    res = mod.main(["--cpu-smoke", "--sections", "ours_eager,reference", "--iters", "1", "--fake-updates", "1",
+    res = mod.main(["--cpu-smoke", "--sections", "ours_eager,reference,ours_a14b", "--iters", "1", "--fake-updates", "1",
                     "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "gpu_wan_phased.json").read_text())
-    assert saved["sections"].keys() == {"ours_eager", "reference"}
+    assert saved["sections"].keys() == {"ours_eager", "reference", "ours_a14b"}
+    a14b = saved["sections"].pop("ours_a14b")  # two transformers: twice the base, phase 2 measured too
+    assert "error" not in a14b and a14b["base_params"] == 2 * saved["sections"]["ours_eager"]["base_params"]
+    assert a14b["phase2"]["iteration_s"] > 0
     for name, sec in saved["sections"].items():
         assert "error" not in sec, (name, sec.get("traceback"))
         assert sec["iteration_s"] > 0 and sec["model_flops_per_iteration"] > 0

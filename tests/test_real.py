@@ -270,3 +270,26 @@ def test_wan22_a14b_under_torchrun_matches_one_process(tmp_path):
             torch.testing.assert_close(two[k], one[k], rtol=0, atol=2e-5, msg=k)
         assert max(float(v.abs().max()) for k, v in one.items() if ".lora_B." in k) > 5e-3  # trained: not vacuous
     assert json.loads((tmp_path / "two" / "experts" / "manifest.json").read_text())["experts"][1]["component"] == "transformer_2"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_shipped_a14b_config_on_cuda_end_to_end(tmp_path):
+    """configs/wan2.2-t2v-a14b.yaml as shipped (bf16 recipe, guidance 4/3, the model's switch as the phase
+    boundary), with tiny models, small resolutions and batches: encode, distill, export on a GPU."""
+    pipe_dir = _a14b_dir(tmp_path)
+    cfg = yaml.safe_load(open("configs/wan2.2-t2v-a14b.yaml"))
+    cfg["model"]["path"] = str(pipe_dir)
+    cfg["data"].update(prompts=str(tmp_path / "prompts.txt"), prompt_cache=str(tmp_path / "cache"),
+                       max_sequence_length=16, resolutions=[[1, 32, 32], [5, 32, 48]])
+    cfg["distill"].update(batch_size=2, pool_size=4, fake_updates_per_generator_update=2, log_every=1)
+    cfg["export"]["dir"] = str(tmp_path / "experts")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    assert main(["encode-prompts", "--config", str(path), "--quiet"]) == 0
+    assert main(["distill", "--config", str(path), "--out", str(tmp_path / "run"), "--max-steps", "4", "--quiet"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == [1, 1, 2, 2] and all(r["nonfinite_skipped"] == 0 for r in log)
+    manifest = json.loads((tmp_path / "experts" / "manifest.json").read_text())
+    assert [e["component"] for e in manifest["experts"]] == ["transformer", "transformer_2"]
