@@ -194,6 +194,10 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"is {d.frozen_dtype!r}: the float32 adapters and inputs meet those weights only under autocast; set distill.bf16: true")
     _check(d.fake_dtype == "float32" or d.fake_kind == "full", "distill.fake_dtype",
            "applies to a full fake score (fake_kind: full); a LoRA fake score lives on the frozen weights")
+    _check(d.fake_dtype == "float32" or d.optimizer_fake == "adamw8bit-v", "distill.fake_dtype",
+           f"is {d.fake_dtype!r} with optimizer_fake {d.optimizer_fake!r}: steps smaller than half a bfloat16 ulp "
+           "of the weights (the paper's fake lr 4e-7) are rounded away; use optimizer_fake adamw8bit-v (stochastic "
+           "rounding) or fake_dtype float32")
     _check(d.compile_backend in ("inductor", "aot_eager", "eager"), "distill.compile_backend",
            f"must be 'inductor', 'aot_eager' or 'eager', got {d.compile_backend!r}")
     lo_hi = d.dmd_t_range

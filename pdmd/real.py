@@ -255,13 +255,6 @@ def distill_real(rc: RealConfig, out, resume: bool = False, progress: bool = Tru
     from .prompts import PromptCache
 
     cfg = rc.run
-    if rc.dtype in ("bfloat16", "float16") and cfg.distill.fake_kind == "full" and cfg.distill.optimizer_fake == "adamw":
-        # the full fake score is a copy of the teacher: in half precision torch AdamW's steps of ~lr (4e-7)
-        # fall below half an ulp of the weights and are rounded away, so the fake score would never train
-        raise ValueError(f"model.dtype: a full-parameter fake score in {rc.dtype} with AdamW loses its updates to "
-                         "rounding; use model.dtype: float32 with distill.bf16: true (bfloat16 autocast), or "
-                         "fake.full_parameters: false (a float32 LoRA fake score), or fake.optimizer: adamw8bit-v "
-                         "(its stochastic rounding keeps them)")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     par = from_env(cfg.device)  # torchrun: FSDP2 over the ranks (pdmd.parallel); else one process

@@ -160,9 +160,10 @@ def test_real_config_maps_the_paper_fields_and_names_bad_ones():
 
 
 def test_half_precision_full_fake_score_is_refused(tmp_path):
-    rc = real_config(_base() | {"model": {"kind": "wan", "path": "/m", "dtype": "bfloat16"}})
-    with pytest.raises(ValueError, match="model.dtype: a full-parameter fake score in bfloat16"):
-        distill_real(rc, tmp_path)
+    """A bf16 fake score with an optimizer that rounds to nearest would lose its lr-4e-7 steps."""
+    with pytest.raises(ValueError, match="fake.dtype is 'bfloat16' with optimizer_fake 'adamw'"):
+        real_config(_base() | {"fake": {"dtype": "bfloat16"}})
+    assert real_config(_base() | {"fake": {"dtype": "bfloat16", "optimizer": "adamw8bit-v"}})
     rc = real_config(_base() | {"data": {"prompts": "p", "prompt_cache": str(tmp_path / "none"), "resolutions": [[1, 32, 32]]}})
     with pytest.raises(ValueError, match="data.prompt_cache: .* run pdmd encode-prompts first"):
         distill_real(rc, tmp_path)
