@@ -211,18 +211,19 @@ def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: 
     height = arch.defaults["height"] if height is None else height
     width = arch.defaults["width"] if width is None else width
     n_tok = tokens(arch, frames, height, width)
-    shapes = param_shapes(arch) * arch.copies
-    P = sum(math.prod(s) for _, s, _ in shapes)
-    L = sum(lora_rank * (s[0] + s[1]) for _, s, lora in shapes if lora)
+    one = param_shapes(arch)  # one transformer: where each expert and each phase's fake score live (A14B: one of two)
+    shapes = one * arch.copies
+    P, P1 = sum(math.prod(s) for _, s, _ in shapes), sum(math.prod(s) for _, s, _ in one)
+    L = sum(lora_rank * (s[0] + s[1]) for _, s, lora in one if lora)  # one expert's LoRA
     block = max(_block_params(arch).values())
     n = gpus
     fsdp = 3 * block * 2 if n > 1 else 0  # two gathered bf16 blocks (current + prefetch) + one block's grads
     ours = {
         "base weights (bf16, frozen, shared)": 2 * P / n,
         f"generator experts (LoRA r={lora_rank}, x{experts}, fp32)": 4 * experts * L / n,
-        "fake score (bf16, no fp32 master)": 2 * P / n,
-        "gradients (fake bf16 + expert fp32)": (2 * (block if optimizer_in_backward else P) + 4 * L) / n,
-        "optimizer states (8-bit v + expert AdamW)": (optimizer_state_bytes(shapes) + 8 * L) / n,
+        "fake score (bf16, no fp32 master)": 2 * P1 / n,
+        "gradients (fake bf16 + expert fp32)": (2 * (block if optimizer_in_backward else P1) + 4 * L) / n,
+        "optimizer states (8-bit v + expert AdamW)": (optimizer_state_bytes(one) + 8 * L) / n,
         "FSDP2 gather buffers": fsdp,
     }
     reference = {
