@@ -248,7 +248,10 @@ class PhasedDMDTrainer:
     @property
     def pool(self) -> BoundaryPool:
         """The boundary pool of the current phase and resolution."""
-        i = self.shape_index
+        return self._pool(self.shape_index)
+
+    def _pool(self, i: int) -> BoundaryPool:
+        """Resolution ``i``'s boundary pool of the current phase, made when first asked for."""
         if i not in self.pools:
             d = self.cfg.distill
             draw = lambda n, gen: self._draw(n, gen, self.shapes[i])  # noqa: E731
@@ -262,9 +265,7 @@ class PhasedDMDTrainer:
 
     def restore_pools(self, states: dict[str, dict]) -> None:
         for i, st in sorted(states.items()):
-            self.shape_index = int(i)
-            self.pool.restore(st["fill_state"], st["cursor"])
-        self.shape_index = 0
+            self._pool(int(i)).restore(st["fill_state"], st["cursor"])
 
     def _optimizer(self, name: str, params, lr: float, phase: int):
         d = self.cfg.distill
