@@ -51,7 +51,10 @@ class DistillConfig:
     optimizer_fake: str = "adamw"  # adamw8bit-v: our 8-bit v-only AdamW (needs betas[0] = 0)
     weighting: str = "theory"
     clamp_max: float = 100.0
-    dmd_t_range: list[float] = field(default_factory=lambda: [0.1, 0.98])
+    # the generator's t ~ U(s, 1] (the paper's T(t; t_k, 1]); a band [lo, hi] draws it from that fraction of (s, 1]
+    dmd_t_range: list[float] | None = None
+    # at s = 0 the weight w_{t|s} = lambda_t grows without bound as t -> 0: there (only) t >= dmd_t_min
+    dmd_t_min: float = 0.02
     lora_rank: int = 16
     lora_alpha: float = 16.0
     fake_kind: str = "full"
@@ -201,7 +204,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(d.compile_backend in ("inductor", "aot_eager", "eager"), "distill.compile_backend",
            f"must be 'inductor', 'aot_eager' or 'eager', got {d.compile_backend!r}")
     lo_hi = d.dmd_t_range
-    _check(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 1, "distill.dmd_t_range", "must be [lo, hi] with 0 <= lo < hi <= 1")
+    _check(lo_hi is None or (len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 1), "distill.dmd_t_range",
+           f"must be null (all of (s, 1]) or [lo, hi] with 0 <= lo < hi <= 1, got {lo_hi}")
+    _check(0 <= d.dmd_t_min < ts[-2], "distill.dmd_t_min",
+           f"must lie in [0, {ts[-2]}) (below the last phase's first step), got {d.dmd_t_min}")
     return cfg
 
 

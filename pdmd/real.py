@@ -32,7 +32,7 @@ _DIRECT = {
     "distill.batch_size": "distill.batch_size", "distill.fake_updates_per_generator_update": "distill.fake_updates",
     "distill.phase_boundaries": "distill.phase_boundaries",
     **{f"distill.{k}": f"distill.{k}" for k in ("max_steps", "grad_accum", "grad_clip", "bf16", "weighting",
-                                                 "clamp_max", "dmd_t_range", "pool_size", "max_nonfinite",
+                                                 "clamp_max", "dmd_t_range", "dmd_t_min", "pool_size", "max_nonfinite",
                                                  "checkpoint_every", "log_every", "activation_checkpointing",
                                                  "compile", "compile_backend", "frozen_dtype")},
     "generator.lora_rank": "distill.lora_rank", "generator.lora_alpha": "distill.lora_alpha",

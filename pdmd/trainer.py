@@ -362,17 +362,30 @@ class PhasedDMDTrainer:
         norm, ok = self._apply(self.opt_fake, self.fake_params, ok, "fake-score")
         return total, norm, ok
 
+    def dmd_band(self, s: float) -> tuple[float, float]:
+        """The fraction [lo, hi] of (s, 1] the generator's t is drawn from (t = s + (1 - s) u, u ~ U(lo, hi]).
+
+        The paper draws t ~ T(t; s, 1]: all of it. The weight w_{t|s} = lambda_t alpha_{t|s} is finite on (s, 1]
+        for s > 0 (it tends to lambda_s as t -> s); only at s = 0 does it grow without bound (lambda_t ~ 1/t for
+        t -> 0), so there, and only there, t is kept >= ``distill.dmd_t_min``. ``distill.dmd_t_range`` replaces
+        this with an explicit band.
+        """
+        d = self.cfg.distill
+        if d.dmd_t_range is not None:
+            return tuple(d.dmd_t_range)
+        return (d.dmd_t_min if s == 0 else 0.0), 1.0
+
     def generator_update(self, plain: bool = False):
         """One step of expert k: DMD gradient at the boundary through the exit step (Eq. 11)."""
         d, B = self.cfg.distill, self.cfg.distill.batch_size
         s = self.boundary
-        lo, hi = d.dmd_t_range
+        lo, hi = self.dmd_band(s)
         total, g_rms, ok = 0.0, 0.0, True
         for _ in range(d.grad_accum):
             x_s, cond = self.rollout(B, grad=True)
             if plain:
                 self._finish(x_s.detach(), cond)
-            t = s + (1 - s) * (lo + (hi - lo) * self._rand(B))
+            t = s + (1 - s) * (lo + (hi - lo) * (1 - self._rand(B)))  # (s + lo', s + hi'], 1 included
             eps = self._randn(B)
             if not self._ok(x_s):
                 ok = False
