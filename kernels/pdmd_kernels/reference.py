@@ -3,7 +3,7 @@
 Everything here works on per-sample schedule coefficients (``[B]`` tensors), not on a schedule
 object, so the package stays standalone. Arithmetic is float32 at least (float64 when any input
 is float64); results are returned in that compute dtype unless stated otherwise.
-See ``../shared/docs/MATH.md`` for the derivations.
+The derivations: ``docs/math.md`` in the pdmd repository.
 """
 from __future__ import annotations
 
