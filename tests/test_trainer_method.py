@@ -178,7 +178,12 @@ def test_generator_gradient_is_w_times_guided_teacher_minus_fake(tmp_path, monke
     spy = Spy(monkeypatch)
     conds, checks = [], {}
     rollout = tr.rollout
-    tr.rollout = lambda n, grad: (lambda out: (conds.append(out[1]), out)[1])(rollout(n, grad))
+
+    def recorded_rollout(n, grad):  # the prompts of the generator's batch
+        out = rollout(n, grad)
+        conds.append(out[1])
+        return out
+    tr.rollout = recorded_rollout
 
     def at_step(opt, args, kwargs):  # before the update: the expert's gradient against the exit step's own
         g_x = expected_grad()
@@ -330,9 +335,33 @@ def test_sgts_exit_per_iteration_is_one_step_per_batch_uniform(tmp_path, monkeyp
     assert chi2 < CHI2_3DF, counts
 
 
-def test_sgts_exit_is_validated():
+def test_sgts_exit_per_iteration_batched_rollouts_equal_the_plain_loop(tmp_path):
+    """Drawn in chunks of batch_size, the r fake batches rolled out at once get the exit steps the plain loop
+    (one rollout per batch) gets: the same updates."""
+    runs = []
+    for plain in (False, True):
+        tr = make(tmp_path / str(plain), method="phased_sgts", max_steps=4, sgts_exit="iteration", fake_updates=3,
+                  pool_size=8 if plain else 64)
+        tr.start_phase(1)  # the last phase: the plain loop's rest of the sampler (``_finish``) has no steps
+        for _ in range(2):
+            tr.iteration(plain=plain)
+        runs.append([p.detach().clone() for p in tr.gen_params + tr.fake_params])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_sgts_exit_is_validated_and_read_from_real_configs():
     with pytest.raises(ValueError, match="distill.sgts_exit"):
         validate(RunConfig(distill=DistillConfig(sgts_exit="step")))
+    import yaml
+    from pdmd.real import real_config
+
+    data = yaml.safe_load(open("configs/wan2.1-t2v-14b.yaml"))
+    data["distill"]["sgts_exit"] = "iteration"
+    assert real_config(data).run.distill.sgts_exit == "iteration"
+    data["distill"]["sgts_exit"] = "step"
+    with pytest.raises(ValueError, match="distill.sgts_exit"):
+        real_config(data)
 
 
 # ---------------------------------------------------------------- r fake updates per generator update
