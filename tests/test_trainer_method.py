@@ -350,6 +350,22 @@ def test_sgts_exit_per_iteration_batched_rollouts_equal_the_plain_loop(tmp_path)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_plain_loop_keeps_the_generator_gradient_in_an_early_phase(tmp_path):
+    """The plain loop runs the later experts (``_finish``) between the generator's rollout and its backward;
+    the expert's gradient must survive that (peft re-sets requires_grad when the teacher runs)."""
+    runs = []
+    for plain in (False, True):
+        tr = make(tmp_path / str(plain), method="phased_sgts", max_steps=4, fake_updates=2)
+        tr.start_phase(0)
+        grads = []
+        tr.opt_gen.register_step_pre_hook(lambda o, a, k: grads.append([p.grad for p in tr.gen_params]))
+        tr.iteration(plain=plain)
+        assert all(g is not None for g in grads[0])
+        runs.append([p.detach().clone() for p in tr.gen_params + tr.fake_params])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_sgts_exit_is_validated_and_read_from_real_configs():
     with pytest.raises(ValueError, match="distill.sgts_exit"):
         validate(RunConfig(distill=DistillConfig(sgts_exit="step")))
