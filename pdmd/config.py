@@ -40,6 +40,8 @@ class DistillConfig:
     max_steps: int = 800  # generator updates in total, split evenly over the phases
     batch_size: int = 256
     fake_updates: int = 5
+    # SGTS exit step: "sample" draws one per sample, "iteration" one per batch (all rows share it, as Self-Forcing)
+    sgts_exit: str = "sample"
     lr_generator: float = 1e-4
     lr_fake: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
@@ -172,6 +174,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(d.method in METHODS, "distill.method", f"must be one of {METHODS}, got {d.method!r}")
     _check(d.weighting in ("theory", "normalized"), "distill.weighting", "must be 'theory' or 'normalized'")
     _check(d.fake_kind in ("full", "lora"), "distill.fake_kind", "must be 'full' or 'lora'")
+    _check(d.sgts_exit in ("sample", "iteration"), "distill.sgts_exit",
+           f"must be 'sample' or 'iteration', got {d.sgts_exit!r}")
     _check(cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", "must be 'cpu' or 'cuda[:i]'")
     ts = d.timesteps
     _check(len(ts) >= 2, "distill.timesteps", "needs at least 2 entries (1 sampling step)")

@@ -140,7 +140,12 @@ class Experts:
 
     def run_teacher(self, x_t, t, cond):
         with self.peft.disable_adapter():
-            return self.module(x_t, t, cond)
+            out = self.module(x_t, t, cond)
+        # leaving disable_adapter, peft sets requires_grad by the *active* adapter: when another adapter ran last
+        # (the plain loop's later experts), the trainable one's pending gradient would be dropped in backward
+        for p in self._trainable_params():
+            p.requires_grad_(True)
+        return out
 
     def view(self, name: str, phase: int | None = None) -> DenoiserView:
         """A denoiser view of ``teacher`` or an adapter; the ``fake`` adapter needs the ``phase`` it serves."""

@@ -31,7 +31,7 @@ _DIRECT = {
     "teacher.guidance_scale": "teacher.guidance_scale", "teacher.guidance_scale_low": "teacher.guidance_scale_low",
     "distill.batch_size": "distill.batch_size", "distill.fake_updates_per_generator_update": "distill.fake_updates",
     "distill.phase_boundaries": "distill.phase_boundaries",
-    **{f"distill.{k}": f"distill.{k}" for k in ("max_steps", "grad_accum", "grad_clip", "bf16", "weighting",
+    **{f"distill.{k}": f"distill.{k}" for k in ("max_steps", "grad_accum", "grad_clip", "bf16", "weighting", "sgts_exit",
                                                  "clamp_max", "dmd_t_range", "dmd_t_min", "pool_size", "max_nonfinite",
                                                  "checkpoint_every", "log_every", "activation_checkpointing",
                                                  "compile", "compile_backend", "frozen_dtype")},

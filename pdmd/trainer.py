@@ -277,7 +277,10 @@ class PhasedDMDTrainer:
         """(x_s, cond): this rank's rows of n (global) samples at the boundary s of the current phase;
         gradient through the exit step only.
 
-        SGTS draws an exit step j per sample; the exit step jumps from t_{i0+j-1} straight to s.
+        SGTS draws the exit step j uniformly from 1..L (L = the phase's steps): per sample with
+        ``distill.sgts_exit: sample``, or one per batch of ``batch_size`` rows (``iteration``, as
+        Self-Forcing: every fake-score or generator batch has one j). Steps before j run without
+        gradient; the exit step jumps from t_{i0+j-1} straight to s.
         """
         p, B = self.phase, self.cfg.distill.batch_size
         x, cond = self.pool.take(self.par.local(n))
@@ -289,7 +292,10 @@ class PhasedDMDTrainer:
             return x, cond
         if self.plan.sgts and len(steps) > 1:
             g = self.gens["rollout"]
-            chunks = [torch.randint(1, len(steps) + 1, (min(B, n - a),), generator=g) for a in range(0, n, B)]
+            # chunks of B rows: the stream is the same whether the r fake batches are drawn at once or one by one
+            per_batch = self.cfg.distill.sgts_exit == "iteration"
+            chunks = [torch.randint(1, len(steps) + 1, (1 if per_batch else min(B, n - a),), generator=g)
+                      .expand(min(B, n - a)) for a in range(0, n, B)]
             j_max = max(int(c.max()) for c in chunks)  # global: every rank runs the same number of steps
             j = torch.cat([self.par.shard(c) for c in chunks])
         else:
