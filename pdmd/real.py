@@ -33,6 +33,7 @@ _DIRECT = {
     "distill.phase_boundaries": "distill.phase_boundaries",
     **{f"distill.{k}": f"distill.{k}" for k in ("max_steps", "grad_accum", "grad_clip", "bf16", "weighting",
                                                  "clamp_max", "dmd_t_range", "dmd_t_min", "pool_size", "max_nonfinite",
+                                                 "max_nonfinite_share", "keep_checkpoints",
                                                  "checkpoint_every", "log_every", "activation_checkpointing",
                                                  "compile", "compile_backend", "frozen_dtype")},
     "generator.lora_rank": "distill.lora_rank", "generator.lora_alpha": "distill.lora_alpha",
