@@ -16,6 +16,7 @@ import copy
 import json
 import os
 import signal
+import sys
 import threading
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,7 +38,7 @@ from .rundir import candidates, install, log_line, trim_log, warn
 from .sampler import Plan, ddim_step, make_plan
 
 __all__ = ["PhasedDMDTrainer", "NonFiniteError", "Interrupted", "BoundaryPool", "split_steps", "check_config",
-           "stored_step"]
+           "resume_point", "stored_step"]
 
 CHECKPOINT = "checkpoint.safetensors"
 RESUME_FREE = ("compile", "compile_backend", "activation_checkpointing")  # speed only: may change on resume
@@ -656,7 +657,7 @@ def _phase_split(lengths: list[int], steps: int) -> list[int]:
     return (out + [len(lengths) - 1] * steps)[:steps]
 
 
-def check_config(cfg: RunConfig, stored: dict, path, step: int | None = None) -> str | None:
+def check_config(cfg: RunConfig, stored: dict, path, step: int | None = None, ignore: tuple = ()) -> str | None:
     """ValueError unless the checkpoint's config (a dict) matches ``cfg`` except the fields in ``RESUME_OK`` and
     ``max_steps``. A new ``max_steps`` re-splits the updates over the phases (``split_steps``): it is refused if
     any of the ``step`` updates already taken would move to another phase; otherwise the returned note says
@@ -666,7 +667,7 @@ def check_config(cfg: RunConfig, stored: dict, path, step: int | None = None) ->
         raise ValueError(f"config field seed is {mine['seed']} but the checkpoint {path} was made with {theirs['seed']}")
     for section in ("teacher", "distill"):
         for key, v in theirs[section].items():
-            if key not in ("max_steps", *RESUME_OK) and mine[section][key] != v:
+            if key not in ("max_steps", *RESUME_OK, *ignore) and mine[section][key] != v:
                 raise ValueError(f"config field {section}.{key} is {mine[section][key]!r} but the checkpoint "
                                  f"{path} was made with {v!r}")
     old_n, new_n = theirs["distill"]["max_steps"], mine["distill"]["max_steps"]
@@ -688,3 +689,63 @@ def check_config(cfg: RunConfig, stored: dict, path, step: int | None = None) ->
             f"to phase {after[i] + 1}); resume with max_steps {old_n}, or start a new run")
     return (f"distill.max_steps {old_n} -> {new_n}: generator updates per phase {old} -> {new}; the {step} "
             "updates already taken keep their phases")
+
+
+def resume_point(cfg: RunConfig, out: str | Path, resume: bool, par: Parallel | None = None,
+                 ignore: tuple = ()) -> Path | None:
+    """Every check of a (re)start into ``out``, before any work (training a teacher, clearing the log):
+
+    without ``resume``, ValueError if ``out`` holds a checkpoint; with it, the newest checkpoint that is readable
+    and passes its checksums (a warning names each one skipped and the one used), whose config matches ``cfg``
+    (``check_config``, ValueError; distill fields in ``ignore`` are left to ``load``). Returns the checkpoint to
+    load, None for a fresh run. Under torchrun rank 0 checks and every rank gets its answer."""
+    par = par or Parallel()
+    latest = Path(out) / (DCP_DIR if par.distributed else CHECKPOINT)
+    found = candidates(latest)
+    if not resume:
+        if found:
+            raise ValueError(f"{found[0]} exists: pass --resume to continue that run, or choose another --out")
+        return None
+    if not found:
+        raise ValueError(f"--resume given but there is no checkpoint at {latest}")
+    choice, err = None, None
+    if par.is_main:
+        try:
+            choice = _first_good(cfg, found, ignore)
+        except ValueError as e:
+            err = e
+    if par.distributed:
+        import torch.distributed as dist
+
+        box = [choice, None if err is None else str(err)]
+        dist.broadcast_object_list(box, src=0, group=par.mesh.get_group())
+        choice, msg = box
+        if msg is not None:
+            raise err or ValueError(msg)
+    elif err is not None:
+        raise err
+    return Path(choice)
+
+
+def _first_good(cfg: RunConfig, found: list[Path], ignore: tuple) -> str:
+    from .parallel import verify_checkpoint
+
+    for i, p in enumerate(found):
+        try:
+            if p.is_dir():
+                verify_checkpoint(p)
+                meta = torch.load(p / "meta.pt", weights_only=True)
+                stored, step = meta["config"], meta["step"]
+            else:
+                _, meta = load_tensors(p)
+                stored, step = json.loads(meta["config"]), int(meta["step"])
+        except (CheckpointError, KeyError, json.JSONDecodeError) as e:
+            e = e if isinstance(e, CheckpointError) else f"{p} lacks its metadata ({e})"
+            if i + 1 == len(found):
+                raise CheckpointError(f"no usable checkpoint to resume: {e}") from None
+            warn(f"{e}; resuming from {found[i + 1]} instead")
+            continue
+        note = check_config(cfg, stored, p, step, ignore)
+        if note:
+            print(f"pdmd: note: {note}", file=sys.stderr, flush=True)
+        return str(p)
