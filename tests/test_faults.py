@@ -116,9 +116,12 @@ def test_in_process_second_hold_is_refused():
 
 
 def test_runs_started_at_the_same_moment_exactly_one_gets_the_lock(tmp_path):
-    code = (RUNDIR + "time.sleep(max(0, float(sys.argv[2]) - time.time()))\n"
-            "try:\n    with hold(sys.argv[1]):\n        print('ok', flush=True); time.sleep(2)\n"
-            "except ValueError as e:\n    print('refused', flush=True)\n")
+    # the winner keeps the lock until both others were refused (or 120 s): a slow start cannot find it free
+    code = (RUNDIR + "import os, pathlib\nd = pathlib.Path(sys.argv[1])\n"
+            "time.sleep(max(0, float(sys.argv[2]) - time.time()))\n"
+            "try:\n    with hold(d):\n        print('ok', flush=True); end = time.time() + 120\n"
+            "        while len(list(d.glob('refused.*'))) < 2 and time.time() < end: time.sleep(0.05)\n"
+            "except ValueError as e:\n    print('refused', flush=True); (d / f'refused.{os.getpid()}').touch()\n")
     at = time.time() + 1.0
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "x"), str(at)], env=ENV,
                               stdout=subprocess.PIPE, text=True) for _ in range(3)]
