@@ -1,6 +1,5 @@
 """Nothing lost: the lock on --out, rotated and checksummed checkpoints with fallback, the order of checks,
 log.jsonl, max_steps on resume, SIGTERM/SIGINT, the non-finite limits and file permissions."""
-import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +20,6 @@ import pdmd.trainer as trainer_mod
 from pdmd import parallel
 from pdmd.checkpoint import CheckpointError, load_tensors
 from pdmd.cli import main
-from pdmd.distill import distill
 from pdmd.rundir import hold, log_line, read_log
 from pdmd.toy import ToyData
 from pdmd.trainer import Interrupted, NonFiniteError, PhasedDMDTrainer, resume_point
