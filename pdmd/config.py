@@ -62,7 +62,10 @@ class DistillConfig:
     fake_kind: str = "full"
     fake_lora_rank: int = 32
     pool_size: int = 4096
-    max_nonfinite: int = 20
+    max_nonfinite: int = 20  # non-finite updates in a row that stop the run
+    # a run that skipped more than this share of its updates (fake and generator) as non-finite ends with an error
+    max_nonfinite_share: float = 0.05
+    keep_checkpoints: int = 2  # the newest checkpoints kept in the run directory (docs/trainer.md)
     checkpoint_every: int = 200
     log_every: int = 10
     plot_every: int = 400
@@ -158,6 +161,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                     ("distill.fake_updates", d.fake_updates), ("distill.grad_accum", d.grad_accum),
                     ("distill.lora_rank", d.lora_rank), ("distill.fake_lora_rank", d.fake_lora_rank),
                     ("distill.pool_size", d.pool_size), ("distill.max_nonfinite", d.max_nonfinite),
+                    ("distill.keep_checkpoints", d.keep_checkpoints),
                     ("distill.checkpoint_every", d.checkpoint_every), ("distill.log_every", d.log_every),
                     ("distill.plot_every", d.plot_every), ("eval.samples_per_prompt", cfg.eval.samples_per_prompt),
                     ("eval.diversity_groups", cfg.eval.diversity_groups)):
@@ -168,6 +172,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                     ("distill.lora_alpha", d.lora_alpha), ("teacher.guidance_scale", t.guidance_scale),
                     ("teacher.guidance_scale_low", 1.0 if t.guidance_scale_low is None else t.guidance_scale_low)):
         _check(v > 0, name, f"must be > 0, got {v}")
+    _check(0 <= d.max_nonfinite_share <= 1, "distill.max_nonfinite_share", f"must lie in [0, 1], got {d.max_nonfinite_share}")
     _check(0 <= t.cond_dropout < 1, "teacher.cond_dropout", "must lie in [0, 1)")
     _check(d.weight_decay >= 0, "distill.weight_decay", "must be >= 0")
     _check(cfg.task in TASKS, "task", f"must be one of {TASKS}, got {cfg.task!r}")

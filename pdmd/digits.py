@@ -34,7 +34,8 @@ from .diversity import LPIPS, diversity_table
 from .objectives import full_interval_target
 from .sampler import sample_few_step
 from .toy import sample_teacher
-from .trainer import CHECKPOINT, PhasedDMDTrainer
+from .rundir import candidates, clean_temps, hold
+from .trainer import CHECKPOINT, PhasedDMDTrainer, resume_point
 
 __all__ = ["load_digits", "DigitsTask", "build_teacher", "load_or_train_teacher", "DigitsCNN", "load_or_train_classifier",
            "evaluate_samplers", "distill_digits", "compare_digits", "COMPARE_METHODS"]
@@ -313,17 +314,15 @@ def _label(name: str, cfg: RunConfig) -> str:
     return LABELS[name].format(steps=t.sample_steps, cfg=t.guidance_scale, phases=len(cfg.distill.phase_boundaries) + 1)
 
 
-def _train_method(cfg: RunConfig, root: Path, out: Path, progress: bool, resume: bool):
-    """Distil a fresh copy of the cached teacher (the trainer wraps it in place) into ``out``."""
+def _train_method(cfg: RunConfig, root: Path, out: Path, progress: bool, ckpt: Path | None):
+    """Distil a fresh copy of the cached teacher (the trainer wraps it in place) into ``out``, continuing from
+    ``ckpt`` (checked by ``resume_point``) if given."""
     teacher, embed, _ = load_or_train_teacher(root, cfg.teacher, cfg.seed, progress=False)
     task = DigitsTask(embed)
-    ckpt = out / CHECKPOINT
-    if not resume and ckpt.exists():
-        raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
-    if not resume and (out / "log.jsonl").exists():
+    if ckpt is None and (out / "log.jsonl").exists():
         (out / "log.jsonl").unlink()
     trainer = PhasedDMDTrainer(cfg, teacher, task, out, progress)
-    if resume and ckpt.exists():
+    if ckpt is not None:
         trainer.load(ckpt)
     t0 = time.time()
     trainer.train()
@@ -332,8 +331,18 @@ def _train_method(cfg: RunConfig, root: Path, out: Path, progress: bool, resume:
 
 
 def _run(cfg: RunConfig, out, methods, progress: bool, resume: bool) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with hold(out):  # the lock on --out for the whole run; temp files of a crash removed
+        return _run_locked(cfg, Path(out), methods, progress, resume)
+
+
+def _run_locked(cfg: RunConfig, out: Path, methods, progress: bool, resume: bool) -> dict:
+    cfgs, subs, ckpts = {}, {}, {}
+    for m in methods:  # every check before any work: the cached teacher is untouched by a refused resume
+        cfgs[m] = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method=m))
+        subs[m] = out if len(methods) == 1 else out / m
+        if subs[m] != out and subs[m].is_dir():
+            clean_temps(subs[m])
+        ckpts[m] = resume_point(cfgs[m], subs[m], resume or (len(methods) > 1 and bool(candidates(subs[m] / CHECKPOINT))))
     torch.manual_seed(cfg.seed)
     start = time.time()
     teacher, embed, teacher_s = load_or_train_teacher(out, cfg.teacher, cfg.seed, progress)
@@ -344,10 +353,7 @@ def _run(cfg: RunConfig, out, methods, progress: bool, resume: bool) -> dict:
     grids = {"teacher": seed_grid(fns["teacher"], seeds)}
     seconds = {"teacher_training": round(teacher_s, 1)}
     for m in methods:
-        mcfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method=m))
-        sub = out if len(methods) == 1 else out / m
-        trainer, mtask, secs = _train_method(mcfg, out, sub, progress,
-                                             resume or (len(methods) > 1 and (sub / CHECKPOINT).exists()))
+        trainer, mtask, secs = _train_method(cfgs[m], out, subs[m], progress, ckpts[m])
         fns[m] = generator_sampler(trainer, mtask)
         grids[m] = seed_grid(fns[m], seeds)
         seconds[m] = round(secs, 1)

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from .config import METHODS, RunConfig, load_config
-from .parallel import DCP_DIR, Parallel, from_env
+from .parallel import Parallel, from_env
 from .evaluate import energy_distance, evaluate_prompt, pairwise_diversity
 from .sampler import sample_few_step
 from .toy import ToyData, load_or_train_teacher, sample_teacher
-from .trainer import CHECKPOINT, NonFiniteError, PhasedDMDTrainer
+from .rundir import candidates, hold, read_log
+from .trainer import CHECKPOINT, Interrupted, NonFiniteError, PhasedDMDTrainer, resume_point
 
 __all__ = ["distill", "compare", "sample_run", "add_commands"]
 
@@ -142,13 +143,13 @@ def _plot_losses(path: Path, log: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    recs = [r for r in read_log(log) if "step" in r]  # a torn line is skipped; null (non-finite) plots as a gap
     if not recs:
         return
     steps = [r["step"] for r in recs]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3))
     for ax, key in zip(axes, ("loss_fake", "g_rms", "grad_norm_gen")):
-        ax.plot(steps, [r[key] for r in recs], lw=0.8)
+        ax.plot(steps, [float("nan") if r.get(key) is None else r[key] for r in recs], lw=0.8)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("generator step")
     fig.tight_layout()
@@ -174,8 +175,12 @@ def distill(cfg: RunConfig, out: str | Path, resume: bool = False, progress: boo
     rank 0 trains the teacher once and writes the log, checkpoint metadata, reports and pictures.
     """
     par = parallel or from_env(cfg.device)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with hold(out, par):  # the lock on --out for the whole run; temp files of a crash removed
+        return _distill(cfg, Path(out), resume, progress, teacher_dir, par)
+
+
+def _distill(cfg: RunConfig, out: Path, resume: bool, progress: bool, teacher_dir, par: Parallel) -> dict:
+    ckpt = resume_point(cfg, out, resume, par)  # every check before any work: the cached teacher is untouched
     torch.manual_seed(cfg.seed)
     start = time.time()
     data = ToyData()
@@ -188,16 +193,11 @@ def distill(cfg: RunConfig, out: str | Path, resume: bool = False, progress: boo
         if teacher_dir != out and not (out / "teacher.safetensors").exists():
             shutil.copyfile(teacher_dir / "teacher.safetensors", out / "teacher.safetensors")
         par.barrier()
-    ckpt = out / (DCP_DIR if par.distributed else CHECKPOINT)
-    if not resume and ckpt.exists():
-        raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
     par.barrier()  # every rank checked before rank 0 clears the log
-    if par.is_main and not resume and (out / "log.jsonl").exists():
+    if par.is_main and ckpt is None and (out / "log.jsonl").exists():
         (out / "log.jsonl").unlink()
     trainer = PhasedDMDTrainer(cfg, teacher, data, out, progress, plot_fn=_progress_plot(data), parallel=par)
-    if resume:
-        if not ckpt.exists():
-            raise ValueError(f"--resume given but there is no checkpoint at {ckpt}")
+    if ckpt is not None:
         trainer.load(ckpt)
     t0 = time.time()
     trainer.train()
@@ -254,15 +254,19 @@ def _report_md(r: dict, t_label: str, g_label: str) -> str:
 
 
 def compare(cfg: RunConfig, out: str | Path, progress: bool = True, methods=METHODS) -> dict:
-    """The four methods with the same budget: table.md, table.json and panel.png in ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """The four methods with the same budget: table.md, table.json and panel.png in ``out``
+    (each method's run in ``out/<method>``, continued if it holds a checkpoint)."""
+    with hold(out):
+        return _compare(cfg, Path(out), progress, methods)
+
+
+def _compare(cfg: RunConfig, out: Path, progress: bool, methods) -> dict:
     data = ToyData()
     load_or_train_teacher(out, data, cfg.teacher, cfg.seed, progress)
     reports, trainers = {}, {}
     for m in methods:
         mcfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method=m))
-        reports[m] = distill(mcfg, out / m, resume=(out / m / CHECKPOINT).exists(), progress=progress, teacher_dir=out)
+        reports[m] = distill(mcfg, out / m, resume=bool(candidates(out / m / CHECKPOINT)), progress=progress, teacher_dir=out)
     t = cfg.teacher
     t_label = LABELS["teacher"].format(steps=t.sample_steps, cfg=t.guidance_scale)
     first = reports[methods[0]]
@@ -384,6 +388,8 @@ def _cmd_distill(args) -> int:
     except NonFiniteError as e:
         print(f"pdmd distill: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        return _interrupted("distill", e)
     if not r:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     g, t = r["generator"]["mean"], r["teacher"]["mean"]
@@ -400,13 +406,26 @@ def _digits_done(args, result: dict) -> int:
     return 0
 
 
+def _interrupted(cmd: str, e: Interrupted) -> int:
+    """SIGTERM/SIGINT: the checkpoint is saved; exit 128 + the signal's number (143, 130), as a shell reports a
+    process stopped by that signal, so a scheduler sees a preempted run, not a finished one."""
+    print(f"pdmd {cmd}: {e}", file=sys.stderr)
+    return 128 + e.signum
+
+
 def _cmd_compare(args) -> int:
     cfg = _config(args)
-    if cfg.task == "digits":
-        from .digits import compare_digits
+    try:
+        if cfg.task == "digits":
+            from .digits import compare_digits
 
-        return _digits_done(args, compare_digits(cfg, args.out, not args.quiet))
-    compare(cfg, args.out, progress=not args.quiet)
+            return _digits_done(args, compare_digits(cfg, args.out, not args.quiet))
+        compare(cfg, args.out, progress=not args.quiet)
+    except NonFiniteError as e:
+        print(f"pdmd compare: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        return _interrupted("compare", e)
     print(Path(args.out, "table.md").read_text())
     print(f"wrote {args.out}/table.md, table.json, panel.png")
     return 0
@@ -418,7 +437,7 @@ def add_commands(sub) -> None:
     d.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     d.add_argument("--out", required=True, help="run directory")
     d.add_argument("--max-steps", type=int, default=None, help="generator updates in total (overrides the config)")
-    d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors (checkpoint.dcp under torchrun)")
+    d.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in OUT (checkpoint.safetensors, checkpoint.dcp under torchrun)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_distill)
     c = sub.add_parser("compare", help="DMD, DMD+SGTS, Phased DMD, Phased DMD+SGTS with the same budget")

@@ -18,6 +18,7 @@ Launch (one node, 8 GPUs; several nodes: same on every node with its ``--node_ra
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -25,9 +26,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Parallel", "from_env", "DCP_DIR", "save_checkpoint", "load_checkpoint", "gathered", "full_state"]
+__all__ = ["Parallel", "from_env", "DCP_DIR", "MANIFEST", "save_checkpoint", "load_checkpoint", "verify_checkpoint",
+           "gathered", "full_state"]
 
 DCP_DIR = "checkpoint.dcp"
+# pdmd's manifest of a sharded checkpoint: step and the SHA-256 of every file. DCP unpickles its ``.metadata``
+# on load, so a directory is loaded only once its manifest is present and every file matches it.
+MANIFEST = "pdmd.manifest.json"
+MANIFEST_FORMAT = "pdmd-dcp-1"
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:
@@ -237,47 +243,119 @@ def _meta(trainer) -> dict:
     return meta
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(path: Path, step: int) -> None:
+    from .checkpoint import umask_mode
+
+    files = {p.name: _sha256(p) for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST}
+    target = path / MANIFEST
+    with open(target, "w") as f:
+        json.dump({"format": MANIFEST_FORMAT, "step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for p in path.iterdir():  # DCP's writer, like safetensors, does not follow the umask everywhere
+        if p.is_file():
+            os.chmod(p, umask_mode())
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """The manifest of the sharded checkpoint ``path`` once every file matches it; ``CheckpointError`` for a
+    directory pdmd did not write (no manifest), a missing, extra or altered file. Nothing is unpickled."""
+    from .checkpoint import CheckpointError
+
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+            raise ValueError
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {MANIFEST}: not a checkpoint written by pdmd, refusing to load it "
+                              "(DCP unpickles its .metadata)") from None
+    except (ValueError, KeyError, TypeError, OSError):
+        raise CheckpointError(f"{path}: its {MANIFEST} is unreadable or corrupt") from None
+    present = {p.name for p in path.iterdir() if p.name != MANIFEST}
+    if present != set(files):
+        raise CheckpointError(f"{path}: files {sorted(present ^ set(files))} differ from its {MANIFEST}")
+    for name, digest in files.items():
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"{path}: {name} fails its SHA-256 check (the checkpoint is corrupt)")
+    return manifest
+
+
+def _all_finite(state) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, dict):
+        return all(_all_finite(v) for v in state.values())
+    if isinstance(state, DTensor):
+        state = state.to_local()
+    return not (torch.is_tensor(state) and state.is_floating_point()) or bool(torch.isfinite(state).all())
+
+
 def save_checkpoint(trainer, path: str | Path) -> Path:
     """Sharded checkpoint (torch.distributed.checkpoint) in directory ``path``, written atomically:
     every rank writes its shards into ``path.tmp``; after a barrier rank 0 adds the metadata (step, phase,
-    RNG states, pool position, config) and renames it over ``path`` (the old one is kept as ``path.old``
-    until the rename is done, and ``load_checkpoint`` falls back to it)."""
+    RNG states, pool position, config) and the manifest (``MANIFEST``) and moves it to ``path``; the one it
+    replaces is kept as ``checkpoint.step_<step>.dcp`` (``pdmd.rundir.install``, ``distill.keep_checkpoints``).
+    Refuses (ValueError on every rank) to save non-finite values."""
     import torch.distributed.checkpoint as dcp
 
+    from .rundir import install
+    from .trainer import stored_step
+
     par, path = trainer.par, Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    tmp = path.with_name(path.name + ".tmp")
+    state = _state(trainer)[0]
+    if not par.all_finite(_all_finite(state)):
+        raise ValueError(f"refusing to save {path.name}: the weights or optimiser states hold non-finite values")
     if par.is_main and tmp.exists():
         shutil.rmtree(tmp)
     par.barrier()
-    dcp.save(_state(trainer)[0], checkpoint_id=str(tmp))
+    dcp.save(state, checkpoint_id=str(tmp))
     par.barrier()
     if par.is_main:
         with open(tmp / "meta.pt", "wb") as f:
             torch.save(_meta(trainer), f)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists():
-            shutil.rmtree(old)
+        _write_manifest(tmp, trainer.step)
+        install(tmp, path, trainer.cfg.distill.keep_checkpoints, stored_step(path), trainer.step)
     par.barrier()
     return path
 
 
 def load_checkpoint(trainer, path: str | Path) -> None:
-    """Restore a ``save_checkpoint`` directory into ``trainer`` (same config; max_steps may differ)."""
+    """Restore a ``save_checkpoint`` directory into ``trainer`` (same config, see ``check_config``); rank 0 checks
+    its manifest first (``CheckpointError`` on every rank if it fails)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
+    from .checkpoint import CheckpointError
+
     path = Path(path)
     if not path.exists() and path.with_name(path.name + ".old").exists():
         path = path.with_name(path.name + ".old")  # a crash between the two renames of a save
+    err = None
+    if trainer.par.is_main:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            err = e
+    if not trainer.par.all_finite(err is None):
+        raise err or CheckpointError(f"{path} failed its manifest check on rank 0")
     meta = torch.load(path / "meta.pt", weights_only=True)
-    trainer.check_config(meta["config"], path)
+    trainer.check_config(meta["config"], path, meta["step"])
     if meta["phase"] >= 0:
         trainer.start_phase(meta["phase"])
     if meta["world"] != trainer.par.world and _has_local_state(path):

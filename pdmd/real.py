@@ -20,8 +20,9 @@ import torch
 import yaml
 
 from .config import RunConfig, _coerce, validate
-from .parallel import DCP_DIR, from_env
-from .trainer import CHECKPOINT, PhasedDMDTrainer
+from .parallel import from_env
+from .rundir import hold
+from .trainer import PhasedDMDTrainer, resume_point
 
 __all__ = ["RealConfig", "real_config", "load_real_config", "is_real", "PromptTask", "encode_real", "distill_real"]
 
@@ -33,6 +34,7 @@ _DIRECT = {
     "distill.phase_boundaries": "distill.phase_boundaries",
     **{f"distill.{k}": f"distill.{k}" for k in ("max_steps", "grad_accum", "grad_clip", "bf16", "weighting", "sgts_exit",
                                                  "clamp_max", "dmd_t_range", "dmd_t_min", "pool_size", "max_nonfinite",
+                                                 "max_nonfinite_share", "keep_checkpoints",
                                                  "checkpoint_every", "log_every", "activation_checkpointing",
                                                  "compile", "compile_backend", "frozen_dtype")},
     "generator.lora_rank": "distill.lora_rank", "generator.lora_alpha": "distill.lora_alpha",
@@ -251,20 +253,22 @@ def encode_real(rc: RealConfig, progress: bool = True) -> Path:
 
 def distill_real(rc: RealConfig, out, resume: bool = False, progress: bool = True) -> dict:
     """Distil the local teacher on the prompt cache, then export the experts; returns the export manifest."""
-    from .export import export_experts
-    from .prompts import PromptCache
-
     cfg = rc.run
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     par = from_env(cfg.device)  # torchrun: FSDP2 over the ranks (pdmd.parallel); else one process
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / (DCP_DIR if par.distributed else CHECKPOINT)
-    if not resume and ckpt.exists():
-        raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
-    if resume and not ckpt.exists():
-        raise ValueError(f"--resume given but there is no checkpoint at {ckpt}")
+    with hold(out, par):  # the lock on --out for the whole run; temp files of a crash removed
+        return _distill_real(rc, Path(out), resume, progress, par)
+
+
+def _distill_real(rc: RealConfig, out: Path, resume: bool, progress: bool, par) -> dict:
+    from .export import export_experts
+    from .prompts import PromptCache
+
+    cfg = rc.run
+    # every check before loading the teacher. For Wan 2.2 A14B with default boundaries the phase boundary is
+    # the model's switch, known once its folder is read: trainer.load checks it then.
+    ckpt = resume_point(cfg, out, resume, par, ignore=("phase_boundaries",) if rc.default_boundaries else ())
     if not (Path(rc.prompt_cache) / "meta.json").is_file():
         raise ValueError(f"data.prompt_cache: {rc.prompt_cache!r} holds no prompt cache; run pdmd encode-prompts first")
     cache = PromptCache(rc.prompt_cache)
@@ -284,10 +288,10 @@ def distill_real(rc: RealConfig, out, resume: bool = False, progress: bool = Tru
                   + ", ".join("high" if teacher.for_phase(k) is teacher.high else "low"
                               for k in range(1, len(cfg.distill.phase_boundaries) + 2)))
     par.barrier()  # every rank checked the output folder before rank 0 clears the log
-    if par.is_main and not resume and (out / "log.jsonl").exists():
+    if par.is_main and ckpt is None and (out / "log.jsonl").exists():
         (out / "log.jsonl").unlink()
     trainer = PhasedDMDTrainer(cfg, teacher, PromptTask(cache, shapes), out, progress, parallel=par)
-    if resume:
+    if ckpt is not None:
         trainer.load(ckpt)
     t0 = time.time()
     trainer.train()

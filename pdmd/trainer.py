@@ -15,6 +15,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
+import sys
+import threading
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -24,23 +27,37 @@ from torch import nn
 from tqdm import tqdm
 
 from . import objectives as obj
-from .checkpoint import load_optimizer, load_tensors, optimizer_tensors, save_tensors
+from .checkpoint import CheckpointError, load_optimizer, load_tensors, optimizer_tensors, save_tensors
 from .config import RunConfig, from_dict
 from .compile import StepClock
 from .experts import DenoiserView, Experts, base_state, cat_cond, expert_name, phase_module
 from .layout import apply_layout
 from .optim import build_optimizer
-from .parallel import DCP_DIR, Parallel, gathered, load_checkpoint, save_checkpoint
+from .parallel import DCP_DIR, MANIFEST, Parallel, gathered, load_checkpoint, save_checkpoint
+from .rundir import candidates, install, log_line, trim_log, warn
 from .sampler import Plan, ddim_step, make_plan
 
-__all__ = ["PhasedDMDTrainer", "NonFiniteError", "BoundaryPool", "split_steps"]
+__all__ = ["PhasedDMDTrainer", "NonFiniteError", "Interrupted", "BoundaryPool", "split_steps", "check_config",
+           "resume_point", "stored_step"]
 
 CHECKPOINT = "checkpoint.safetensors"
 RESUME_FREE = ("compile", "compile_backend", "activation_checkpointing")  # speed only: may change on resume
+# neither the maths nor the random streams depend on these: they may change on resume (max_steps: see check_config)
+RESUME_OK = ("checkpoint_every", "log_every", "plot_every", "keep_checkpoints", "max_nonfinite",
+             "max_nonfinite_share", *RESUME_FREE)
 
 
 class NonFiniteError(RuntimeError):
-    """Too many non-finite losses or gradients in a row: training stopped, last good checkpoint kept."""
+    """Too many non-finite losses or gradients (in a row, or in total at the end): training stopped."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived: the iteration in progress was finished, a checkpoint saved, training stopped."""
+
+    def __init__(self, signum: int, step: int, path):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {path} saved; "
+                         "continue with --resume")
 
 
 def split_steps(total: int, parts: int) -> list[int]:
@@ -149,6 +166,7 @@ class PhasedDMDTrainer:
         self.shape_index, self.pools = 0, {}
         self.step, self.phase = 0, -1
         self.nonfinite_total = self.nonfinite_run = 0
+        self._saved = None  # (step, path) of the last checkpoint this trainer wrote or loaded
 
     # ------------------------------------------------------------------ randomness and helpers
     # Every draw is of the global batch (n rows); ``self.par.shard`` keeps this rank's rows.
@@ -334,9 +352,11 @@ class PhasedDMDTrainer:
             self.nonfinite_total += 1
             self.nonfinite_run += 1
             if self.nonfinite_run >= self.cfg.distill.max_nonfinite:
+                saved = (f"the last checkpoint, {self._saved[1]} (step {self._saved[0]}), was checked to hold only "
+                         "finite values when it was written" if self._saved else "no checkpoint was written in this run")
                 raise NonFiniteError(
                     f"{self.nonfinite_run} non-finite {what} losses/gradients in a row at step {self.step} "
-                    f"(phase {self.phase + 1}); stopped. The last checkpoint in {self.out} has finite weights; "
+                    f"(phase {self.phase + 1}); stopped without saving ({saved}); "
                     "lower the learning rates or grad_clip, or set distill.bf16: false.")
         opt.zero_grad(set_to_none=True)
         return float(norm), ok
@@ -446,14 +466,22 @@ class PhasedDMDTrainer:
 
     # ------------------------------------------------------------------ loop
     def train(self, stop_at: int | None = None) -> None:
-        """Run to ``distill.max_steps`` generator updates (or stop after ``stop_at``), saving as configured."""
+        """Run to ``distill.max_steps`` generator updates (or stop after ``stop_at``), saving as configured.
+
+        SIGTERM/SIGINT (a cluster's preemption, Ctrl-C) finish the iteration in progress, save a checkpoint and
+        raise ``Interrupted``; a second signal acts as usual. Ends with ``NonFiniteError`` (after the final save)
+        when more than ``distill.max_nonfinite_share`` of the updates were skipped as non-finite."""
         d = self.cfg.distill
         stop = d.max_steps if stop_at is None else min(stop_at, d.max_steps)
         samples = (d.fake_updates + 1) * d.grad_accum * d.batch_size
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.par.is_main:  # records past the checkpoint's step (and a torn last line) are dropped: none twice
+            trim_log(self.out / "log.jsonl", self.step)
         log = (self.out / "log.jsonl").open("a") if self.par.is_main else open(os.devnull, "w")  # rank 0 logs
         bar = tqdm(total=d.max_steps, initial=self.step, desc=f"distill {d.method}",
                    disable=not (self.progress and self.par.is_main), dynamic_ncols=True, mininterval=1.0)
+        caught: list[int] = []
+        old = _catch_signals(caught)
         try:
             while self.step < stop:
                 p = self.phase_of(self.step)
@@ -465,7 +493,7 @@ class PhasedDMDTrainer:
                 rec.update(step=self.step, phase=p + 1, step_time=dt, compile_time=clock.compile,
                            samples_per_s=samples / dt, nonfinite_skipped=self.nonfinite_total)
                 if self.step % d.log_every == 0 or self.step == stop:
-                    log.write(json.dumps(rec) + "\n")
+                    log.write(log_line(rec))
                     log.flush()
                 bar.update(1)
                 bar.set_postfix(phase=p + 1, fake=f"{rec['loss_fake']:.3f}", g=f"{rec['g_rms']:.3f}", refresh=False)
@@ -473,22 +501,40 @@ class PhasedDMDTrainer:
                     self.save()
                 if self.plot_fn is not None and self.step % d.plot_every == 0:
                     self.plot_fn(self.out / "samples" / f"step_{self.step:06d}.png", self)
+                # every rank stops at the same iteration if any was signalled (torchrun signals them all)
+                if not self.par.all_finite(not caught) and self.step < stop:
+                    signum = caught[0] if caught else signal.SIGTERM
+                    path = self.save() if self._saved is None or self._saved[0] != self.step else self._saved[1]
+                    raise Interrupted(signum, self.step, path)
         finally:
+            _restore_signals(old)
             bar.close()
             log.close()
-        self.save()
+        if self._saved is None or self._saved[0] != self.step:
+            self.save()
+        updates = self.step * (d.fake_updates + 1)  # each iteration: r fake updates and one generator update
+        if updates and self.nonfinite_total > d.max_nonfinite_share * updates:
+            raise NonFiniteError(
+                f"{self.nonfinite_total} of {updates} updates ({self.nonfinite_total / updates:.1%}) were skipped as "
+                f"non-finite, more than distill.max_nonfinite_share ({d.max_nonfinite_share:g}); the checkpoint "
+                f"{self._saved[1]} is saved but the result is suspect: lower the learning rates or grad_clip, or set "
+                "distill.bf16: false")
 
     # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoint_path(self) -> Path:
-        """``checkpoint.safetensors``, or the sharded ``checkpoint.dcp`` directory with more than one process."""
+        """``checkpoint.safetensors``, or the sharded ``checkpoint.dcp`` directory with more than one process.
+        The ``distill.keep_checkpoints - 1`` before it are ``checkpoint.step_<step>.safetensors`` (``.dcp``)."""
         return self.out / (DCP_DIR if self.par.distributed else CHECKPOINT)
 
     def save(self, path: str | Path | None = None) -> Path:
-        """Atomic checkpoint of everything the next step depends on."""
+        """Atomic checkpoint of everything the next step depends on; the one it replaces is kept under its step
+        name (``pdmd.rundir.install``) up to ``distill.keep_checkpoints``."""
         path = Path(path or self.checkpoint_path)
         if self.par.distributed:
-            return save_checkpoint(self, path)
+            save_checkpoint(self, path)
+            self._saved = (self.step, path)
+            return path
         tensors = {}
         for name in self.experts.adapters:
             tensors.update({f"adapter.{n}": p for n, p in self.experts.adapter_params(name).items()})
@@ -510,16 +556,40 @@ class PhasedDMDTrainer:
                 if st["fill_state"] is not None:
                     tensors[f"rng.pool_fill.{i}"] = st["fill_state"]
             meta["pool_cursors"] = json.dumps(cursors)
-        save_tensors(path, tensors, meta)
+        previous = stored_step(path)
+        save_tensors(path, tensors, meta, replace=lambda tmp, dst: install(
+            tmp, dst, self.cfg.distill.keep_checkpoints, previous, self.step))
+        self._saved = (self.step, path)
         return path
 
-    def load(self, path: str | Path | None = None) -> None:
-        """Restore a checkpoint written by ``save`` with the same configuration (max_steps may differ)."""
-        path = Path(path or self.checkpoint_path)
+    def load(self, path: str | Path | None = None) -> Path:
+        """Restore a checkpoint written by ``save`` with the same configuration (see ``check_config``).
+
+        With no ``path``, the newest usable one of this run directory: a truncated or corrupt newest checkpoint
+        gives a warning naming it and the one used instead. Returns the path loaded."""
+        if path is not None:
+            self._load(Path(path))
+            return Path(path)
+        found = candidates(self.checkpoint_path)
+        if not found:
+            raise ValueError(f"no checkpoint in {self.out} (looked for {self.checkpoint_path.name} and "
+                             "checkpoint.step_*)")
+        for i, p in enumerate(found):
+            try:
+                self._load(p)
+                return p
+            except CheckpointError as e:
+                if i + 1 == len(found):
+                    raise CheckpointError(f"no usable checkpoint in {self.out}: the last one tried failed: {e}") from None
+                warn(f"{e}; resuming from {found[i + 1]} instead")
+
+    def _load(self, path: Path) -> None:
         if self.par.distributed:
-            return load_checkpoint(self, path)
-        tensors, meta = load_tensors(path)
-        self.check_config(json.loads(meta["config"]), path)
+            load_checkpoint(self, path)
+            self._saved = (self.step, path)
+            return
+        tensors, meta = load_tensors(path)  # CheckpointError before anything is changed
+        self.check_config(json.loads(meta["config"]), path, int(meta["step"]))
         phase = int(meta["phase"])
         if phase >= 0:
             self.start_phase(phase)
@@ -539,17 +609,11 @@ class PhasedDMDTrainer:
         torch.set_rng_state(tensors["rng.torch"])
         self.step, self.phase = int(meta["step"]), phase
         self.nonfinite_total, self.nonfinite_run = int(meta["nonfinite_total"]), int(meta["nonfinite_run"])
+        self._saved = (self.step, path)
 
-    def check_config(self, stored: dict, path) -> None:
-        """ValueError unless the checkpoint's config (a dict) matches ours except max_steps and intervals."""
-        mine, theirs = self.cfg.to_dict(), from_dict(stored).to_dict()
-        if mine["seed"] != theirs["seed"]:
-            raise ValueError(f"config field seed is {mine['seed']} but the checkpoint {path} was made with {theirs['seed']}")
-        for section in ("teacher", "distill"):
-            for key, v in theirs[section].items():
-                if key not in ("max_steps", "checkpoint_every", "log_every", "plot_every", *RESUME_FREE) and mine[section][key] != v:
-                    raise ValueError(f"config field {section}.{key} is {mine[section][key]!r} but the checkpoint "
-                                     f"{path} was made with {v!r}")
+    def check_config(self, stored: dict, path, step: int | None = None) -> str | None:
+        """``check_config`` for this trainer's config."""
+        return check_config(self.cfg, stored, path, step)
 
     def export_experts(self, path: str | Path) -> None:
         """The distilled generator alone: every expert's LoRA weights (safetensors)."""
@@ -557,3 +621,137 @@ class PhasedDMDTrainer:
                    for n, p in self.experts.adapter_params(name).items()}
         if self.par.is_main:
             save_tensors(path, tensors, {"config": json.dumps(self.cfg.to_dict())})
+
+
+def _catch_signals(caught: list) -> dict | None:
+    """SIGTERM/SIGINT append their number to ``caught`` (the loop stops after the iteration); a second signal gets
+    the previous handler back (so a second Ctrl-C interrupts at once). Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    old = {}
+
+    def handler(signum, frame):
+        caught.append(signum)
+        for s, h in old.items():
+            signal.signal(s, h)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        old[s] = signal.signal(s, handler)
+    return old
+
+
+def _restore_signals(old: dict | None) -> None:
+    for s, h in (old or {}).items():
+        signal.signal(s, h)
+
+
+def stored_step(path: Path) -> int | None:
+    """The step of the checkpoint at ``path`` (header only), None if there is none or it is unreadable."""
+    from safetensors import safe_open
+
+    try:
+        if path.is_dir():
+            return int(json.loads((path / MANIFEST).read_text())["step"])
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {})["step"])
+    except Exception:  # absent, torn or foreign: it is replaced, not kept
+        return None
+
+
+def _phase_split(lengths: list[int], steps: int) -> list[int]:
+    """The phase (0-based) of each of the first ``steps`` generator updates under ``lengths``."""
+    out = [p for p, n in enumerate(lengths) for _ in range(n)]
+    return (out + [len(lengths) - 1] * steps)[:steps]
+
+
+def check_config(cfg: RunConfig, stored: dict, path, step: int | None = None, ignore: tuple = ()) -> str | None:
+    """ValueError unless the checkpoint's config (a dict) matches ``cfg`` except the fields in ``RESUME_OK`` and
+    ``max_steps``. A new ``max_steps`` re-splits the updates over the phases (``split_steps``): it is refused if
+    any of the ``step`` updates already taken would move to another phase; otherwise the returned note says
+    what changes (None when nothing does)."""
+    mine, theirs = cfg.to_dict(), from_dict(stored).to_dict()
+    if mine["seed"] != theirs["seed"]:
+        raise ValueError(f"config field seed is {mine['seed']} but the checkpoint {path} was made with {theirs['seed']}")
+    for section in ("teacher", "distill"):
+        for key, v in theirs[section].items():
+            if key not in ("max_steps", *RESUME_OK, *ignore) and mine[section][key] != v:
+                raise ValueError(f"config field {section}.{key} is {mine[section][key]!r} but the checkpoint "
+                                 f"{path} was made with {v!r}")
+    old_n, new_n = theirs["distill"]["max_steps"], mine["distill"]["max_steps"]
+    if old_n == new_n or step is None:
+        return None
+    d = cfg.distill
+    n_phases = make_plan(d.method, d.timesteps, d.phase_boundaries).n_phases
+    old, new = split_steps(old_n, n_phases), split_steps(new_n, n_phases)
+    if old == new:
+        return None
+    before, after = _phase_split(old, step), _phase_split(new, step)
+    moved = [i for i in range(step) if before[i] != after[i]]
+    if moved:
+        i = moved[0]
+        raise ValueError(
+            f"config field distill.max_steps is {new_n} but the checkpoint {path} was made with {old_n}: the "
+            f"generator updates per phase would change from {old} to {new}, and {len(moved)} of the {step} updates "
+            f"already taken would change phase (update {i + 1} was trained in phase {before[i] + 1}, it would belong "
+            f"to phase {after[i] + 1}); resume with max_steps {old_n}, or start a new run")
+    return (f"distill.max_steps {old_n} -> {new_n}: generator updates per phase {old} -> {new}; the {step} "
+            "updates already taken keep their phases")
+
+
+def resume_point(cfg: RunConfig, out: str | Path, resume: bool, par: Parallel | None = None,
+                 ignore: tuple = ()) -> Path | None:
+    """Every check of a (re)start into ``out``, before any work (training a teacher, clearing the log):
+
+    without ``resume``, ValueError if ``out`` holds a checkpoint; with it, the newest checkpoint that is readable
+    and passes its checksums (a warning names each one skipped and the one used), whose config matches ``cfg``
+    (``check_config``, ValueError; distill fields in ``ignore`` are left to ``load``). Returns the checkpoint to
+    load, None for a fresh run. Under torchrun rank 0 checks and every rank gets its answer."""
+    par = par or Parallel()
+    latest = Path(out) / (DCP_DIR if par.distributed else CHECKPOINT)
+    found = candidates(latest)
+    if not resume:
+        if found:
+            raise ValueError(f"{found[0]} exists: pass --resume to continue that run, or choose another --out")
+        return None
+    if not found:
+        raise ValueError(f"--resume given but there is no checkpoint at {latest}")
+    choice, err = None, None
+    if par.is_main:
+        try:
+            choice = _first_good(cfg, found, ignore)
+        except ValueError as e:
+            err = e
+    if par.distributed:
+        import torch.distributed as dist
+
+        box = [choice, None if err is None else str(err)]
+        dist.broadcast_object_list(box, src=0, group=par.mesh.get_group())
+        choice, msg = box
+        if msg is not None:
+            raise err or ValueError(msg)
+    elif err is not None:
+        raise err
+    return Path(choice)
+
+
+def _first_good(cfg: RunConfig, found: list[Path], ignore: tuple) -> str:
+    from .parallel import verify_checkpoint
+
+    for i, p in enumerate(found):
+        try:
+            if p.is_dir():
+                verify_checkpoint(p)
+                meta = torch.load(p / "meta.pt", weights_only=True)
+                stored, step = meta["config"], meta["step"]
+            else:
+                _, meta = load_tensors(p)
+                stored, step = json.loads(meta["config"]), int(meta["step"])
+        except (CheckpointError, KeyError, json.JSONDecodeError) as e:
+            e = e if isinstance(e, CheckpointError) else f"{p} lacks its metadata ({e})"
+            if i + 1 == len(found):
+                raise CheckpointError(f"no usable checkpoint to resume: {e}") from None
+            warn(f"{e}; resuming from {found[i + 1]} instead")
+            continue
+        note = check_config(cfg, stored, p, step, ignore)
+        if note:
+            print(f"pdmd: note: {note}", file=sys.stderr, flush=True)
+        return str(p)

@@ -188,7 +188,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- non-finite guard
 def test_one_non_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
-    tr = make(tmp_path, max_steps=3)
+    tr = make(tmp_path, max_steps=3, max_nonfinite_share=0.5)  # 1 of 9 updates skipped: above the default 5 %
     tr.start_phase(0)
     real = trainer_mod.obj.subinterval_loss
     calls = {"n": 0}

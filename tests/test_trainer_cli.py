@@ -38,8 +38,11 @@ def test_distill_resume_and_sample(tmp_path, config, capsys):
     assert "Teacher (8 steps, CFG 1.5)" in (out / "report.md").read_text()
     with pytest.raises(ValueError, match="--resume"):
         main(["distill", "--config", str(config), "--out", str(out), "--quiet"])
-    assert main(["distill", "--config", str(config), "--out", str(out), "--quiet", "--resume", "--max-steps", "6"]) == 0
-    assert json.loads((out / "report.json").read_text())["generator_updates"] == 6
+    # 4 -> 6 steps re-splits the phases ([2, 2] -> [3, 3]): update 3, trained in phase 2, would move to phase 1
+    with pytest.raises(ValueError, match=r"max_steps is 6 .* \[2, 2\] to \[3, 3\]"):
+        main(["distill", "--config", str(config), "--out", str(out), "--quiet", "--resume", "--max-steps", "6"])
+    assert main(["distill", "--config", str(config), "--out", str(out), "--quiet", "--resume"]) == 0
+    assert json.loads((out / "report.json").read_text())["generator_updates"] == 4
     assert json.loads((out / "report.json").read_text())["seconds"]["teacher_training"] == 0.0  # cached teacher
 
     csv = tmp_path / "s.csv"
