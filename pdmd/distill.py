@@ -471,7 +471,7 @@ def _cmd_compare(args) -> int:
     if cfg.task == "digits":
         from .digits import compare_digits
 
-        return _digits_done(args, compare_digits(cfg, args.out, not args.quiet))
+        return _digits_done(args, compare_digits(cfg, args.out, not args.quiet, seeds=_seeds(args, cfg)))
     compare(cfg, args.out, progress=not args.quiet, seeds=_seeds(args, cfg))
     print(Path(args.out, "table.md").read_text())
     print(f"wrote {args.out}/table.md, table.json, panel.png")
