@@ -76,13 +76,18 @@ def test_evaluate_samplers_scores(classifier):
     ev = yaml.safe_load("{samples_per_prompt: 4, diversity_groups: 2, diversity_seeds: 3}")
     cfg = type("E", (), ev)
     held = digits.heldout_digits(0)
-    rows = digits.evaluate_samplers({"copies": copies}, net, cfg, heldout=held)
+    wrong = lambda z, labels: first[(labels + 1) % 10]  # confident digits, of the next class
+    rows = digits.evaluate_samplers({"copies": copies, "wrong": wrong}, net, cfg, heldout=held)
     assert rows["copies"]["feature_cosine"] == pytest.approx(1.0, abs=1e-5)
     assert rows["copies"]["lpips"] == pytest.approx(0.0, abs=1e-6)
     p = net.logits(first).softmax(1)
     assert rows["copies"]["accuracy"] == pytest.approx(float((p.argmax(1) == torch.arange(10)).float().mean()))
     # confident (the digits' precision): p(requested class) >= 0.9, by hand on the 10 images the sampler returns
     assert rows["copies"]["confident"] == pytest.approx(float((p[torch.arange(10), torch.arange(10)] >= 0.9).float().mean()))
+    # confident counts the requested class only: a sure classifier on the wrong class scores as on a blur
+    pw = p[(torch.arange(10) + 1) % 10]
+    assert rows["wrong"]["confident"] == pytest.approx(float((pw[torch.arange(10), torch.arange(10)] >= 0.9).float().mean()))
+    assert rows["wrong"]["confident"] < 0.2 < float((pw.max(1).values >= 0.9).float().mean())
     # the data row: the classifier's held-out digits (the 20 % it never saw), the same two numbers by hand
     hx, hy = held
     assert hx.shape[0] == 1797 - int(0.8 * 1797)
