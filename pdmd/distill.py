@@ -310,10 +310,11 @@ def compare(cfg: RunConfig, out: str | Path, progress: bool = True, methods=METH
           f"{cfg.distill.batch_size}, {cfg.distill.fake_updates} fake updates per generator update; "
           f"{len(cfg.distill.timesteps) - 1} sampling steps; teacher sampled with {t.sample_steps} steps and CFG "
           f"{t.guidance_scale}, distilled generators with CFG 1.", "",
-          f"Seeds {seeds} (distillation and evaluation noise; the teacher is the one of seed {cfg.teacher_seed}): "
-          f"each cell is mean ± sample std over the {len(seeds)} seed(s). The teacher's spread is the evaluation "
-          f"noise alone. {PRECISION_NOTE}", "", TABLE_HEAD]
-    md += [_row(label, m) for label, m in rows.items()]
+          (f"Seeds {seeds} (distillation and evaluation noise; the teacher is the one of seed {cfg.teacher_seed}): "
+           f"each cell is mean ± sample std over the {len(seeds)} seeds. The teacher's spread is the evaluation "
+           f"noise alone. " if len(seeds) > 1 else f"Seed {seeds[0]}. ") + PRECISION_NOTE, "", TABLE_HEAD]
+    # one seed: its plain numbers (table.json keeps the same {mean, std, ...} form either way)
+    md += [_row(label, m) for label, m in (rows if len(seeds) > 1 else per_seed[seeds[0]]).items()]
     if len(seeds) > 1:
         for s, r in per_seed.items():
             md += ["", f"## Seed {s}", "", TABLE_HEAD] + [_row(label, m) for label, m in r.items()]
