@@ -30,6 +30,9 @@ class TeacherConfig:
     shift: float = 1.0  # the teacher schedule's timestep shift; sampler timesteps are warped by it
     # a two-transformer teacher (Wan 2.2 A14B) guides its low-noise transformer with this scale (None: guidance_scale)
     guidance_scale_low: float | None = None
+    # the toy/digits teacher's training seed (None: the run's seed); pdmd compare --seeds keeps the teacher
+    # of the config's seed while the run's seed (the distillation's RNG) varies
+    seed: int | None = None
 
 
 @dataclass
@@ -96,6 +99,11 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def teacher_seed(self) -> int:
+        """The seed the toy/digits teacher is trained with: teacher.seed, else the run's seed."""
+        return self.seed if self.teacher.seed is None else self.teacher.seed
 
 
 def _coerce(name: str, value, tp):

@@ -11,15 +11,20 @@
   (b) the paper's Table 2 on digits: mean pairwise cosine of its penultimate features (the DINOv3 column)
   and an LPIPS distance on its conv stages (``pdmd.diversity.LPIPS`` with this backbone, unit channel
   weights as lpips' un-learned baseline), among 8 seeds per class, averaged over classes and seed groups;
+  (c) "confident": the share of samples the classifier gives the requested class with probability >= 0.9,
+  the digits' precision: blurred or in-between digits raise the pairwise distances without being diverse
+  in any useful sense, and the classifier is unsure of them;
 - pictures: Fig.-3-style grids, one panel per sampler, a row per class, a column per seed (same seeds).
 
 ``pdmd distill`` with ``task: digits`` runs teacher + ``distill.method``; ``pdmd compare`` runs the teacher
-and DMD, DMD with SGTS, Phased DMD with SGTS with the same budget, and writes the four-panel grid.
+and DMD, DMD with SGTS, Phased DMD with SGTS with the same budget, and writes the four-panel grid; with
+``--seeds`` once per distillation seed (teacher and classifier of the config's seed), as mean ± std.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -31,6 +36,7 @@ from tqdm import tqdm
 from .checkpoint import load_tensors, save_tensors
 from .config import RunConfig
 from .diversity import LPIPS, diversity_table
+from .evaluate import over_seeds
 from .objectives import full_interval_target
 from .sampler import sample_few_step
 from .toy import sample_teacher
@@ -38,12 +44,13 @@ from .rundir import candidates, clean_temps, hold
 from .trainer import CHECKPOINT, PhasedDMDTrainer, resume_point
 
 __all__ = ["load_digits", "DigitsTask", "build_teacher", "load_or_train_teacher", "DigitsCNN", "load_or_train_classifier",
-           "evaluate_samplers", "distill_digits", "compare_digits", "COMPARE_METHODS"]
+           "evaluate_samplers", "distill_digits", "compare_digits", "COMPARE_METHODS", "CONFIDENCE"]
 
 N_CLASSES = 10
 TEXT_DIM = 16
 SHAPE = (1, 8, 8)
 COMPARE_METHODS = ("dmd", "dmd_sgts", "phased_sgts")
+CONFIDENCE = 0.9  # a sample is "confident" when the classifier gives its requested class at least this probability
 LABELS = {"teacher": "Teacher ({steps} steps, CFG {cfg})", "dmd": "DMD", "dmd_sgts": "DMD with SGTS",
           "phased": "Phased DMD (1 phase per step)", "phased_sgts": "Phased DMD ({phases} phases, SGTS)",
           "data": "Data (real digits)"}
@@ -171,6 +178,26 @@ class DigitsCNN(nn.Module):
         return self.head(self.features(x))
 
 
+def _split(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's 80 / 20 train / held-out split of the ``n`` digits (the first draw of ``gen``)."""
+    perm = torch.randperm(n, generator=gen)
+    return perm[:int(0.8 * n)], perm[int(0.8 * n):]
+
+
+def heldout_digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real digits the classifier of ``seed`` was not trained on: the data row's accuracy and confidence."""
+    x, y = load_digits()
+    _, te = _split(x.shape[0], torch.Generator().manual_seed(seed))
+    return x[te], y[te]
+
+
+def class_scores(net: "DigitsCNN", x: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Class accuracy and the confident share: argmax == label, and p(label | x) >= CONFIDENCE."""
+    p = torch.cat([net.logits(x[a:a + 1000]).softmax(1) for a in range(0, x.shape[0], 1000)])
+    return {"accuracy": float((p.argmax(1) == labels).double().mean()),
+            "confident": float((p.gather(1, labels[:, None])[:, 0] >= CONFIDENCE).double().mean())}
+
+
 def load_or_train_classifier(run_dir: str | Path, seed: int = 0, steps: int = 600) -> tuple[DigitsCNN, float]:
     """(classifier, held-out accuracy), trained on 80 % of the digits (1-pixel random shifts) and cached."""
     path = Path(run_dir) / "classifier.safetensors"
@@ -183,9 +210,8 @@ def load_or_train_classifier(run_dir: str | Path, seed: int = 0, steps: int = 60
             return net.eval().requires_grad_(False), float(stored["test_accuracy"])
     x, y = load_digits()
     gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(x.shape[0], generator=gen)
-    n_train = int(0.8 * x.shape[0])
-    tr, te = perm[:n_train], perm[n_train:]
+    tr, te = _split(x.shape[0], gen)
+    n_train = tr.numel()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = DigitsCNN()
@@ -241,9 +267,10 @@ def seed_grid(fn, seeds) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_samplers(fns: dict, net: DigitsCNN, eval_cfg, seed: int = 0) -> dict:
-    """Per sampler: class accuracy (by ``net``), feature cosine and LPIPS among ``diversity_seeds`` seeds per
-    class (``diversity_groups`` groups of seeds, averaged over groups and classes), and the real digits' row."""
+def evaluate_samplers(fns: dict, net: DigitsCNN, eval_cfg, seed: int = 0, heldout=None) -> dict:
+    """Per sampler: class accuracy and confident share (by ``net``), feature cosine and LPIPS among
+    ``diversity_seeds`` seeds per class (``diversity_groups`` groups of seeds, averaged over groups and classes),
+    and the real digits' row (accuracy and confident share on ``heldout`` = (images, labels) when given)."""
     lp, feats = digits_lpips(net), (lambda im: net.features(im * 2 - 1))
     n_seeds, groups = eval_cfg.diversity_seeds, eval_cfg.diversity_groups
     samples = {}
@@ -265,25 +292,36 @@ def evaluate_samplers(fns: dict, net: DigitsCNN, eval_cfg, seed: int = 0) -> dic
     for name, row in table.items():
         out[name] = {"feature_cosine": row["dino_cosine"], "lpips": row["lpips"], "groups": row["prompts"]}
         if name == "data":
+            if heldout is not None:
+                out[name].update(class_scores(net, *heldout))
             continue
         z = torch.randn((n * N_CLASSES, *SHAPE), generator=torch.Generator().manual_seed(seed + 1))
         labels = torch.arange(N_CLASSES).repeat_interleave(n)
-        preds = torch.cat([net.logits(fns[name](z[a:a + 1000], labels[a:a + 1000])).argmax(1)
-                           for a in range(0, z.shape[0], 1000)])
-        out[name]["accuracy"] = float((preds == labels).float().mean())
+        x = torch.cat([fns[name](z[a:a + 1000], labels[a:a + 1000]) for a in range(0, z.shape[0], 1000)])
+        out[name].update(class_scores(net, x, labels))
     return out
 
 
+def _fmt(v, fmt: str) -> str:
+    """A number, or a ``{"mean", "std"}`` summary over seeds as "mean ± std"."""
+    return f"{format(v['mean'], fmt)} ± {format(v['std'], fmt)}" if isinstance(v, dict) else format(v, fmt)
+
+
 def table_md(rows: dict, labels: dict, classifier_acc: float, eval_cfg) -> str:
-    head = ["| sampler | class accuracy | feature cosine (lower = more diverse) | LPIPS-CNN (higher = more diverse) |",
-            "|---|---|---|---|"]
+    """The Table-2 rows; each metric a number (one run) or a {"mean", "std"} summary over seeds."""
+    head = ["| sampler | class accuracy | confident (p >= 0.9) | feature cosine (lower = more diverse) | "
+            "LPIPS-CNN (higher = more diverse) |", "|---|---|---|---|---|"]
     for name, r in rows.items():
-        acc = f"{r['accuracy']:.3f}" if "accuracy" in r else f"{classifier_acc:.3f} (held-out)"
-        head.append(f"| {labels[name]} | {acc} | {r['feature_cosine']:.4f} | {r['lpips']:.4f} |")
+        acc = _fmt(r["accuracy"], ".3f") if "accuracy" in r else f"{classifier_acc:.3f} (held-out)"
+        conf = _fmt(r["confident"], ".3f") if "confident" in r else "-"
+        head.append(f"| {labels.get(name, name)} | {acc} | {conf} | {_fmt(r['feature_cosine'], '.4f')} | "
+                    f"{_fmt(r['lpips'], '.4f')} |")
     note = (f"Diversity: mean over pairs of {eval_cfg.diversity_seeds} seeds of one class, averaged over "
             f"{eval_cfg.diversity_groups} seed group(s) and the 10 classes (the paper's Table 2 protocol, with a CNN "
             f"classifier trained on the digits in place of DINOv3 and of LPIPS' AlexNet). Class accuracy: the "
-            f"classifier's agreement with the requested class on {eval_cfg.samples_per_prompt} samples per class.")
+            f"classifier's agreement with the requested class on {eval_cfg.samples_per_prompt} samples per class; "
+            f"confident: the share it gives the requested class probability >= {CONFIDENCE} (the digits' precision: "
+            f"blurred or in-between digits raise diversity and lower it). Data: the classifier's held-out digits.")
     return "\n".join(head) + "\n\n" + note + "\n"
 
 
@@ -317,7 +355,7 @@ def _label(name: str, cfg: RunConfig) -> str:
 def _train_method(cfg: RunConfig, root: Path, out: Path, progress: bool, ckpt: Path | None):
     """Distil a fresh copy of the cached teacher (the trainer wraps it in place) into ``out``, continuing from
     ``ckpt`` (checked by ``resume_point``) if given."""
-    teacher, embed, _ = load_or_train_teacher(root, cfg.teacher, cfg.seed, progress=False)
+    teacher, embed, _ = load_or_train_teacher(root, cfg.teacher, cfg.teacher_seed, progress=False)
     task = DigitsTask(embed)
     if ckpt is None and (out / "log.jsonl").exists():
         (out / "log.jsonl").unlink()
@@ -330,12 +368,14 @@ def _train_method(cfg: RunConfig, root: Path, out: Path, progress: bool, ckpt: P
     return trainer, task, time.time() - t0
 
 
-def _run(cfg: RunConfig, out, methods, progress: bool, resume: bool) -> dict:
+def _run(cfg: RunConfig, out, methods, progress: bool, resume: bool, root=None) -> dict:
+    """Teacher and classifier (cached in ``root``, default ``out``; both of the teacher's seed, so they stay
+    fixed across distillation seeds), each method, the evaluation, grid and table in ``out``."""
     with hold(out):  # the lock on --out for the whole run; temp files of a crash removed
-        return _run_locked(cfg, Path(out), methods, progress, resume)
+        return _run_locked(cfg, Path(out), methods, progress, resume, Path(root or out))
 
 
-def _run_locked(cfg: RunConfig, out: Path, methods, progress: bool, resume: bool) -> dict:
+def _run_locked(cfg: RunConfig, out: Path, methods, progress: bool, resume: bool, root: Path) -> dict:
     cfgs, subs, ckpts = {}, {}, {}
     for m in methods:  # every check before any work: the cached teacher is untouched by a refused resume
         cfgs[m] = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method=m))
@@ -345,20 +385,20 @@ def _run_locked(cfg: RunConfig, out: Path, methods, progress: bool, resume: bool
         ckpts[m] = resume_point(cfgs[m], subs[m], resume or (len(methods) > 1 and bool(candidates(subs[m] / CHECKPOINT))))
     torch.manual_seed(cfg.seed)
     start = time.time()
-    teacher, embed, teacher_s = load_or_train_teacher(out, cfg.teacher, cfg.seed, progress)
-    net, clf_acc = load_or_train_classifier(out, cfg.seed)
+    teacher, embed, teacher_s = load_or_train_teacher(root, cfg.teacher, cfg.teacher_seed, progress)
+    net, clf_acc = load_or_train_classifier(root, cfg.teacher_seed)
     task = DigitsTask(embed)
     fns = {"teacher": teacher_sampler(teacher, task, cfg.teacher)}
     seeds = range(cfg.eval.diversity_seeds)
     grids = {"teacher": seed_grid(fns["teacher"], seeds)}
     seconds = {"teacher_training": round(teacher_s, 1)}
     for m in methods:
-        trainer, mtask, secs = _train_method(cfgs[m], out, subs[m], progress, ckpts[m])
+        trainer, mtask, secs = _train_method(cfgs[m], root, subs[m], progress, ckpts[m])
         fns[m] = generator_sampler(trainer, mtask)
         grids[m] = seed_grid(fns[m], seeds)
         seconds[m] = round(secs, 1)
     t0 = time.time()
-    rows = evaluate_samplers(fns, net, cfg.eval, cfg.seed)
+    rows = evaluate_samplers(fns, net, cfg.eval, cfg.seed, heldout_digits(cfg.teacher_seed))
     seconds["evaluation"] = round(time.time() - t0, 1)
     labels = {name: _label(name, cfg) for name in ("teacher", "data", *methods)}
     plot_grids(out / "grid.png", {labels[k]: g for k, g in grids.items()})
@@ -383,6 +423,54 @@ def distill_digits(cfg: RunConfig, out, resume: bool = False, progress: bool = T
     return _run(cfg, out, (cfg.distill.method,), progress, resume)
 
 
-def compare_digits(cfg: RunConfig, out, progress: bool = True, methods=COMPARE_METHODS) -> dict:
-    """``pdmd compare`` on digits: teacher, DMD, DMD with SGTS, Phased DMD with SGTS (same budget and seeds)."""
-    return _run(cfg, out, tuple(methods), progress, resume=False)
+def compare_digits(cfg: RunConfig, out, progress: bool = True, methods=COMPARE_METHODS, seeds=None) -> dict:
+    """``pdmd compare`` on digits: teacher, DMD, DMD with SGTS, Phased DMD with SGTS (same budget and seeds).
+
+    One distillation seed (default: the config's) runs in ``out`` itself; several run each in
+    ``out/seed_<s>`` with the teacher and classifier of the config's seed cached in ``out``, and ``out``'s
+    diversity.md/.json hold every metric's mean and sample std over seeds (min, max, values in the json).
+    A seed whose diversity.json matches its config is reused: the same command resumes an interrupted run.
+    """
+    out = Path(out)
+    seeds = [cfg.seed] if seeds is None else [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must name distinct seeds, got {seeds}")
+    if len(seeds) == 1 and seeds[0] == cfg.seed:
+        return _run(cfg, out, tuple(methods), progress, resume=False)
+    with hold(out):  # the seeds' own runs lock out/seed_<s>
+        return _compare_seeds(cfg, out, methods, progress, seeds)
+
+
+def _compare_seeds(cfg: RunConfig, out: Path, methods, progress: bool, seeds: list[int]) -> dict:
+    start = time.time()
+    per_seed = {}
+    for s in seeds:
+        scfg = dataclasses.replace(cfg, seed=s, teacher=dataclasses.replace(cfg.teacher, seed=cfg.teacher_seed))
+        sub = out / f"seed_{s}"
+        done = sub / "diversity.json"
+        r = json.loads(done.read_text()) if done.exists() else None
+        if r is None or r["config"] != json.loads(json.dumps(scfg.to_dict())) or r["methods"] != list(methods):
+            r = _run(scfg, sub, tuple(methods), progress, resume=False, root=out)
+        per_seed[s] = r
+    rows = over_seeds([r["rows"] for r in per_seed.values()])
+    _, clf_acc = load_or_train_classifier(out, cfg.teacher_seed)
+    first = per_seed[seeds[0]]
+    result = {"task": "digits", "methods": list(methods), "steps": first["steps"], "seeds": seeds,
+              "teacher_seed": cfg.teacher_seed,
+              "spread": "mean and sample std (n - 1) over seeds; min, max and the per-seed values alongside",
+              "rows": rows, "per_seed": {str(s): r["rows"] for s, r in per_seed.items()},
+              "classifier_test_accuracy": clf_acc,
+              "seconds": {"per_seed": {str(s): r["seconds"] for s, r in per_seed.items()},
+                          "total": round(time.time() - start, 1)},
+              "threads": torch.get_num_threads(), "config": cfg.to_dict()}
+    (out / "diversity.json").write_text(json.dumps(result, indent=2))
+    shutil.copyfile(out / f"seed_{seeds[0]}" / "grid.png", out / "grid.png")
+    d = cfg.distill
+    md = [f"# pdmd digits: {', '.join(_label(m, cfg) for m in methods)} vs the teacher, {len(seeds)} seeds", "",
+          f"{len(d.timesteps) - 1}-step generators, {d.max_steps} generator updates each, batch {d.batch_size}, "
+          f"{d.fake_updates} fake updates per generator update. Seeds {seeds} (distillation and evaluation noise; "
+          f"teacher and classifier of seed {cfg.teacher_seed}); each cell is mean ± sample std over the seeds, "
+          f"per-seed tables in `seed_<s>/diversity.md`. `grid.png`: seed {seeds[0]}'s grids.", "",
+          table_md(rows, {}, clf_acc, cfg.eval)]
+    (out / "diversity.md").write_text("\n".join(md) + "\n")
+    return result

@@ -16,7 +16,7 @@ import torch
 
 from .config import METHODS, RunConfig, load_config
 from .parallel import Parallel, from_env
-from .evaluate import energy_distance, evaluate_prompt, pairwise_diversity
+from .evaluate import PRECISION_K, energy_distance, evaluate_prompt, expected_precision, over_seeds, pairwise_diversity
 from .sampler import sample_few_step
 from .toy import ToyData, load_or_train_teacher, sample_teacher
 from .rundir import candidates, hold, read_log
@@ -35,7 +35,7 @@ def _noise(seeds, dim: int = 2) -> torch.Tensor:
 
 def _generators(cfg: RunConfig, data: ToyData, run_dir: Path, trainer: PhasedDMDTrainer | None):
     """Sampling functions noise, prompts -> samples for the teacher reference and the distilled generator."""
-    teacher, _ = load_or_train_teacher(run_dir, data, cfg.teacher, cfg.seed, progress=False)
+    teacher, _ = load_or_train_teacher(run_dir, data, cfg.teacher, cfg.teacher_seed, progress=False)
     t = cfg.teacher
     fns = {"teacher": lambda z, c: sample_teacher(teacher, z, c, t.sample_steps, t.guidance_scale)}
     if trainer is not None:
@@ -81,7 +81,9 @@ def evaluate_run(cfg: RunConfig, data: ToyData, fns: dict) -> dict:
         x = mix.sample(len(seeds), torch.Generator().manual_seed(cfg.seed + 99 + k))
         data_div.append(pairwise_diversity(x.reshape(e.diversity_groups, e.diversity_seeds, -1)))
         data_floor.append(energy_distance(mix.sample(n, torch.Generator().manual_seed(cfg.seed + 50 + k)), exact[k]))
-    out["data"] = {"mean": {"diversity": sum(data_div) / len(data_div), "energy_to_data": sum(data_floor) / len(data_floor)}}
+    # the data's precision is its closed form (tests/test_trainer_eval.py checks samples against it)
+    out["data"] = {"mean": {"diversity": sum(data_div) / len(data_div), "energy_to_data": sum(data_floor) / len(data_floor),
+                            "precision": expected_precision(PRECISION_K, data.dim)}}
     out["_samples"] = {name: s for name, s in samples.items()}
     out["_exact"] = exact
     return out
@@ -90,20 +92,30 @@ def evaluate_run(cfg: RunConfig, data: ToyData, fns: dict) -> dict:
 def _mean(per_prompt: dict) -> dict:
     vals = list(per_prompt.values())
     m = {key: sum(v[key] for v in vals) / len(vals)
-         for key in ("mass_tv", "outliers", "energy_to_data", "energy_to_teacher", "nll", "diversity")}
+         for key in ("mass_tv", "outliers", "energy_to_data", "energy_to_teacher", "nll", "diversity", "precision")}
     m["covered"], m["modes"] = sum(v["covered"] for v in vals), sum(v["modes"] for v in vals)
     return m
 
 
+def _fmt(v, fmt: str) -> str:
+    """A number, or a ``{"mean", "std"}`` summary over seeds as "mean ± std"."""
+    return f"{format(v['mean'], fmt)} ± {format(v['std'], fmt)}" if isinstance(v, dict) else format(v, fmt)
+
+
 def _row(label: str, m: dict) -> str:
-    cov = f"{m['covered']}/{m['modes']}" if "covered" in m else "-"
-    f = lambda key, fmt: format(m[key], fmt) if key in m else "-"
+    """One table row; each metric a number (one run) or a {"mean", "std", ...} summary (several seeds)."""
+    cov = "-"
+    if "covered" in m:
+        c = m["covered"]
+        cov = (f"{c['mean']:.3g}/{m['modes']['mean']:g} ± {c['std']:.2g}" if isinstance(c, dict)
+               else f"{c}/{m['modes']}")
+    f = lambda key, fmt: _fmt(m[key], fmt) if key in m else "-"
     return (f"| {label} | {cov} | {f('mass_tv', '.3f')} | {f('energy_to_data', '.4f')} | "
-            f"{f('energy_to_teacher', '.4f')} | {f('nll', '.2f')} | {f('diversity', '.3f')} |")
+            f"{f('energy_to_teacher', '.4f')} | {f('nll', '.2f')} | {f('diversity', '.3f')} | {f('precision', '.3f')} |")
 
 
 TABLE_HEAD = ("| sampler | modes covered | mass error (TV) | energy dist. to data | energy dist. to teacher | "
-              "NLL (exact) | diversity (8 seeds) |\n|---|---|---|---|---|---|---|")
+              f"NLL (exact) | diversity (8 seeds) | precision ({PRECISION_K:g} std) |\n|---|---|---|---|---|---|---|---|")
 
 
 def _plot_panel(path: Path, data: ToyData, columns: dict[str, dict], exact: dict, seeds_x: dict | None = None) -> None:
@@ -187,7 +199,7 @@ def _distill(cfg: RunConfig, out: Path, resume: bool, progress: bool, teacher_di
     teacher_dir = Path(teacher_dir or out)
     if not par.is_main:
         par.barrier()  # wait for rank 0 to train or load the cached teacher, then load it
-    teacher, teacher_seconds = load_or_train_teacher(teacher_dir, data, cfg.teacher, cfg.seed,
+    teacher, teacher_seconds = load_or_train_teacher(teacher_dir, data, cfg.teacher, cfg.teacher_seed,
                                                      progress and par.is_main)
     if par.is_main:
         if teacher_dir != out and not (out / "teacher.safetensors").exists():
@@ -230,21 +242,26 @@ def _distill(cfg: RunConfig, out: Path, resume: bool, progress: bool, teacher_di
     return report
 
 
+PRECISION_NOTE = (f"Precision: share of samples within {PRECISION_K:g} std of a mode (min over modes of distance / "
+                  "that mode's std); the exact data's row is its closed form 1 - exp(-k^2/2). Samples between modes "
+                  "raise diversity but lower precision.")
+
+
 def _report_md(r: dict, t_label: str, g_label: str) -> str:
     lines = [f"# pdmd distill: {LABELS[r['method']]}", "",
              f"{r['steps']} sampling steps, {r['phases']} phase(s), boundaries {r['boundaries']}, "
              f"{r['generator_updates']} generator updates, {r['nonfinite_skipped']} non-finite updates skipped.", "",
              "Metrics against the exact data (mean over prompts; modes covered summed). Diversity: mean pairwise "
-             "distance among 8 seeds of one prompt (higher = more diverse).", "", TABLE_HEAD,
+             "distance among 8 seeds of one prompt (higher = more diverse). " + PRECISION_NOTE, "", TABLE_HEAD,
              _row(t_label, r["teacher"]["mean"]), _row(g_label, r["generator"]["mean"]),
              _row(LABELS["data"], r["data"]["mean"]), "", "## Per prompt", "",
-             "| prompt | sampler | covered | mass (true) | mass (sampled) | energy to data | diversity |",
-             "|---|---|---|---|---|---|---|"]
+             "| prompt | sampler | covered | mass (true) | mass (sampled) | energy to data | diversity | precision |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in r["generator"]["per_prompt"]:
         for who, label in (("teacher", "teacher"), ("generator", "generator")):
             m = r[who]["per_prompt"][name]
             lines.append(f"| {name} | {label} | {m['covered']}/{m['modes']} | {m['true_mass']} | {m['mass']} | "
-                         f"{m['energy_to_data']:.4f} | {m['diversity']:.3f} |")
+                         f"{m['energy_to_data']:.4f} | {m['diversity']:.3f} | {m['precision']:.3f} |")
     s = r["seconds"]
     lines += ["", f"Time: teacher {s['teacher_training']} s, distillation {s['distillation']} s, "
               f"evaluation {s['evaluation']} s, total {s['total']} s.", "",
@@ -253,47 +270,81 @@ def _report_md(r: dict, t_label: str, g_label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(cfg: RunConfig, out: str | Path, progress: bool = True, methods=METHODS) -> dict:
-    """The four methods with the same budget: table.md, table.json and panel.png in ``out``
-    (each method's run in ``out/<method>``, continued if it holds a checkpoint)."""
-    with hold(out):
-        return _compare(cfg, Path(out), progress, methods)
+def compare(cfg: RunConfig, out: str | Path, progress: bool = True, methods=METHODS, seeds=None) -> dict:
+    """The four methods with the same budget, once per seed: table.md, table.json and panel.png in ``out``.
+
+    ``seeds`` (default: the config's seed) are the distillation seeds: seed s runs every method with
+    ``seed: s`` (the trainer's RNG, the fake score's LoRA init, the evaluation's sample noise) into
+    ``out/seed_<s>/<method>``, while the teacher stays the one of the config's seed (trained once into
+    ``out/teacher.safetensors``), so the spread over seeds is the distillation's, not the teacher's. A run
+    whose report.json matches its config is reused and an interrupted one resumes from its checkpoint, so
+    the same command picks up where it stopped. Every metric is reported as mean and sample std over seeds.
+    """
+    seeds = [cfg.seed] if seeds is None else [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must name distinct seeds, got {seeds}")
+    with hold(out):  # each method's run locks its own folder
+        return _compare(cfg, Path(out), progress, methods, seeds)
 
 
-def _compare(cfg: RunConfig, out: Path, progress: bool, methods) -> dict:
+def _compare(cfg: RunConfig, out: Path, progress: bool, methods, seeds: list[int]) -> dict:
     data = ToyData()
-    load_or_train_teacher(out, data, cfg.teacher, cfg.seed, progress)
-    reports, trainers = {}, {}
-    for m in methods:
-        mcfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method=m))
-        reports[m] = distill(mcfg, out / m, resume=bool(candidates(out / m / CHECKPOINT)), progress=progress, teacher_dir=out)
+    load_or_train_teacher(out, data, cfg.teacher, cfg.teacher_seed, progress)
     t = cfg.teacher
     t_label = LABELS["teacher"].format(steps=t.sample_steps, cfg=t.guidance_scale)
-    first = reports[methods[0]]
-    rows = {t_label: first["teacher"]["mean"], **{LABELS[m]: reports[m]["generator"]["mean"] for m in methods},
-            LABELS["data"]: first["data"]["mean"]}
+    per_seed, seconds = {}, {}
+    for s in seeds:
+        scfg = dataclasses.replace(cfg, seed=s, teacher=dataclasses.replace(cfg.teacher, seed=cfg.teacher_seed))
+        reports = {m: _run_method(scfg, m, out / f"seed_{s}" / m, out, progress) for m in methods}
+        first = reports[methods[0]]
+        per_seed[s] = {t_label: first["teacher"]["mean"], **{LABELS[m]: reports[m]["generator"]["mean"] for m in methods},
+                       LABELS["data"]: first["data"]["mean"]}
+        seconds[s] = {m: reports[m]["seconds"]["total"] for m in methods}
+    rows = over_seeds(list(per_seed.values()))
     table = {"budget": {"generator_updates": cfg.distill.max_steps, "batch_size": cfg.distill.batch_size,
                         "fake_updates": cfg.distill.fake_updates},
-             "rows": rows, "seconds": {m: reports[m]["seconds"]["total"] for m in methods}}
+             "seeds": seeds, "teacher_seed": cfg.teacher_seed,
+             "spread": "mean and sample std (n - 1) over seeds; min, max and the per-seed values alongside",
+             "rows": rows, "per_seed": {str(s): r for s, r in per_seed.items()},
+             "seconds": {str(s): v for s, v in seconds.items()}}
     (out / "table.json").write_text(json.dumps(table, indent=2))
     md = ["# pdmd compare: the four methods of Fig. 1 with the same budget", "",
           f"{cfg.distill.max_steps} generator updates each (split evenly over a method's phases), batch "
           f"{cfg.distill.batch_size}, {cfg.distill.fake_updates} fake updates per generator update; "
           f"{len(cfg.distill.timesteps) - 1} sampling steps; teacher sampled with {t.sample_steps} steps and CFG "
-          f"{t.guidance_scale}, distilled generators with CFG 1.", "", TABLE_HEAD]
-    md += [_row(label, m) for label, m in rows.items()]
+          f"{t.guidance_scale}, distilled generators with CFG 1.", "",
+          (f"Seeds {seeds} (distillation and evaluation noise; the teacher is the one of seed {cfg.teacher_seed}): "
+           f"each cell is mean ± sample std over the {len(seeds)} seeds. The teacher's spread is the evaluation "
+           f"noise alone. " if len(seeds) > 1 else f"Seed {seeds[0]}. ") + PRECISION_NOTE, "", TABLE_HEAD]
+    # one seed: its plain numbers (table.json keeps the same {mean, std, ...} form either way)
+    md += [_row(label, m) for label, m in (rows if len(seeds) > 1 else per_seed[seeds[0]]).items()]
+    if len(seeds) > 1:
+        for s, r in per_seed.items():
+            md += ["", f"## Seed {s}", "", TABLE_HEAD] + [_row(label, m) for label, m in r.items()]
     (out / "table.md").write_text("\n".join(md) + "\n")
-    _compare_panel(cfg, data, out, methods, t_label)
+    _compare_panel(cfg, data, out, out / f"seed_{seeds[0]}", methods, t_label)
     return table
 
 
-def _compare_panel(cfg: RunConfig, data: ToyData, out: Path, methods, t_label: str) -> None:
-    """Samples of each method (re-sampled from the saved experts) next to the teacher and the data."""
+def _run_method(cfg: RunConfig, method: str, run: Path, teacher_dir: Path, progress: bool) -> dict:
+    """One method of ``compare``: its finished report when ``run`` already holds one for this config, else
+    distil (resuming from the run's checkpoint if an earlier call was interrupted)."""
+    mcfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method=method))
+    done = run / "report.json"
+    if done.exists() and (run / "experts.safetensors").exists():
+        report = json.loads(done.read_text())
+        if report.get("config") == json.loads(json.dumps(mcfg.to_dict())):
+            return report
+    return distill(mcfg, run, resume=bool(candidates(run / CHECKPOINT)), progress=progress, teacher_dir=teacher_dir)
+
+
+def _compare_panel(cfg: RunConfig, data: ToyData, out: Path, runs: Path, methods, t_label: str) -> None:
+    """Samples of each method (re-sampled from the experts saved under ``runs``) next to the teacher and the data."""
     cols, seeds_x = {}, {}
     seeds = _noise(range(cfg.eval.diversity_seeds), data.dim)
     fns = {t_label: _generators(cfg, data, out, None)["teacher"]}
     for m in methods:
-        fns[LABELS[m]] = load_generator(out / m)
+        fns[LABELS[m]] = load_generator(runs / m)
     for label, fn in fns.items():
         cols[label] = _samples(fn, data, 1000, cfg.seed + 1)
         seeds_x[label] = {k: fn(seeds, torch.full((len(seeds),), k, dtype=torch.long)) for k in range(data.n_prompts)}
@@ -312,7 +363,7 @@ def load_generator(run: str | Path):
     tensors, meta = load_tensors(run / "experts.safetensors")
     cfg = from_dict(json.loads(meta["config"]))
     d = cfg.distill
-    teacher, _ = load_or_train_teacher(run, ToyData(), cfg.teacher, cfg.seed, progress=False)
+    teacher, _ = load_or_train_teacher(run, ToyData(), cfg.teacher, cfg.teacher_seed, progress=False)
     plan = make_plan(d.method, d.timesteps, d.phase_boundaries)
     experts = Experts(teacher, plan.n_phases, d.lora_rank, d.lora_alpha)
     params = {n: p for name in experts.adapters for n, p in experts.adapter_params(name).items()}
@@ -395,7 +446,8 @@ def _cmd_distill(args) -> int:
     g, t = r["generator"]["mean"], r["teacher"]["mean"]
     print(f"{r['method']}: modes {g['covered']}/{g['modes']} (teacher {t['covered']}), mass TV {g['mass_tv']:.3f} "
           f"(teacher {t['mass_tv']:.3f}), energy to data {g['energy_to_data']:.4f} (teacher {t['energy_to_data']:.4f}), "
-          f"diversity {g['diversity']:.3f} (teacher {t['diversity']:.3f}); {r['seconds']['total']} s")
+          f"diversity {g['diversity']:.3f} (teacher {t['diversity']:.3f}), precision {g['precision']:.3f} "
+          f"(teacher {t['precision']:.3f}, data {r['data']['mean']['precision']:.3f}); {r['seconds']['total']} s")
     print(f"wrote {args.out}/report.md, report.json, samples.png, experts.safetensors")
     return 0
 
@@ -413,14 +465,28 @@ def _interrupted(cmd: str, e: Interrupted) -> int:
     return 128 + e.signum
 
 
+def _seeds(args, cfg: RunConfig) -> list[int]:
+    """--seeds N: N seeds from the config's seed on; --seeds A B C: those seeds; absent: the config's seed."""
+    s = getattr(args, "seeds", None)
+    if not s:
+        return [cfg.seed]
+    if len(s) == 1:
+        if s[0] < 1:
+            raise ValueError(f"--seeds N must be >= 1 (the number of seeds), got {s[0]}")
+        return list(range(cfg.seed, cfg.seed + s[0]))
+    if len(set(s)) != len(s):
+        raise ValueError(f"--seeds must name distinct seeds, got {s}")
+    return list(s)
+
+
 def _cmd_compare(args) -> int:
     cfg = _config(args)
     try:
         if cfg.task == "digits":
             from .digits import compare_digits
 
-            return _digits_done(args, compare_digits(cfg, args.out, not args.quiet))
-        compare(cfg, args.out, progress=not args.quiet)
+            return _digits_done(args, compare_digits(cfg, args.out, not args.quiet, seeds=_seeds(args, cfg)))
+        compare(cfg, args.out, progress=not args.quiet, seeds=_seeds(args, cfg))
     except NonFiniteError as e:
         print(f"pdmd compare: {e}", file=sys.stderr)
         return 1
@@ -444,6 +510,9 @@ def add_commands(sub) -> None:
     c.add_argument("--config", default=None)
     c.add_argument("--out", required=True)
     c.add_argument("--max-steps", type=int, default=None)
+    c.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="one number N: N distillation seeds from the config's seed on; several: those seeds. Each "
+                        "method runs once per seed (teacher of the config's seed); tables show mean ± std over seeds")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_cmd_compare)
 

@@ -75,10 +75,26 @@ def test_evaluate_samplers_scores(classifier):
     copies = lambda z, labels: first[labels]  # every seed gives the same image: no diversity, right class
     ev = yaml.safe_load("{samples_per_prompt: 4, diversity_groups: 2, diversity_seeds: 3}")
     cfg = type("E", (), ev)
-    rows = digits.evaluate_samplers({"copies": copies}, net, cfg)
+    held = digits.heldout_digits(0)
+    wrong = lambda z, labels: first[(labels + 1) % 10]  # confident digits, of the next class
+    rows = digits.evaluate_samplers({"copies": copies, "wrong": wrong}, net, cfg, heldout=held)
     assert rows["copies"]["feature_cosine"] == pytest.approx(1.0, abs=1e-5)
     assert rows["copies"]["lpips"] == pytest.approx(0.0, abs=1e-6)
-    assert rows["copies"]["accuracy"] == pytest.approx(float((net.logits(first).argmax(1) == torch.arange(10)).float().mean()))
+    p = net.logits(first).softmax(1)
+    assert rows["copies"]["accuracy"] == pytest.approx(float((p.argmax(1) == torch.arange(10)).float().mean()))
+    # confident (the digits' precision): p(requested class) >= 0.9, by hand on the 10 images the sampler returns
+    assert rows["copies"]["confident"] == pytest.approx(float((p[torch.arange(10), torch.arange(10)] >= 0.9).float().mean()))
+    # confident counts the requested class only: a sure classifier on the wrong class scores as on a blur
+    pw = p[(torch.arange(10) + 1) % 10]
+    assert rows["wrong"]["confident"] == pytest.approx(float((pw[torch.arange(10), torch.arange(10)] >= 0.9).float().mean()))
+    assert rows["wrong"]["confident"] < 0.2 < float((pw.max(1).values >= 0.9).float().mean())
+    # the data row: the classifier's held-out digits (the 20 % it never saw), the same two numbers by hand
+    hx, hy = held
+    assert hx.shape[0] == 1797 - int(0.8 * 1797)
+    ph = net.logits(hx).softmax(1)
+    assert rows["data"]["accuracy"] == pytest.approx(float((ph.argmax(1) == hy).float().mean()))
+    assert rows["data"]["confident"] == pytest.approx(float((ph[torch.arange(hy.numel()), hy] >= 0.9).float().mean()))
+    assert rows["data"]["confident"] < rows["data"]["accuracy"]
     assert rows["data"]["lpips"] > 0.05 and rows["data"]["feature_cosine"] < 1.0 and rows["data"]["groups"] == 20
 
 
@@ -104,12 +120,24 @@ def test_digits_distill_and_compare_end_to_end(tmp_path, monkeypatch):
         main(["distill", "--config", str(cfg_path), "--out", str(out), "--quiet"])
 
     cmp = tmp_path / "cmp"
-    assert main(["compare", "--config", str(cfg_path), "--out", str(cmp), "--quiet"]) == 0
+    assert main(["compare", "--config", str(cfg_path), "--out", str(cmp), "--quiet", "--seeds", "0", "1"]) == 0
     r = json.loads((cmp / "diversity.json").read_text())
-    assert r["methods"] == list(digits.COMPARE_METHODS)
+    assert r["methods"] == list(digits.COMPARE_METHODS) and r["seeds"] == [0, 1] and r["teacher_seed"] == 0
     assert list(r["rows"]) == ["Teacher (3 steps, CFG 2.0)", "DMD", "DMD with SGTS", "Phased DMD (2 phases, SGTS)",
                                "Data (real digits)"]
-    for m in digits.COMPARE_METHODS:
-        assert (cmp / m / "experts.safetensors").exists()
-    assert "| DMD with SGTS |" in (cmp / "diversity.md").read_text()
+    for s in (0, 1):
+        run = json.loads((cmp / f"seed_{s}" / "diversity.json").read_text())
+        assert run["config"]["seed"] == s and run["config"]["teacher"]["seed"] == 0
+        for m in digits.COMPARE_METHODS:
+            assert (cmp / f"seed_{s}" / m / "experts.safetensors").exists()
+    assert not (cmp / "seed_1" / "teacher.safetensors").exists()  # one teacher, the config seed's, in OUT
+    per = r["per_seed"]
+    for label, row in r["rows"].items():
+        for key in ("lpips", "confident"):
+            if key in row:
+                a, b = per["0"][label][key], per["1"][label][key]
+                assert row[key]["mean"] == pytest.approx((a + b) / 2)
+                assert row[key]["std"] == pytest.approx(abs(a - b) / 2 ** 0.5)
+    md = (cmp / "diversity.md").read_text()
+    assert "| DMD with SGTS |" in md and " ± " in md and "confident" in md
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pdmd.analytic import GaussianMixture
-from pdmd.evaluate import energy_distance, mode_stats, pairwise_diversity
+from pdmd.evaluate import energy_distance, expected_precision, mode_stats, over_seeds, pairwise_diversity, precision
 from pdmd.toy import PROMPTS, ToyData, sample_teacher
 
 MIX = GaussianMixture([[-2.0, 0.0], [2.0, 0.0], [0.0, 3.0]], [0.5, 0.3, 0.2], 0.1)
@@ -84,3 +84,65 @@ def test_teacher_sampler_is_exact_with_the_exact_flow():
     m = mode_stats(mix, x)
     assert m["covered"] == 4 and m["mass_tv"] < 0.04
     assert energy_distance(x, mix.sample(3000, torch.Generator().manual_seed(5)).float()) < 0.01
+
+
+# ---------------------------------------------------------------------- precision (issue 11 item 4)
+def test_precision_counts_each_sample_against_every_mode_in_its_own_std():
+    """Known shares: min over modes of ||x - m_i|| / std_i <= k, each mode in its own std."""
+    mix = GaussianMixture([[0.0, 0.0], [5.0, 0.0]], [0.5, 0.5], [0.1, 1.0])
+    x = torch.tensor([
+        [0.29, 0.0],   # 2.9 std of mode 0: in
+        [0.0, -0.31],  # 3.1 std of mode 0, 4.7+ of mode 1: out
+        [2.4, 0.0],    # nearer mode 0 (24 of its std) but 2.6 std of mode 1: in
+        [7.9, 0.0],    # 2.9 std of mode 1: in
+        [5.0, 3.2],    # 3.2 std of mode 1: out
+    ])
+    assert precision(mix, x) == pytest.approx(3 / 5)
+    assert precision(mix, x, k=2.0) == pytest.approx(0.0)  # 2.4 -> 2.6 std, 7.9 -> 2.9 std: all beyond 2
+    assert precision(mix, x, k=3.15) == pytest.approx(4 / 5)  # (0, -0.31) at 3.1 std now in, (5, 3.2) still out
+    assert precision(mix, x, k=10.0) == pytest.approx(1.0)
+
+
+def test_expected_precision_closed_form_and_exact_samples():
+    """P(chi^2_d <= k^2): 1 - exp(-k^2/2) in 2-D, erf(k/sqrt 2) in 1-D; exact samples land on it within
+    the binomial error of n draws (5 standard errors: a false failure has probability < 1e-6)."""
+    assert expected_precision() == pytest.approx(1 - math.exp(-4.5), rel=1e-12)
+    assert expected_precision(2.0) == pytest.approx(1 - math.exp(-2.0), rel=1e-12)
+    assert expected_precision(3.0, dim=1) == pytest.approx(math.erf(3 / math.sqrt(2)), rel=1e-12)
+    n = 20000
+    for seed, mix in enumerate([MIX, *ToyData().mixtures]):
+        for k in (1.0, 3.0):
+            p = expected_precision(k)
+            got = precision(mix, mix.sample(n, torch.Generator().manual_seed(40 + seed)).float(), k)
+            assert abs(got - p) <= 5 * math.sqrt(p * (1 - p) / n), (seed, k, got, p)
+
+
+def test_evaluate_run_measures_each_prompt_against_its_own_mixture():
+    """A sampler that returns the exact data of the requested prompt has the data's precision per prompt."""
+    from pdmd.distill import evaluate_run
+    from tests.trainer_helpers import tiny_cfg
+
+    cfg = tiny_cfg()
+    cfg.eval.samples_per_prompt = 1000
+    data = ToyData()
+    gen = torch.Generator().manual_seed(6)
+    exact = lambda z, c: data.sample(c, gen)
+    ev = evaluate_run(cfg, data, {"teacher": exact, "generator": exact})
+    p, n = expected_precision(), cfg.eval.samples_per_prompt
+    assert ev["data"]["mean"]["precision"] == p
+    for name in data.names:
+        got = ev["generator"]["per_prompt"][name]["precision"]
+        assert abs(got - p) <= 5 * math.sqrt(p * (1 - p) / n), name
+    assert ev["generator"]["mean"]["precision"] == pytest.approx(
+        sum(v["precision"] for v in ev["generator"]["per_prompt"].values()) / data.n_prompts)
+
+
+def test_over_seeds_mean_and_sample_std():
+    runs = [{"a": {"x": 1.0, "n": 15, "mass": [0.1], "name": "s"}}, {"a": {"x": 2.0, "n": 13}},
+            {"a": {"x": 6.0, "n": 14}}]
+    s = over_seeds(runs)
+    assert set(s["a"]) == {"x", "n"}  # lists, strings and keys one seed lacks are left out
+    assert s["a"]["x"]["mean"] == pytest.approx(3.0) and s["a"]["x"]["values"] == [1.0, 2.0, 6.0]
+    assert s["a"]["x"]["std"] == pytest.approx(math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2))
+    assert (s["a"]["x"]["min"], s["a"]["x"]["max"]) == (1.0, 6.0) and s["a"]["n"]["mean"] == pytest.approx(14.0)
+    assert over_seeds(runs[:1])["a"]["x"]["std"] == 0.0
