@@ -25,6 +25,14 @@ def _threads():
     torch.set_num_threads(n)
 
 
+@pytest.fixture()
+def no_run(monkeypatch):
+    """A config that should be refused but is not fails at once instead of training a default teacher."""
+    def accepted(*a, **k):
+        raise AssertionError("the bad input was accepted")
+    monkeypatch.setattr(pdmd.distill, "distill", accepted)
+
+
 def user_error(capsys, argv, *named) -> str:
     """Run ``pdmd argv``; check the one-line error contract and that each of ``named`` is in the line."""
     try:
@@ -52,14 +60,14 @@ def distill(tmp_path, cfg) -> list:
 
 
 # ------------------------------------------------------------------ reading the file
-def test_yaml_syntax_error_gives_file_and_line(tmp_path, capsys):
+def test_yaml_syntax_error_gives_file_and_line(tmp_path, capsys, no_run):
     p = write(tmp_path, "seed: 0\ndistill:\n  batch_size: 4\n  betas: [0.0, 0.9\nteacher: {}\n")
     line = user_error(capsys, distill(tmp_path, p), "invalid YAML")
     assert re.search(re.escape(str(p)) + r":[45]: ", line), line  # the scanner stops at the next key
     assert not (tmp_path / "run").exists()  # nothing done
 
 
-def test_duplicate_keys_are_refused_with_key_and_line(tmp_path, capsys):
+def test_duplicate_keys_are_refused_with_key_and_line(tmp_path, capsys, no_run):
     p = write(tmp_path, "distill:\n  lr_generator: 1e-4\n  batch_size: 8\n  lr_generator: 3e-4\n")
     user_error(capsys, distill(tmp_path, p), f"{p}:4:", "distill.lr_generator is given twice", "line 2")
     # the same key in two different mappings is no duplicate; a merge key may be overridden on purpose
@@ -85,7 +93,7 @@ def test_a_config_with_1e_minus_4_loads(tmp_path):
     assert cfg.distill.max_steps == 1000 and type(cfg.distill.max_steps) is int  # an integral float is an int
 
 
-def test_missing_config_directory_and_not_utf8(tmp_path, capsys):
+def test_missing_config_directory_and_not_utf8(tmp_path, capsys, no_run):
     user_error(capsys, distill(tmp_path, tmp_path / "nope.yaml"), "nope.yaml", "no such config file")
     user_error(capsys, ["compare", "--config", tmp_path, "--out", tmp_path / "o"], str(tmp_path), "is a directory")
     p = write(tmp_path, b"seed: 0\ndistill:\n  method: ph\xe4sed\n")  # latin-1, not UTF-8
@@ -97,7 +105,7 @@ def test_missing_config_directory_and_not_utf8(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ fields
-def test_unknown_and_ill_typed_fields_name_file_line_and_field(tmp_path, capsys):
+def test_unknown_and_ill_typed_fields_name_file_line_and_field(tmp_path, capsys, no_run):
     p = write(tmp_path, "seed: 0\ndistill:\n  max_steps: 4\n  lr_generator: abc\n")
     user_error(capsys, distill(tmp_path, p), f"{p}:4: distill.lr_generator must be a finite number, got 'abc'")
     p = write(tmp_path, "distill:\n  batch_size: 8\n  lr_gen: 1e-3\n")
@@ -122,7 +130,7 @@ def test_unknown_and_ill_typed_fields_name_file_line_and_field(tmp_path, capsys)
     ("seed", "-1", ">= 0"),
     ("distill.weight_decay", "-0.1", ">= 0"),
 ])
-def test_numbers_that_overflow_or_are_absurd_name_the_field(tmp_path, capsys, field, text, says):
+def test_numbers_that_overflow_or_are_absurd_name_the_field(tmp_path, capsys, no_run, field, text, says):
     sec, _, name = field.rpartition(".")
     body = f"{sec}:\n  {name}: {text}\n" if sec else f"{name}: {text}\n"
     p = write(tmp_path, "threads: 1\n" + body)
@@ -130,7 +138,7 @@ def test_numbers_that_overflow_or_are_absurd_name_the_field(tmp_path, capsys, fi
 
 
 # ------------------------------------------------------------------ the machine: device, --out, memory
-def test_a_device_that_is_not_there(tmp_path, capsys, monkeypatch):
+def test_a_device_that_is_not_there(tmp_path, capsys, no_run, monkeypatch):
     p = write(tmp_path, "seed: 0\ndevice: cudax\n")
     user_error(capsys, distill(tmp_path, p), f"{p}:2: device must be 'cpu', 'cuda' or 'cuda:<index>'")
     p = write(tmp_path, "seed: 0\ndevice: cuda:7\n")
@@ -143,7 +151,7 @@ def test_a_device_that_is_not_there(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
-def test_an_out_that_is_a_file_or_unwritable(tmp_path, capsys, monkeypatch):
+def test_an_out_that_is_a_file_or_unwritable(tmp_path, capsys, no_run, monkeypatch):
     cfg = write(tmp_path, "seed: 0\n")
     f = write(tmp_path, "x", "afile")
     user_error(capsys, ["distill", "--config", cfg, "--out", f], "--out", str(f), "is a file")
