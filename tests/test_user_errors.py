@@ -154,7 +154,7 @@ def test_a_device_that_is_not_there(tmp_path, capsys, no_run, monkeypatch):
 def test_an_out_that_is_a_file_or_unwritable(tmp_path, capsys, no_run, monkeypatch):
     cfg = write(tmp_path, "seed: 0\n")
     f = write(tmp_path, "x", "afile")
-    user_error(capsys, ["distill", "--config", cfg, "--out", f], "--out", str(f), "is a file")
+    user_error(capsys, ["distill", "--config", cfg, "--out", f], "--out", str(f), "is a file, not a directory")
     user_error(capsys, ["compare", "--config", cfg, "--out", f / "sub"], "--out", str(f / "sub"), "is a file")
     user_error(capsys, ["toy1d", "--out", f / "a" / "b"], "--out", "is a file")
     ro = tmp_path / "ro"
