@@ -1,8 +1,15 @@
-"""Run configuration: plain dataclasses loaded from YAML and validated (ValueError naming the field)."""
+"""Run configuration: plain dataclasses loaded from YAML and validated (ConfigError naming the file, line and field).
+
+``load_yaml`` is the one YAML reader of pdmd (toy, digits and real-model configs): YAML 1.2 floats (``1e-4`` is a
+number, not a string), duplicate keys refused, and every problem (missing file, directory, not UTF-8, syntax) a
+``ConfigError`` that says ``FILE:LINE: message``.
+"""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -10,10 +17,117 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["TeacherConfig", "DistillConfig", "EvalConfig", "RunConfig", "METHODS", "TASKS", "load_config", "from_dict"]
+__all__ = ["TeacherConfig", "DistillConfig", "EvalConfig", "RunConfig", "METHODS", "TASKS", "ConfigError",
+           "load_yaml", "load_config", "from_dict", "require_device"]
 
 METHODS = ("dmd", "dmd_sgts", "phased", "phased_sgts")
 TASKS = ("toy", "digits")  # toy: the 2-D mixtures (pdmd.toy); digits: the image demo (pdmd.digits)
+INT64_MAX = 2**63 - 1  # torch sizes, seeds and safetensors metadata are int64: a larger int can only overflow
+FLOAT32_MAX = 3.4028234663852886e38  # the trainer computes in float32 (or less): a larger number is inf there
+
+
+class ConfigError(ValueError):
+    """Bad user input. ``str()`` reads ``FILE:LINE: message`` (as much of the place as is known);
+    ``field`` is the dotted field the message is about (None for a file-level problem)."""
+
+    def __init__(self, message: str, field: str | None = None, file=None, line: int | None = None):
+        super().__init__(message)
+        self.message, self.field, self.file, self.line = message, field, file, line
+
+    def __str__(self) -> str:
+        if self.file is None:
+            return self.message
+        return f"{self.file}:{self.line}: {self.message}" if self.line else f"{self.file}: {self.message}"
+
+    def at(self, file, lines: dict[str, int]) -> "ConfigError":
+        """This error placed in ``file`` at the line of its field (or of the nearest enclosing one)."""
+        return ConfigError(self.message, self.field, file, self.line or _line_of(self.field, lines))
+
+
+def _line_of(name: str | None, lines: dict[str, int]) -> int | None:
+    """Line of ``name`` ("distill.betas[1]"), else of its parent ("distill.betas", "distill"): a missing or
+    computed field still points at its section."""
+    while name:
+        if name in lines:
+            return lines[name]
+        parent = re.sub(r"(\[\d+\]|\.[^.\[]*|^[^.\[]*)$", "", name)
+        if parent == name:
+            break
+        name = parent
+    return None
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats and duplicate keys refused; records each field's line in ``lines``."""
+
+    def construct_document(self, node):
+        self.lines: dict[str, int] = {}
+        self._walk(node, "")
+        return super().construct_document(node)
+
+    def _walk(self, node, path: str) -> None:
+        """Record ``dotted.path -> line`` and refuse a key given twice in one mapping: PyYAML would silently
+        keep the last one, so a user who edits the first sees no effect."""
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key, value in node.value:
+                if key.tag == "tag:yaml.org,2002:merge" or not isinstance(key, yaml.ScalarNode):
+                    continue  # "<<: *anchor" merges a mapping on purpose; its keys may be overridden
+                name = f"{path}.{key.value}" if path else key.value
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in seen:
+                    raise ConfigError(f"{name} is given twice (first on line {seen[key.tag, key.value]}): YAML would "
+                                      "silently keep the last; remove one", name, line=line)
+                seen[key.tag, key.value] = line
+                self.lines.setdefault(name, line)
+                self._walk(value, name)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.lines.setdefault(f"{path}[{i}]", item.start_mark.line + 1)
+                self._walk(item, f"{path}[{i}]")
+
+
+# YAML 1.1 (PyYAML) wants a dot and a signed exponent: 1e-4, 1E5 and 1.0e5 are strings there, and users write
+# them as numbers. This adds YAML 1.2's exponent forms; forms without an exponent resolve as before (ints stay ints).
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(path) -> tuple[object, dict[str, int]]:
+    """The YAML document at ``path`` and a map dotted field -> line; ConfigError ``FILE[:LINE]: ...`` for a
+    missing file, a directory, text that is not UTF-8, a syntax error or a duplicate key."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError("is a directory, not a YAML config file", file=p)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("no such config file", file=p) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read the config file ({e.strerror})", file=p) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"is not UTF-8 text (byte 0x{raw[e.start]:02x}); save the config as UTF-8", file=p,
+                          line=raw.count(b"\n", 0, e.start) + 1) from None
+    loader = None
+    try:
+        loader = _Loader(text)  # checks the characters first
+        return loader.get_single_data(), getattr(loader, "lines", {})
+    except ConfigError as e:  # a duplicate key
+        raise ConfigError(e.message, e.field, p, e.line) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = "; ".join(" ".join(str(m).split()) for m in (e.context, e.problem) if m)
+        raise ConfigError(f"invalid YAML (column {mark.column + 1}): {what}", file=p, line=mark.line + 1) from None
+    except yaml.reader.ReaderError as e:  # a control character: a position, not a mark
+        raise ConfigError(f"invalid YAML: character #x{e.character:04x} is not allowed in YAML text", file=p,
+                          line=text.count("\n", 0, e.position) + 1) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 @dataclass
@@ -116,28 +230,34 @@ def _coerce(name: str, value, tp):
         return _coerce(name, value, inner)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{name} must be a mapping, got {type(value).__name__}", name)
         return from_dict(value, tp, prefix=name + ".")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+            raise ConfigError(f"{name} must be a list, got {type(value).__name__}", name)
         return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {value!r}", name)
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 1e4 (YAML 1.2 float) means 10000
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise ConfigError(f"{name} must be an integer, got {value!r}", name)
+        if abs(value) > INT64_MAX:
+            raise ConfigError(f"{name} must fit in 64 bits (|x| <= 2**63 - 1), got {value:.3g}", name)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+            raise ConfigError(f"{name} must be a finite number, got {value!r}", name)
+        if abs(value) > FLOAT32_MAX:
+            raise ConfigError(f"{name} must be at most 3.4e38 in size (float32 overflows to inf), got {value:g}", name)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r}")
+            raise ConfigError(f"{name} must be a string, got {value!r}", name)
         return value
     raise TypeError(f"unsupported field type {tp} for {name}")
 
@@ -148,7 +268,9 @@ def from_dict(data: dict, cls=RunConfig, prefix: str = ""):
     known = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
-            raise ValueError(f"unknown config field {prefix}{key!r} (known: {sorted(known)})")
+            near = difflib.get_close_matches(str(key), known, 1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ConfigError(f"unknown config field {prefix}{key!r} ({hint}known: {sorted(known)})", f"{prefix}{key}")
     obj = cls(**{k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()})
     if cls is RunConfig:
         validate(obj)
@@ -157,7 +279,7 @@ def from_dict(data: dict, cls=RunConfig, prefix: str = ""):
 
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
-        raise ValueError(f"{name} {msg}")
+        raise ConfigError(f"{name} {msg}", name)
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -175,8 +297,11 @@ def validate(cfg: RunConfig) -> RunConfig:
                     ("eval.diversity_groups", cfg.eval.diversity_groups)):
         _check(v >= 1, name, f"must be >= 1, got {v}")
     _check(cfg.eval.diversity_seeds >= 2, "eval.diversity_seeds", "must be >= 2")
-    for name, v in (("teacher.lr", t.lr), ("distill.lr_generator", d.lr_generator), ("distill.lr_fake", d.lr_fake),
-                    ("distill.clamp_max", d.clamp_max), ("teacher.shift", t.shift), ("distill.grad_clip", d.grad_clip),
+    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    for name, v in (("teacher.lr", t.lr), ("distill.lr_generator", d.lr_generator), ("distill.lr_fake", d.lr_fake)):
+        # an Adam step moves each weight by about lr: lr >= 1 diverges at once (1e300 overflows inside the step)
+        _check(0 < v < 1, name, f"must lie in (0, 1) (a learning rate), got {v:g}")
+    for name, v in (("distill.clamp_max", d.clamp_max), ("teacher.shift", t.shift), ("distill.grad_clip", d.grad_clip),
                     ("distill.lora_alpha", d.lora_alpha), ("teacher.guidance_scale", t.guidance_scale),
                     ("teacher.guidance_scale_low", 1.0 if t.guidance_scale_low is None else t.guidance_scale_low)):
         _check(v > 0, name, f"must be > 0, got {v}")
@@ -189,7 +314,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(d.fake_kind in ("full", "lora"), "distill.fake_kind", "must be 'full' or 'lora'")
     _check(d.sgts_exit in ("sample", "iteration"), "distill.sgts_exit",
            f"must be 'sample' or 'iteration', got {d.sgts_exit!r}")
-    _check(cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", "must be 'cpu' or 'cuda[:i]'")
+    _check(re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, "device",
+           f"must be 'cpu', 'cuda' or 'cuda:<index>', got {cfg.device!r}")
     ts = d.timesteps
     _check(len(ts) >= 2, "distill.timesteps", "needs at least 2 entries (1 sampling step)")
     _check(ts[0] == 1.0 and ts[-1] == 0.0, "distill.timesteps", "must start at 1.0 and end at 0.0")
@@ -228,11 +354,41 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path | None) -> RunConfig:
-    """The config at ``path`` (YAML), or the defaults for ``None``."""
+def require_device(device: str, field: str = "device") -> None:
+    """ConfigError naming ``field`` unless ``device`` exists on this machine. Kept out of ``validate``: a config
+    for a GPU machine must still load (and be checked) on a laptop; a command that runs it calls this first."""
+    import torch
+
+    if re.fullmatch(r"cpu|cuda(:\d+)?", device or "") is None:
+        raise ConfigError(f"{field} must be 'cpu', 'cuda' or 'cuda:<index>', got {device!r}", field)
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{field} is {device!r}, but torch sees no CUDA device here (torch.cuda.is_available() is "
+                          "False); use device: cpu or run on a GPU machine", field)
+    n = torch.cuda.device_count()
+    if ":" in device and int(device.split(":")[1]) >= n:
+        raise ConfigError(f"{field} is {device!r}, but this machine has {n} CUDA device(s): cuda:0 .. cuda:{n - 1}", field)
+
+
+def load_config(path: str | Path | None, for_run: bool = False) -> RunConfig:
+    """The config at ``path`` (YAML), or the defaults for ``None``; ConfigError ``FILE:LINE: field ...``.
+
+    ``for_run``: also check what running it needs from this machine (the device exists)."""
     if path is None:
-        return validate(RunConfig())
-    data = yaml.safe_load(Path(path).read_text()) or {}
+        cfg = validate(RunConfig())
+        if for_run:
+            require_device(cfg.device)
+        return cfg
+    data, lines = load_yaml(path)
+    if data is None:  # an empty file: the defaults
+        data = {}
     if not isinstance(data, dict):
-        raise ValueError(f"config {path} must be a YAML mapping")
-    return from_dict(data)
+        raise ConfigError(f"must be a YAML mapping (field: value), got a {type(data).__name__}", file=path, line=1)
+    try:
+        cfg = from_dict(data)
+        if for_run:
+            require_device(cfg.device)
+    except ConfigError as e:
+        raise e.at(path, lines) from None
+    return cfg

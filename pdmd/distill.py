@@ -379,6 +379,9 @@ def load_generator(run: str | Path):
 
 def sample_run(run: str | Path, steps: int, n: int, out: str | Path, prompt: str | None = None, seed: int = 0) -> Path:
     """``n`` samples of the distilled generator in ``run``, spread over the prompts (or one prompt)."""
+    out = Path(out)
+    if out.suffix not in (".csv", ".npy", ".safetensors"):  # checked before the work
+        raise ValueError(f"out must end in .csv, .npy or .safetensors, got {out.name!r}")
     fn = load_generator(run)
     if steps != fn.plan.n_steps:
         raise ValueError(f"steps must be {fn.plan.n_steps}: the experts of {run} were distilled for "
@@ -394,7 +397,6 @@ def sample_run(run: str | Path, steps: int, n: int, out: str | Path, prompt: str
         raise ValueError(f"prompt must be one of {data.names}, got {prompt!r}")
     z = torch.randn(n, data.dim, generator=torch.Generator().manual_seed(seed))
     x = fn(z, cond)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".csv":
         rows = ["x,y,prompt"] + [f"{a:.6f},{b:.6f},{data.names[int(c)]}" for (a, b), c in zip(x.tolist(), cond)]
@@ -407,14 +409,12 @@ def sample_run(run: str | Path, steps: int, n: int, out: str | Path, prompt: str
         from .checkpoint import save_tensors
 
         save_tensors(out, {"samples": x, "prompts": cond}, {"prompt_names": json.dumps(data.names)})
-    else:
-        raise ValueError(f"out must end in .csv, .npy or .safetensors, got {out.name!r}")
     return out
 
 
 # ---------------------------------------------------------------------- CLI
 def _config(args) -> RunConfig:
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, for_run=True)
     torch.set_num_threads(cfg.threads)
     if getattr(args, "max_steps", None) is not None:
         if args.max_steps < 1:
@@ -480,6 +480,11 @@ def _seeds(args, cfg: RunConfig) -> list[int]:
 
 
 def _cmd_compare(args) -> int:
+    from .real import is_real
+
+    if is_real(args.config):
+        raise ValueError(f"{args.config}: pdmd compare runs the toy and digits tasks; a config with a model: section "
+                         "is for pdmd distill")
     cfg = _config(args)
     try:
         if cfg.task == "digits":

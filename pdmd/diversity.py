@@ -255,9 +255,10 @@ def format_table(table: dict) -> str:
 
 def run(samples_dir, out=None, dino_path=None, alexnet_weights=None, lin_weights=None, no_lpips=False) -> dict:
     """Compute, print and write (``diversity.json``, ``diversity.md``) the table for a samples folder."""
+    samples = read_samples(samples_dir)  # a wrong folder is refused before the models load
     dino = load_dino(dino_path) if dino_path else None
     lp = None if no_lpips else load_lpips(alexnet_weights, lin_weights)
-    table = diversity_table(read_samples(samples_dir), dino, lp)
+    table = diversity_table(samples, dino, lp)
     out = Path(out or samples_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "diversity.json").write_text(json.dumps(table, indent=2))

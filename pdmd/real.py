@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from .config import RunConfig, _coerce, validate
+from .config import ConfigError, RunConfig, _coerce, load_yaml, require_device, validate
 from .parallel import from_env
 from .rundir import hold
 from .trainer import PhasedDMDTrainer, resume_point
@@ -100,11 +99,11 @@ def _set(d: dict, dotted: str, value) -> None:
 def real_config(data: dict) -> RealConfig:
     """Map a real-model config (a dict with a ``model:`` section) onto RunConfig; ValueError naming the field."""
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise ValueError("a real-model config must be a mapping with a 'model' section")
+        raise ConfigError("a real-model config must be a mapping with a 'model' section", "model")
     flat = _flatten(data)
     for key in flat:
         if key not in _DIRECT and key not in _OWN:
-            raise ValueError(f"unknown config field {key!r} (known: {sorted(set(_DIRECT) | set(_OWN))})")
+            raise ConfigError(f"unknown config field {key!r} (known: {sorted(set(_DIRECT) | set(_OWN))})", key)
     hints = typing.get_type_hints(RunConfig)
     sections = {k: typing.get_type_hints(hints[k]) for k in ("teacher", "distill")}
     run: dict = {}
@@ -118,35 +117,35 @@ def real_config(data: dict) -> RealConfig:
     own = {k: _coerce(k, flat[k], tp) for k, tp in _OWN.items() if k in flat}
     for k in ("model.kind", "model.path", "data.prompts", "data.prompt_cache", "data.resolutions", "distill.steps"):
         if k not in own:
-            raise ValueError(f"{k} is required")
+            raise ConfigError(f"{k} is required", k)
     if own["model.kind"] not in ("wan", "qwen-image"):
-        raise ValueError(f"model.kind must be 'wan' or 'qwen-image', got {own['model.kind']!r}")
+        raise ConfigError(f"model.kind must be 'wan' or 'qwen-image', got {own['model.kind']!r}", "model.kind")
     if own.get("model.dtype") is not None and own["model.dtype"] not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {own['model.dtype']!r}")
+        raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}, got {own['model.dtype']!r}", "model.dtype")
     res = own["data.resolutions"]
     if not res or any(len(r) != 3 for r in res):
-        raise ValueError(f"data.resolutions must be a non-empty list of [frames, height, width], got {res}")
+        raise ConfigError(f"data.resolutions must be a non-empty list of [frames, height, width], got {res}", "data.resolutions")
     moe = [k for k in ("model.boundary_sigma", "model.phase_transformers", "teacher.guidance_scale_low") if k in flat]
     if own["model.kind"] != "wan" and moe:
-        raise ValueError(f"{moe[0]} applies to Wan 2.2 A14B (two transformers) only, not to {own['model.kind']!r}")
+        raise ConfigError(f"{moe[0]} applies to Wan 2.2 A14B (two transformers) only, not to {own['model.kind']!r}", moe[0])
     pt = own.get("model.phase_transformers")
     if pt is not None and (not pt or any(p not in ("high", "low") for p in pt)):
-        raise ValueError(f"model.phase_transformers must be a non-empty list of 'high'/'low', got {pt}")
+        raise ConfigError(f"model.phase_transformers must be a non-empty list of 'high'/'low', got {pt}", "model.phase_transformers")
     if own["model.kind"] == "qwen-image":
         if "data.max_sequence_length" in own:
-            raise ValueError("data.max_sequence_length applies to Wan only (Qwen-Image pads per batch with a mask)")
+            raise ConfigError("data.max_sequence_length applies to Wan only (Qwen-Image pads per batch with a mask)", "data.max_sequence_length")
         if res[0][0] != 1:
-            raise ValueError(f"data.resolutions: Qwen-Image makes images, frames must be 1, got {res[0]}")
+            raise ConfigError(f"data.resolutions: Qwen-Image makes images, frames must be 1, got {res[0]}", "data.resolutions")
         if "model.shift" not in own and "model.shift_resolution" not in own:
             own["model.shift_resolution"] = res[0][1:]
     if "model.shift_resolution" in own and len(own["model.shift_resolution"]) != 2:
-        raise ValueError(f"model.shift_resolution must be [height, width], got {own['model.shift_resolution']}")
+        raise ConfigError(f"model.shift_resolution must be [height, width], got {own['model.shift_resolution']}", "model.shift_resolution")
     if own.get("export.sampler", "euler") not in ("euler", "renoise"):
-        raise ValueError(f"export.sampler must be 'euler' or 'renoise', got {own['export.sampler']!r}")
+        raise ConfigError(f"export.sampler must be 'euler' or 'renoise', got {own['export.sampler']!r}", "export.sampler")
     for k in ("betas", "weight_decay"):  # one AdamW setting for both optimisers in the trainer
         g = run.get("distill", {}).get(k, getattr(RunConfig().distill, k))
         if f"fake.{k}" in own and own[f"fake.{k}"] != g:
-            raise ValueError(f"fake.{k} must equal generator.{k} ({g}): the trainer uses one setting for both")
+            raise ConfigError(f"fake.{k} must equal generator.{k} ({g}): the trainer uses one setting for both", f"fake.{k}")
     d = run.setdefault("distill", {})
     d["timesteps"] = list(own["distill.steps"]) + [0.0]
     default_boundaries = "distill.phase_boundaries" not in flat
@@ -162,9 +161,9 @@ def real_config(data: dict) -> RealConfig:
     cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **run.get(s, {})) for s in sections})
     try:
         validate(cfg)
-    except ValueError as e:  # name the field as the user wrote it
-        field, _, rest = str(e).partition(" ")
-        raise ValueError(f"{back.get(field, field)} {rest}") from None
+    except ConfigError as e:  # name the field as the user wrote it
+        field = back.get(e.field, e.field)
+        raise ConfigError(f"{field}{e.message[len(e.field):]}", field) from None
     return RealConfig(run=cfg, kind=own["model.kind"], path=own["model.path"], prompts=own["data.prompts"],
                       prompt_cache=own["data.prompt_cache"], resolutions=res, shift=own.get("model.shift"),
                       dtype=own.get("model.dtype"), shift_resolution=own.get("model.shift_resolution"),
@@ -178,12 +177,21 @@ def is_real(path) -> bool:
     """Whether the YAML config at ``path`` describes a real model (it has a ``model:`` section)."""
     if path is None:
         return False
-    data = yaml.safe_load(Path(path).read_text())
+    data, _ = load_yaml(path)
     return isinstance(data, dict) and "model" in data
 
 
-def load_real_config(path) -> RealConfig:
-    return real_config(yaml.safe_load(Path(path).read_text()) or {})
+def load_real_config(path, for_run: bool = False) -> RealConfig:
+    """``real_config`` of the YAML at ``path``, read as every pdmd config is (``pdmd.config.load_yaml``); a
+    ConfigError says ``FILE:LINE: field ...``. ``for_run``: also check that the config's device exists here."""
+    data, lines = load_yaml(path)
+    try:
+        rc = real_config(data or {})
+        if for_run:
+            require_device(rc.run.device)
+    except ConfigError as e:
+        raise e.at(path, lines) from None
+    return rc
 
 
 class PromptTask:
@@ -312,7 +320,7 @@ def add_encode_command(sub) -> None:
 
 
 def _cmd_encode(args) -> int:
-    rc = load_real_config(args.config)
+    rc = load_real_config(args.config, for_run=True)
     out = encode_real(rc, progress=not args.quiet)
     print(f"wrote the prompt cache {out}")
     return 0
@@ -320,7 +328,7 @@ def _cmd_encode(args) -> int:
 
 def cmd_distill(args) -> int:
     """The real-model branch of ``pdmd distill``."""
-    rc = load_real_config(args.config)
+    rc = load_real_config(args.config, for_run=True)
     if args.max_steps is not None:
         if args.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
