@@ -14,7 +14,7 @@ from .plan import add_plan_parser
 def _toy1d(args) -> int:
     from . import toy1d
 
-    metrics = toy1d.run(args.out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    metrics = toy1d.run(args.out, steps=args.steps, seed=args.seed, progress=not args.quiet, threads=args.threads)
     print(json.dumps({k: metrics[k] for k in ("deviation_correct", "deviation_incorrect", "seconds")}, indent=2))
     print(f"wrote {args.out}/figure2.png and {args.out}/metrics.json")
     return 0
@@ -27,6 +27,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"pdmd: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pdmd", description="Phased DMD trainer")
     sub = p.add_subparsers(dest="command", required=True)
@@ -35,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=1500, help="training steps per model")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default 1: the tensors are tiny, more threads only wait on each other)")
     t.set_defaults(func=_toy1d)
     from .distill import add_commands
     from .diversity import add_cli as add_diversity

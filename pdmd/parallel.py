@@ -18,16 +18,18 @@ Launch (one node, 8 GPUs; several nodes: same on every node with its ``--node_ra
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["Parallel", "from_env", "DCP_DIR", "MANIFEST", "save_checkpoint", "load_checkpoint", "verify_checkpoint",
-           "gathered", "full_state"]
+__all__ = ["Parallel", "from_env", "shutdown", "timeout_s", "DCP_DIR", "MANIFEST", "save_checkpoint", "load_checkpoint",
+           "verify_checkpoint", "gathered", "full_state"]
 
 DCP_DIR = "checkpoint.dcp"
 # pdmd's manifest of a sharded checkpoint: step and the SHA-256 of every file. DCP unpickles its ``.metadata``
@@ -190,8 +192,45 @@ def from_env(device: str = "cpu") -> Parallel:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s()))
+        # A process that exits with its process group alive tears gloo's threads down in static
+        # destructors: "terminate called without an active exception" (SIGABRT), seen on a loaded
+        # machine. atexit runs before those, also after an exception; shutdown() is idempotent.
+        atexit.register(shutdown, barrier=False)
     return Parallel(init_device_mesh("cuda" if cuda else "cpu", (world,)))
+
+
+TIMEOUT_ENV = "PDMD_DIST_TIMEOUT_S"
+
+
+def timeout_s() -> float:
+    """Collective timeout in seconds: ``$PDMD_DIST_TIMEOUT_S``, default 1800 (torch's gloo default): a
+    loaded or slow rank (a 2-core CI machine at load 5, a checkpoint on a slow disk) must not time out."""
+    raw = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be > 0, got {raw!r}")
+    return value
+
+
+def shutdown(barrier: bool = True) -> None:
+    """End this process's part of the process group cleanly (no-op without one).
+
+    ``barrier``: wait for every rank first, so that no rank closes its connections while another is
+    still inside a collective (use it at the normal end of a run; not after an error, where the other
+    ranks may never arrive)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if barrier:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 # -------------------------------------------------------------------- checkpoints

@@ -95,11 +95,26 @@ def trajectories(psi_fn, x1: torch.Tensor, t_grid: torch.Tensor) -> torch.Tensor
 
 
 def run(out: str | Path, steps: int = 1500, batch: int = 512, n_traj: int = 200, n_grid: int = 100, seed: int = 0,
-        progress: bool = True) -> dict:
-    """Train the three models, integrate trajectories, write figure2.png and metrics.json to ``out``."""
-    out = Path(out)
+        progress: bool = True, threads: int = 1) -> dict:
+    """Train the three models, integrate trajectories, write figure2.png and metrics.json to ``out``.
+
+    ``threads``: torch CPU threads, 1 by default. The tensors are tiny ([512, 1] batches through a
+    small MLP): a second thread only adds synchronisation, and on a busy machine a thread that waits
+    for a descheduled sibling at every op made the run about 50x slower. The previous thread count
+    is restored on return.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(Path(out), steps, batch, n_traj, n_grid, seed, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(out: Path, steps: int, batch: int, n_traj: int, n_grid: int, seed: int, progress: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.time()
     kinds = ("full", "correct", "biased")
     with tqdm(total=steps * len(kinds), desc="toy1d", disable=not progress, dynamic_ncols=True) as bar:

@@ -36,6 +36,15 @@ def weights(trainer) -> dict:
 def main(out: Path, stop_at: int) -> None:
     torch.set_num_threads(1)
     par = parallel.from_env()
+    try:
+        run(par, out, stop_at)
+    except BaseException:
+        parallel.shutdown(barrier=False)  # the other rank may never reach a barrier
+        raise
+    parallel.shutdown()  # both ranks done: barrier, then close the process group
+
+
+def run(par, out: Path, stop_at: int) -> None:
     assert par.world == 2, par.world
     cfg = tiny_cfg(**CFG)
     a = PhasedDMDTrainer(cfg, tiny_teacher(), ToyData(), out / "straight", progress=False, parallel=par)
@@ -74,7 +83,6 @@ def main(out: Path, stop_at: int) -> None:
     ws["resumed"] = weights(f)
     if par.is_main:
         torch.save(ws, out / "eight_bit.pt")
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

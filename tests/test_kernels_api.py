@@ -248,7 +248,7 @@ def test_triton_kernels_compile_for_sm90_with_vector_accesses():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     script = Path(__file__).with_name("triton_sm90_check.py")
     proc = subprocess.run([sys.executable, str(script), "bf16", "fp32"], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert {(r["kernel"], r["dtype"]) for r in rows} == {(k, d) for k in LATENT_ACCESSES for d in ("bf16", "fp32")}

@@ -284,3 +284,22 @@ def test_build_reports_instead_of_failing(monkeypatch):
     assert build.build(force=True) == "cmake not found"
     assert build.main(["--force"]) == 0 and build.main(["--force", "--strict"]) == 1
     assert native.library_path() is not None  # a failed check never deletes a working library
+
+
+def test_build_is_portable_by_default_and_native_is_an_opt_in(monkeypatch):
+    """The library must compute the same bits on every x86-64 CPU: by default a fixed instruction set
+    (not -march=native) and no FMA contraction (CMakeLists.txt); -march=native only when asked for
+    (--arch native / PDMD_NATIVE_ARCH), and a build for another arch is not taken for up to date."""
+    monkeypatch.delenv(build.ARCH_ENV, raising=False)
+    assert build.default_arch() == "portable"
+    monkeypatch.setenv(build.ARCH_ENV, "native")
+    assert build.default_arch() == "native"
+    source = build.find_source()
+    assert build._fingerprint(source, "portable") != build._fingerprint(source, "native")
+    cmake = "\n".join(line for line in (source / "CMakeLists.txt").read_text().splitlines()
+                      if not line.lstrip().startswith("#"))  # the build's commands, not its comments
+    assert 'set(PDMD_NATIVE_ARCH "portable"' in cmake and '"x86-64-v2"' in cmake
+    assert "-ffp-contract=off" in cmake and "fast-math" not in cmake
+    before = native.library_path()
+    assert "--arch" in build.build(force=True, arch="x86-64-v3 -O0")  # one -march value, nothing else
+    assert native.library_path() == before  # refused before touching the library

@@ -13,9 +13,9 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,11 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-6
 
 
-def torchrun(args: list[str], timeout: float = 240) -> str:
+def torchrun(args: list[str], timeout: float = 1200) -> str:
     """``torchrun --standalone --nproc_per_node 2 ARGS`` (gloo on CPU, one thread each); fails the test on a
-    non-zero exit or a timeout; returns the output."""
+    non-zero exit or a timeout; returns the output.
+
+    Sized for a loaded machine: the worker takes about a minute on 2 quiet cores, and 5x that at load 5;
+    a collective waits up to PDMD_DIST_TIMEOUT_S = 600 s (a rank that is slow, not dead), below the
+    launch's own timeout so that a hung rank fails with gloo's message rather than a kill."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(ROOT / p) for p in (".", "kernels", "tests")),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **{parallel.TIMEOUT_ENV: "600"})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     # --standalone picks a free port; a new session lets a timeout kill torchrun and both workers.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -171,14 +175,14 @@ def _one_rank(backend: str, device_type: str):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh(device_type, (1,))
-    finally:
-        dist.destroy_process_group()
+    # a file store in a fresh directory: no port to collide with a concurrent run (a port found free
+    # and then bound by the store can be taken by another process in between)
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group(backend, init_method=f"file://{d}/store", rank=0, world_size=1)
+        try:
+            yield init_device_mesh(device_type, (1,))
+        finally:
+            dist.destroy_process_group()
 
 
 def test_one_rank_mesh_shards_and_equals_plain(tmp_path):
@@ -283,3 +287,21 @@ def test_sharded_wan_with_experts_equals_unsharded():
     assert got[2].keys() == ref[2].keys() and any(bool(g.abs().max() > 0) for g in ref[2].values())
     for k in ref[2]:
         torch.testing.assert_close(got[2][k], ref[2][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_shutdown_closes_the_process_group_and_timeout_is_checked(monkeypatch):
+    """``parallel.shutdown`` (barrier, then destroy) leaves no process group; without one it does nothing.
+    The collective timeout comes from PDMD_DIST_TIMEOUT_S, checked with a message naming it."""
+    import torch.distributed as dist
+
+    parallel.shutdown()  # no process group: a no-op
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
+        parallel.shutdown()
+        assert not dist.is_initialized()
+    monkeypatch.setenv(parallel.TIMEOUT_ENV, "90")
+    assert parallel.timeout_s() == 90.0
+    for bad in ("soon", "0", "-5", "nan"):
+        monkeypatch.setenv(parallel.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=parallel.TIMEOUT_ENV):
+            parallel.timeout_s()

@@ -6,7 +6,8 @@
 // normaliser is passed in), arithmetic and accumulation are float32 in loops the compiler
 // vectorises, per-sample coefficients are computed in double, and work is split into fixed blocks
 // of kBlock elements (OpenMP through at::parallel_for, across samples and blocks). Block partial
-// sums are combined in a fixed order, so results do not depend on the thread count.
+// sums are combined in a fixed order, so results do not depend on the thread count; within a block,
+// sums run in kLanes fixed lanes (lane_sums), so they do not depend on the CPU's vector width either.
 // No temporary of input size is allocated (non-contiguous inputs are made contiguous first).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -15,6 +16,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -150,6 +152,47 @@ std::vector<double> per_sample(const std::vector<double>& partial, int64_t B, in
   return out;
 }
 
+// ---------------------------------------------------------------- fixed-order float32 sums
+// A float32 sum's rounding depends on the order of its additions. `omp simd reduction` lets the
+// compiler pick that order from the vector width of -march (4 lanes for SSE, 8 for AVX2, 16 for
+// AVX-512) and from whether a loop vectorises at all, so the same inputs gave other bits on another
+// CPU, or in two loops summing the same terms. Here the order is written out: lane j adds the terms
+// i = j (mod kLanes) in index order, then the lanes are added as a fixed tree. Any vector width up
+// to 16 floats computes exactly these additions, so the sums are bit-identical for every -march and
+// in every loop that sums the same terms (with -ffp-contract=off: no fused multiply-adds).
+constexpr int kLanes = 16;
+
+struct Lanes {
+  float v[kLanes] = {};
+  PDMD_INLINE float total() {
+    for (int w = kLanes / 2; w >= 1; w /= 2)
+      for (int j = 0; j < w; ++j) v[j] += v[j + w];
+    return v[0];
+  }
+};
+
+// acc_k += term_k(i) for i in [0, len), the K sums in lanes (see above); term(i, out) writes K floats.
+template <int K, typename F> PDMD_INLINE std::array<float, K> lane_sums(int64_t len, F&& term) {
+  Lanes acc[K];
+  const int64_t full = len - len % kLanes;
+  for (int64_t i0 = 0; i0 < full; i0 += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      float t[K];
+      term(i0 + j, t);
+      for (int k = 0; k < K; ++k) acc[k].v[j] += t[k];
+    }
+  }
+  for (int64_t i = full; i < len; ++i) {
+    float t[K];
+    term(i, t);
+    for (int k = 0; k < K; ++k) acc[k].v[i - full] += t[k];
+  }
+  std::array<float, K> out;
+  for (int k = 0; k < K; ++k) out[k] = acc[k].total();
+  return out;
+}
+
 at::Tensor float_vector(const std::vector<double>& v) {
   at::Tensor out = at::empty({int64_t(v.size())}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.mutable_data_ptr<float>();
@@ -194,13 +237,10 @@ std::vector<SubCoef> subinterval_coefs(const at::Tensor& alpha_s, const at::Tens
 template <typename T>
 float residual_sq_sum(const typename Io<T>::S* __restrict__ p, const typename Io<T>::S* __restrict__ x,
                       const typename Io<T>::S* __restrict__ n, int64_t len, SubCoef c) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < len; ++i) {
+  return lane_sums<1>(len, [&](int64_t i, float* t) {
     const float r = c.st * Io<T>::load(p[i]) - c.a * Io<T>::load(n[i]) - c.b * Io<T>::load(x[i]);
-    s += r * r;
-  }
-  return s;
+    t[0] = r * r;
+  })[0];
 }
 
 at::Tensor subinterval_loss_fwd(const at::Tensor& pred, const at::Tensor& x_s, const at::Tensor& noise,
@@ -327,13 +367,10 @@ std::vector<float> dmd_weight(const std::optional<at::Tensor>& weight, const Dmd
 template <typename T, bool HasU>
 float theory_sq_sum(const typename Io<T>::S* __restrict__ c, const typename Io<T>::S* __restrict__ u,
                     const typename Io<T>::S* __restrict__ f, int64_t len, float scale, float w) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < len; ++i) {
+  return lane_sums<1>(len, [&](int64_t i, float* t) {
     const float g = w * (PDMD_REAL - Io<T>::load(f[i]));
-    s += g * g;
-  }
-  return s;
+    t[0] = g * g;
+  })[0];
 }
 
 // (sum |x - real|, sum over finite d of d^2) with d = fake - real.
@@ -341,19 +378,15 @@ template <typename T, bool HasU>
 std::pair<float, float> normalized_sums(const typename Io<T>::S* __restrict__ x, const typename Io<T>::S* __restrict__ c,
                                         const typename Io<T>::S* __restrict__ u, const typename Io<T>::S* __restrict__ f,
                                         int64_t len, float scale, bool with_d) {
-  float s1 = 0.f, s2 = 0.f;
-  if (with_d) {
-#pragma omp simd reduction(+ : s1, s2)
-    for (int64_t i = 0; i < len; ++i) {
-      const float real = PDMD_REAL;
-      s1 += std::fabs(Io<T>::load(x[i]) - real);
-      const float d = Io<T>::load(f[i]) - real;
-      s2 += is_finite(d) ? d * d : 0.f;
-    }
-  } else {
-#pragma omp simd reduction(+ : s1)
-    for (int64_t i = 0; i < len; ++i) s1 += std::fabs(Io<T>::load(x[i]) - PDMD_REAL);
-  }
+  // s1 by the same loop in both cases: the backward's normaliser equals the forward's bit for bit.
+  // Two single sums (a second pass over a block that is still in cache): GCC 12 does not vectorise
+  // one loop with two lane accumulators.
+  const float s1 = lane_sums<1>(len, [&](int64_t i, float* t) { t[0] = std::fabs(Io<T>::load(x[i]) - PDMD_REAL); })[0];
+  if (!with_d) return {s1, 0.f};
+  const float s2 = lane_sums<1>(len, [&](int64_t i, float* t) {
+    const float d = Io<T>::load(f[i]) - PDMD_REAL;
+    t[0] = std::fabs(d) <= FLT_MAX ? d * d : 0.f;  // finite d only (NaN compares false); a float compare vectorises
+  })[0];
   return {s1, s2};
 }
 
@@ -667,8 +700,14 @@ std::string build_info() {
   isa = "avx512";
 #elif defined(__AVX2__)
   isa = "avx2";
+#elif defined(__SSE4_2__)
+  isa = "sse4.2";
 #endif
-  return std::string("torch ") + TORCH_VERSION + ", " + isa + ", block " + std::to_string(kBlock);
+#ifndef PDMD_NATIVE_ARCH_NAME
+#define PDMD_NATIVE_ARCH_NAME "unknown"
+#endif
+  return std::string("torch ") + TORCH_VERSION + ", " + isa + " (arch " + PDMD_NATIVE_ARCH_NAME + "), block " +
+         std::to_string(kBlock);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-"""Build the native CPU backend: ``python -m pdmd_kernels.build [--force] [--strict] [--portable]``.
+"""Build the native CPU backend: ``python -m pdmd_kernels.build [--force] [--strict] [--arch ARCH]``.
 
 Runs CMake on the checkout's ``CMakeLists.txt`` against the installed torch (its own CMake package)
 and puts ``_pdmd_native.so`` next to ``native.py``. It is a separate step rather than part of
@@ -7,6 +7,10 @@ runs it after the install. It is optional: without CMake or a C++ compiler, or o
 it says so in one line and exits 0 (``--strict``: exits 1), and the PyTorch reference is used.
 Up-to-date builds are skipped (sources, torch version and options unchanged). ``PDMD_NATIVE=0``
 skips the build.
+
+The instruction set is fixed (``--arch portable``, the default: x86-64-v2 on x86-64), so the library
+computes the same bits on every x86-64 CPU; ``--arch native`` (or ``PDMD_NATIVE_ARCH=native``) opts
+in to this CPU's whole instruction set, whose vector width changes the rounding of the loss sums.
 """
 from __future__ import annotations
 
@@ -32,13 +36,21 @@ def find_source(start: Path = PACKAGE_DIR) -> Path | None:
     return None
 
 
-def _fingerprint(source: Path, portable: bool) -> str:
+ARCH_ENV = "PDMD_NATIVE_ARCH"
+
+
+def default_arch() -> str:
+    """``$PDMD_NATIVE_ARCH`` or "portable" (see CMakeLists.txt: portable, native or a -march value)."""
+    return os.environ.get(ARCH_ENV) or "portable"
+
+
+def _fingerprint(source: Path, arch: str) -> str:
     """Hash of everything the library depends on: sources, torch version, compiler choice, options."""
     h = hashlib.sha256()
     for f in [source / "CMakeLists.txt", *sorted((source / "kernels" / "csrc").glob("*"))]:
         h.update(f.name.encode() + f.read_bytes())
     h.update(importlib.metadata.version("torch").encode())
-    h.update(f"{os.environ.get('CXX', '')}|portable={portable}".encode())
+    h.update(f"{os.environ.get('CXX', '')}|arch={arch}".encode())
     return h.hexdigest()
 
 
@@ -46,10 +58,16 @@ def _libraries() -> list[Path]:
     return [p for p in PACKAGE_DIR.glob("_pdmd_native.*") if p.suffix in (".so", ".dylib", ".dll", ".pyd")]
 
 
-def build(force: bool = False, portable: bool = False, source: Path | None = None, quiet: bool = False) -> str | None:
-    """Build if needed; returns None on success (or up to date), else the reason it was not built."""
+def build(force: bool = False, arch: str | None = None, source: Path | None = None, quiet: bool = False) -> str | None:
+    """Build if needed; returns None on success (or up to date), else the reason it was not built.
+
+    ``arch``: "portable" (default, or ``$PDMD_NATIVE_ARCH``), "native", or a ``-march`` value.
+    """
     if os.environ.get("PDMD_NATIVE", "1") == "0":
         return "skipped (PDMD_NATIVE=0)"
+    arch = arch or default_arch()
+    if not arch.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        return f"--arch / ${ARCH_ENV} must be portable, native or a -march value, got {arch!r}"
     source = source or find_source()
     if source is None:
         return f"no source checkout above {PACKAGE_DIR} (pass --source DIR)"
@@ -63,7 +81,7 @@ def build(force: bool = False, portable: bool = False, source: Path | None = Non
         return "torch is not installed"
     build_dir = source / "build" / "native"
     stamp = build_dir / "pdmd_native.stamp"
-    fingerprint = _fingerprint(source, portable)
+    fingerprint = _fingerprint(source, arch)
     if not force and _libraries() and stamp.is_file() and stamp.read_text() == fingerprint:
         return None
     for lib in _libraries():  # never leave a library from other sources behind
@@ -75,7 +93,7 @@ def build(force: bool = False, portable: bool = False, source: Path | None = Non
     steps = [
         [cmake, "-S", str(source), "-B", str(build_dir), f"-DCMAKE_PREFIX_PATH={prefix}",
          "-DCMAKE_BUILD_TYPE=Release", f"-DPDMD_NATIVE_OUTPUT_DIR={PACKAGE_DIR}",
-         f"-DPDMD_NATIVE_MARCH={'OFF' if portable else 'ON'}"],
+         f"-DPDMD_NATIVE_ARCH={arch}"],
         [cmake, "--build", str(build_dir), "--parallel", str(os.cpu_count() or 1)],
     ]
     if not quiet:
@@ -108,11 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pdmd_kernels.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     parser.add_argument("--strict", action="store_true", help="exit 1 when the library could not be built")
-    parser.add_argument("--portable", action="store_true", help="no -march=native (a library for other CPUs)")
+    parser.add_argument("--arch", default=None,
+                        help="portable (default: x86-64-v2 on x86-64, the same results on every x86-64 CPU), "
+                             f"native (this CPU only, opt-in) or a -march value; default ${ARCH_ENV} or portable")
+    parser.add_argument("--portable", dest="arch", action="store_const", const="portable",
+                        help="same as --arch portable (the default; kept for old scripts)")
     parser.add_argument("--source", type=Path, help="checkout root with CMakeLists.txt (default: found above the package)")
     parser.add_argument("--quiet", action="store_true", help="print only a failure")
     args = parser.parse_args(argv)
-    reason = build(args.force, args.portable, args.source, args.quiet)
+    reason = build(args.force, args.arch, args.source, args.quiet)
     if reason is not None:
         print(f"pdmd_kernels: native CPU backend not built: {reason}; the PyTorch reference is used.",
               file=sys.stderr)
