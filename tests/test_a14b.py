@@ -85,18 +85,19 @@ def test_fake_score_is_the_switched_teacher_at_every_phase_start(tmp_path, fake_
     moe = _moe()
     ref = copy.deepcopy(moe)
     tr = _trainer(tmp_path, moe, fake_kind=fake_kind, fake_lora_rank=2)
-    x, t, c = _inputs(tr)  # t: two above the switch, two below; in phase 1 (s = 0.5) only the first two count
+    x_all, t_all, c_all = _inputs(tr)  # t: two above the switch, two below
     for phase, s in ((0, 0.5), (1, 0.0)):
         tr.start_phase(phase)
         assert tr.boundary == s
-        inside = t > s
+        inside = t_all > s  # phase 1: the two above the switch; phase 2: all four
+        x, t, c = x_all[inside], t_all[inside], {k: v[inside] for k, v in c_all.items()}
         with torch.no_grad():
-            want = ref(x, t, c)
-            torch.testing.assert_close(tr.fake(x, t, c)[inside], want[inside], rtol=0, atol=0)
+            want = ref(x, t, c)  # the same batch: same per-transformer calls, so equal to the last bit
+            torch.testing.assert_close(tr.fake(x, t, c), want, rtol=0, atol=0)
             torch.testing.assert_close(tr.teacher(x, t, c), want, rtol=0, atol=0)
         tr.iteration()  # the fake score moves: the next phase start must undo that on both transformers
         with torch.no_grad():
-            assert not torch.equal(tr.fake(x, t, c)[inside], want[inside])
+            assert not torch.equal(tr.fake(x, t, c), want)
 
 
 @pytest.mark.parametrize("fake_kind", ["full", "lora"])
