@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from pdmd.experts import base_state
+from pdmd.experts import Experts, base_state
 from pdmd.models import WanDenoiser, WanMoEDenoiser
 from pdmd.trainer import BoundaryPool, PhasedDMDTrainer
 
@@ -76,6 +76,10 @@ def test_fake_score_spans_the_transformers_the_teacher_runs_above_s():
     assert moe.sub_denoisers_above(0.5) == [moe.high]  # (0.5, 1] lies above the switch
     assert moe.sub_denoisers_above(switch) == [moe.high]  # the switch itself serves high: so does all of (s, 1]
     assert moe.sub_denoisers_above(0.99 * switch) == [moe.high, moe.low]
+    # the LoRA fake sits on both transformers even when no expert lives on the low-noise one
+    both_high = WanMoEDenoiser(tiny_wan(3), tiny_wan(4), SHIFT, BOUNDARY_SIGMA, phase_transformers=("high", "high"))
+    fake = Experts(both_high, 2, 2, 2.0, fake_lora_rank=2).adapter_params("fake")
+    assert any(".low." in n for n in fake) and any(".high." in n for n in fake)
 
 
 @pytest.mark.parametrize("fake_kind", ["full", "lora"])
