@@ -136,8 +136,8 @@ class Experts:
     def _trainable_params(self) -> list[nn.Parameter]:
         # looked up each time: sharding (FSDP2) replaces the parameter objects after ``train_only``
         names, phase, above = self._trainable
-        return [p for name in names
-                for p in (self.adapter_params(name, above=above) if name == "fake" else self.adapter_params(name, phase)).values()]
+        scope = lambda name: {"above": above} if name == "fake" else {"phase": phase}  # noqa: E731
+        return [p for name in names for p in self.adapter_params(name, **scope(name)).values()]
 
     def phase_module(self, k: int) -> nn.Module:
         """The sub-denoiser of (1-based) phase k: where ``expert_k`` lives."""
@@ -166,13 +166,15 @@ class Experts:
         return DenoiserView(lambda x, t, c: self.run(name, x, t, c, phase=phase), self.prediction, self.schedule,
                             self.null_cond, self.autocast)
 
-    def adapter_params(self, name: str, phase: int | None = None, above: float | None = None) -> dict[str, nn.Parameter]:
+    def adapter_params(self, name: str, phase: int | None = None,
+                       above: float | None = None) -> dict[str, nn.Parameter]:
         """The adapter's parameters (under the peft model's names); with ``phase``, those on that phase's
         sub-denoiser; with ``above`` = s, those on the sub-denoisers the teacher runs on (s, 1] (``parts_above``)."""
         key = f".{name}."
         params = {n: p for n, p in self.peft.named_parameters() if key in n}
         if phase is not None and above is not None:
-            raise ValueError("adapter_params: give phase (an expert's sub-denoiser) or above (the fake's span), not both")
+            raise ValueError("adapter_params: give phase (an expert's sub-denoiser) or above (the fake's span), "
+                             "not both")
         if phase is not None:
             parts = [self.phase_module(phase)]
         elif above is not None:
@@ -184,7 +186,8 @@ class Experts:
         mine = {id(p) for m in parts for p in m.parameters()}
         return {n: p for n, p in params.items() if id(p) in mine}
 
-    def train_only(self, names: list[str], phase: int | None = None, fake_above: float | None = None) -> list[nn.Parameter]:
+    def train_only(self, names: list[str], phase: int | None = None,
+                   fake_above: float | None = None) -> list[nn.Parameter]:
         """Make exactly the adapters ``names`` trainable: the experts on ``phase``'s sub-denoiser if given, ``fake``
         on the sub-denoisers the teacher runs on (``fake_above``, 1] if given."""
         self.peft.requires_grad_(False)

@@ -1,6 +1,7 @@
 """Wan 2.2 A14B in the trainer: a teacher of two transformers switched at sigma = boundary_sigma; phase 1's
 expert starts from the high-noise transformer, phase 2's from the low-noise one (the paper); each phase's fake
-score starts as the switched pair on its (s, 1] and trains there; each transformer guided with its own scale. Also several resolutions in one run (one drawn per iteration)."""
+score starts as the switched pair on its (s, 1] and trains there; each transformer guided with its own scale.
+Also several resolutions in one run (one drawn per iteration)."""
 import copy
 import dataclasses
 
@@ -118,7 +119,8 @@ def test_phase2_fake_trains_both_transformers_phase1_the_high_one(tmp_path, fake
         if fake_kind == "full":
             on = {w: {id(p) for p in getattr(tr.fake_module, w).parameters()} for w in ("high", "low")}
         else:
-            on = {w: {id(p) for n, p in tr.experts.adapter_params("fake").items() if f".{w}." in n} for w in ("high", "low")}
+            fake = tr.experts.adapter_params("fake")
+            on = {w: {id(p) for n, p in fake.items() if f".{w}." in n} for w in ("high", "low")}
         # the optimiser holds exactly the fake's parameters on the transformers the teacher runs on (s, 1]
         assert {id(p) for p in tr.fake_params} == set().union(*(on[w] for w in trained))
         if fake_kind == "full":  # a fresh full fake score is the whole teacher, both transformers
@@ -155,8 +157,8 @@ def test_phase1_above_the_switch_is_the_high_transformer_run(tmp_path, fake_kind
             tr.iteration()
     strip = lambda ps: {n.replace(".high.", "."): p for n, p in ps.items()}  # noqa: E731
     for name in ("expert_1", "fake") if fake_kind == "lora" else ("expert_1",):
-        pa, pb = strip(a.experts.adapter_params(name, above=0.5) if name == "fake" else a.experts.adapter_params(name, 1)), \
-            b.experts.adapter_params(name)
+        scope = {"above": 0.5} if name == "fake" else {"phase": 1}
+        pa, pb = strip(a.experts.adapter_params(name, **scope)), b.experts.adapter_params(name)
         assert pa.keys() == pb.keys()
         assert all(torch.equal(pa[k], pb[k]) for k in pa), name
     if fake_kind == "full":
