@@ -6,6 +6,8 @@ follows the denoiser contract (``pdmd.denoiser``), so the trainer never sees pef
 
 A base with ``for_phase(k)`` (Wan 2.2 A14B: two transformers) starts phase k's expert from that sub-denoiser:
 the adapter is injected there only and the expert runs it alone, while the teacher stays the whole base.
+The fake score must equal the teacher at every t of its phase, so the ``fake`` adapter sits on every
+sub-denoiser and runs through the teacher's own switch; phase k trains the part on ``parts_above(base, s_k)``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from torch import nn
 
 from .denoiser import check_denoiser
 
-__all__ = ["Experts", "DenoiserView", "expert_name", "cat_cond", "base_state", "phase_module"]
+__all__ = ["Experts", "DenoiserView", "expert_name", "cat_cond", "base_state", "phase_module", "parts_above"]
 
 
 def expert_name(k: int) -> str:
@@ -41,8 +43,15 @@ def _lora_targets(model: nn.Module) -> list[str]:
 
 
 def phase_module(base: nn.Module, k: int) -> nn.Module:
-    """The (sub-)denoiser phase k's expert and fake score start from: ``base.for_phase(k)``, or ``base``."""
+    """The (sub-)denoiser phase k's expert starts from: ``base.for_phase(k)``, or ``base``."""
     return base.for_phase(k) if hasattr(base, "for_phase") else base
+
+
+def parts_above(base: nn.Module, s: float) -> list[nn.Module]:
+    """The (sub-)denoisers ``base`` runs at some t in (s, 1]: ``base.sub_denoisers_above(s)`` (Wan 2.2 A14B: the
+    high-noise transformer, and the low-noise one if s lies below the switch), or ``[base]``. A fake score
+    trained on (s, 1] must start equal to the teacher there, so it copies (and trains) exactly these."""
+    return list(base.sub_denoisers_above(s)) if hasattr(base, "sub_denoisers_above") else [base]
 
 
 def _scoped_targets(base: nn.Module, subs: list[nn.Module], targets: list[str]) -> list[str]:
@@ -104,14 +113,15 @@ class Experts:
                     self.peft = get_peft_model(base, cfg, adapter_name=expert_name(1))
                 else:
                     self.peft.add_adapter(expert_name(k), cfg)
-            if fake_lora_rank:  # on every phase's sub-denoiser; phase k trains the part on its own
+            if fake_lora_rank:  # on every sub-denoiser the teacher runs: phase k trains those it runs on (s_k, 1]
+                parts = list(base.sub_denoisers()) if hasattr(base, "sub_denoisers") else [base]
                 fcfg = LoraConfig(r=fake_lora_rank, lora_alpha=fake_lora_rank, lora_dropout=0.0,
-                                  target_modules=scope(self.subs))
+                                  target_modules=scope(parts))
                 self.peft.add_adapter("fake", fcfg)
         self.module = self.peft.get_base_model()
         self.adapters = [expert_name(k) for k in range(1, n_experts + 1)] + (["fake"] if fake_lora_rank else [])
         self.peft.requires_grad_(False)
-        self._active, self._trainable = None, ([], None)
+        self._active, self._trainable = None, ([], None, None)
 
     def _activate(self, name: str) -> None:
         if self._active != name:
@@ -125,16 +135,20 @@ class Experts:
 
     def _trainable_params(self) -> list[nn.Parameter]:
         # looked up each time: sharding (FSDP2) replaces the parameter objects after ``train_only``
-        names, phase = self._trainable
-        return [p for name in names for p in self.adapter_params(name, phase).values()]
+        names, phase, above = self._trainable
+        scope = lambda name: {"above": above} if name == "fake" else {"phase": phase}  # noqa: E731
+        return [p for name in names for p in self.adapter_params(name, **scope(name)).values()]
 
     def phase_module(self, k: int) -> nn.Module:
-        """The sub-denoiser of (1-based) phase k: where ``expert_k`` lives and what the phase's fake score copies."""
+        """The sub-denoiser of (1-based) phase k: where ``expert_k`` lives."""
         return self.subs[min(k, self.n_experts) - 1]
 
     def run(self, name: str, x_t, t, cond, phase: int | None = None):
-        """Adapter ``name`` on phase ``phase``'s sub-denoiser (default: the expert's own phase)."""
+        """Adapter ``name`` on phase ``phase``'s sub-denoiser (default: the expert's own phase); ``fake`` on the
+        whole base, through the teacher's own switch between sub-denoisers."""
         self._activate(name)
+        if name == "fake":
+            return self.module(x_t, t, cond)
         k = int(name.rsplit("_", 1)[1]) if phase is None else phase
         return self.phase_module(k)(x_t, t, cond)
 
@@ -148,29 +162,41 @@ class Experts:
         return out
 
     def view(self, name: str, phase: int | None = None) -> DenoiserView:
-        """A denoiser view of ``teacher`` or an adapter; the ``fake`` adapter needs the ``phase`` it serves."""
+        """A denoiser view of ``teacher`` or an adapter (an expert on ``phase``'s sub-denoiser if given; ``fake``
+        is the teacher's switched sub-denoisers with the fake adapter, at every t)."""
         if name == "teacher":
             return DenoiserView(self.run_teacher, self.prediction, self.schedule, self.null_cond, self.autocast)
         if name not in self.adapters:
             raise ValueError(f"name must be 'teacher' or one of {self.adapters}, got {name!r}")
-        if name == "fake" and phase is None:
-            raise ValueError("phase: the fake adapter's view needs the phase it serves")
         return DenoiserView(lambda x, t, c: self.run(name, x, t, c, phase=phase), self.prediction, self.schedule,
                             self.null_cond, self.autocast)
 
-    def adapter_params(self, name: str, phase: int | None = None) -> dict[str, nn.Parameter]:
-        """The adapter's parameters (under the peft model's names); with ``phase``, those on that phase's sub-denoiser."""
+    def adapter_params(self, name: str, phase: int | None = None,
+                       above: float | None = None) -> dict[str, nn.Parameter]:
+        """The adapter's parameters (under the peft model's names); with ``phase``, those on that phase's
+        sub-denoiser; with ``above`` = s, those on the sub-denoisers the teacher runs on (s, 1] (``parts_above``)."""
         key = f".{name}."
         params = {n: p for n, p in self.peft.named_parameters() if key in n}
-        if phase is None or self.phase_module(phase) is self.module:
+        if phase is not None and above is not None:
+            raise ValueError("adapter_params: give phase (an expert's sub-denoiser) or above (the fake's span), "
+                             "not both")
+        if phase is not None:
+            parts = [self.phase_module(phase)]
+        elif above is not None:
+            parts = parts_above(self.module, above)
+        else:
             return params
-        mine = {id(p) for p in self.phase_module(phase).parameters()}
+        if all(m is self.module for m in parts):
+            return params
+        mine = {id(p) for m in parts for p in m.parameters()}
         return {n: p for n, p in params.items() if id(p) in mine}
 
-    def train_only(self, names: list[str], phase: int | None = None) -> list[nn.Parameter]:
-        """Make exactly the adapters ``names`` trainable (on ``phase``'s sub-denoiser if given)."""
+    def train_only(self, names: list[str], phase: int | None = None,
+                   fake_above: float | None = None) -> list[nn.Parameter]:
+        """Make exactly the adapters ``names`` trainable: the experts on ``phase``'s sub-denoiser if given, ``fake``
+        on the sub-denoisers the teacher runs on (``fake_above``, 1] if given."""
         self.peft.requires_grad_(False)
-        self._trainable, self._active = (list(names), phase), None
+        self._trainable, self._active = (list(names), phase, fake_above), None
         params = self._trainable_params()
         for p in params:
             p.requires_grad_(True)

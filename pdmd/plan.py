@@ -8,8 +8,11 @@ tests on configurations not used for the calibration.
 
 Layouts (all sharded over N GPUs with FSDP2, frozen weights in bf16):
   ours       base bf16 weights shared by the teacher and the K generator experts (LoRA, fp32,
-             AdamW fp32 state for the expert in training); fake score a full bf16 copy with bf16
-             gradients and AdamW8bitV (1.03 B/param, stochastic rounding, no fp32 master)
+             AdamW fp32 state for the expert in training; an expert lives on one transformer); fake score
+             a full bf16 copy of the teacher with bf16 gradients and AdamW8bitV (1.03 B/param, stochastic
+             rounding, no fp32 master). Wan 2.2 A14B's last phase (s = 0) trains the fake on both
+             transformers, since it must equal and then track the switched teacher on all of (0, 1]: the
+             peak counts two.
   reference  frozen bf16 teacher; full-parameter generator and fake score, each with an fp32
              master copy, fp32 gradients and fp32 AdamW m and v (16 B/param each)
 """
@@ -211,9 +214,9 @@ def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: 
     height = arch.defaults["height"] if height is None else height
     width = arch.defaults["width"] if width is None else width
     n_tok = tokens(arch, frames, height, width)
-    one = param_shapes(arch)  # one transformer: where each expert and each phase's fake score live (A14B: one of two)
-    shapes = one * arch.copies
-    P, P1 = sum(math.prod(s) for _, s, _ in shapes), sum(math.prod(s) for _, s, _ in one)
+    one = param_shapes(arch)  # one transformer: where each expert lives (A14B: one of two)
+    shapes = one * arch.copies  # the whole base: what the fake score copies and, in the last phase, trains
+    P = sum(math.prod(s) for _, s, _ in shapes)
     L = sum(lora_rank * (s[0] + s[1]) for _, s, lora in one if lora)  # one expert's LoRA
     block = max(_block_params(arch).values())
     n = gpus
@@ -221,9 +224,9 @@ def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: 
     ours = {
         "base weights (bf16, frozen, shared)": 2 * P / n,
         f"generator experts (LoRA r={lora_rank}, x{experts}, fp32)": 4 * experts * L / n,
-        "fake score (bf16, no fp32 master)": 2 * P1 / n,
-        "gradients (fake bf16 + expert fp32)": (2 * (block if optimizer_in_backward else P1) + 4 * L) / n,
-        "optimizer states (8-bit v + expert AdamW)": (optimizer_state_bytes(one) + 8 * L) / n,
+        "fake score (bf16, no fp32 master)": 2 * P / n,
+        "gradients (fake bf16 + expert fp32)": (2 * (block if optimizer_in_backward else P) + 4 * L) / n,
+        "optimizer states (8-bit v + expert AdamW)": (optimizer_state_bytes(shapes) + 8 * L) / n,
         "FSDP2 gather buffers": fsdp,
     }
     reference = {

@@ -30,7 +30,7 @@ from . import objectives as obj
 from .checkpoint import CheckpointError, load_optimizer, load_tensors, optimizer_tensors, save_tensors
 from .config import RunConfig, from_dict
 from .compile import StepClock
-from .experts import DenoiserView, Experts, base_state, cat_cond, expert_name, phase_module
+from .experts import DenoiserView, Experts, base_state, cat_cond, expert_name, parts_above
 from .layout import apply_layout
 from .optim import build_optimizer
 from .parallel import DCP_DIR, MANIFEST, Parallel, gathered, load_checkpoint, save_checkpoint
@@ -149,9 +149,9 @@ class PhasedDMDTrainer:
         if not self.par.distributed:  # FSDP2 moves each block to the device as it shards it: no whole copy there
             teacher = teacher.to(self.device)
         self._autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if d.bf16 else nullcontext
-        # a full fake score copies the transformer of phase 1 (all of a one-transformer teacher; Wan 2.2 A14B's
-        # high-noise one) and is reloaded from the phase's own at each phase start
-        self.fake_module = copy.deepcopy(phase_module(teacher, 1)).requires_grad_(False) if d.fake_kind == "full" else None
+        # a full fake score is a copy of the whole teacher, reloaded from it at each phase start: it must equal the
+        # teacher on all of (s, 1], which for Wan 2.2 A14B is the switched pair of transformers, not the phase's own
+        self.fake_module = copy.deepcopy(teacher).requires_grad_(False) if d.fake_kind == "full" else None
         self.experts = Experts(teacher, self.plan.n_phases, d.lora_rank, d.lora_alpha,
                                d.fake_lora_rank if d.fake_kind == "lora" else None, seed=cfg.seed,
                                autocast=self._autocast)
@@ -244,17 +244,23 @@ class PhasedDMDTrainer:
         """Phase p (0-based): expert p+1 trainable, a fresh fake score from the teacher, fresh optimisers."""
         d = self.cfg.distill
         self.phase = p
+        s = self.plan.boundaries[p + 1]
         lora_fake = d.fake_kind == "lora"
-        gen_params = self.experts.train_only([expert_name(p + 1)] + (["fake"] if lora_fake else []), phase=p + 1)
+        # the fake score is the teacher at phase start on all of (s, 1] and is trained on all of it: the parts of the
+        # teacher it runs there (Wan 2.2 A14B's last phase: both transformers) are the parts it trains
+        gen_params = self.experts.train_only([expert_name(p + 1)] + (["fake"] if lora_fake else []), phase=p + 1,
+                                             fake_above=s if lora_fake else None)
         if lora_fake:
-            self.par.reset_adapter(self.experts, "fake", seed=self.cfg.seed * 1000 + p)
-            fake_params = list(self.experts.adapter_params("fake", phase=p + 1).values())
+            self.par.reset_adapter(self.experts, "fake", seed=self.cfg.seed * 1000 + p)  # B = 0 on every part
+            fake_params = list(self.experts.adapter_params("fake", above=s).values())
             gen_params = [q for q in gen_params if all(q is not f for f in fake_params)]
-            self.fake = self.experts.view("fake", phase=p + 1)
+            self.fake = self.experts.view("fake")
         else:
-            self.fake_module.load_state_dict(base_state(self.experts.phase_module(p + 1)))
-            self.fake_module.requires_grad_(True)
-            fake_params = list(self.fake_module.parameters())
+            self.fake_module.load_state_dict(base_state(self.experts.module))
+            self.fake_module.requires_grad_(False)
+            fake_params = [q for part in parts_above(self.fake_module, s) for q in part.parameters()]
+            for q in fake_params:
+                q.requires_grad_(True)
             self.fake = DenoiserView(self.fake_module, self.prediction, self.schedule, self.experts.null_cond,
                                      self._autocast)
         self.gen_params, self.fake_params = gen_params, fake_params

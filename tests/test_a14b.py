@@ -1,13 +1,14 @@
 """Wan 2.2 A14B in the trainer: a teacher of two transformers switched at sigma = boundary_sigma; phase 1's
-expert and fake score start from the high-noise transformer, phase 2's from the low-noise one (the paper);
-each transformer guided with its own scale. Also several resolutions in one run (one drawn per iteration)."""
+expert starts from the high-noise transformer, phase 2's from the low-noise one (the paper); each phase's fake
+score starts as the switched pair on its (s, 1] and trains there; each transformer guided with its own scale.
+Also several resolutions in one run (one drawn per iteration)."""
 import copy
 import dataclasses
 
 import pytest
 import torch
 
-from pdmd.experts import base_state
+from pdmd.experts import Experts, base_state
 from pdmd.models import WanDenoiser, WanMoEDenoiser
 from pdmd.trainer import BoundaryPool, PhasedDMDTrainer
 
@@ -60,8 +61,52 @@ def test_each_expert_lives_on_its_phase_transformer(tmp_path):
         assert not torch.allclose(ref_hi(x, t, c), ref_lo(x, t, c))
 
 
+def _fake_parts(tr):
+    """The fake score's parameters per transformer: the full copy's, or the LoRA fake adapter's."""
+    if tr.fake_module is not None:
+        return {w: {n: p.detach().clone() for n, p in getattr(tr.fake_module, w).named_parameters()}
+                for w in ("high", "low")}
+    fake = tr.experts.adapter_params("fake")
+    return {w: {n: p.detach().clone() for n, p in fake.items() if f".{w}." in n} for w in ("high", "low")}
+
+
+def test_fake_score_spans_the_transformers_the_teacher_runs_above_s():
+    moe = _moe()
+    switch = moe.boundary_time
+    assert moe.sub_denoisers_above(0.0) == [moe.high, moe.low]
+    assert moe.sub_denoisers_above(0.5) == [moe.high]  # (0.5, 1] lies above the switch
+    assert moe.sub_denoisers_above(switch) == [moe.high]  # the switch itself serves high: so does all of (s, 1]
+    assert moe.sub_denoisers_above(0.99 * switch) == [moe.high, moe.low]
+    # the LoRA fake sits on both transformers even when no expert lives on the low-noise one
+    both_high = WanMoEDenoiser(tiny_wan(3), tiny_wan(4), SHIFT, BOUNDARY_SIGMA, phase_transformers=("high", "high"))
+    fake = Experts(both_high, 2, 2, 2.0, fake_lora_rank=2).adapter_params("fake")
+    assert any(".low." in n for n in fake) and any(".high." in n for n in fake)
+
+
 @pytest.mark.parametrize("fake_kind", ["full", "lora"])
-def test_phases_train_their_own_transformer(tmp_path, fake_kind):
+def test_fake_score_is_the_switched_teacher_at_every_phase_start(tmp_path, fake_kind):
+    """The paper re-initialises F_k from the teacher T at each phase start, and F_k serves every t in (s, 1]: for
+    A14B's phase 2 (s = 0) that is the switched pair, high-noise transformer above the switch, low-noise below."""
+    moe = _moe()
+    ref = copy.deepcopy(moe)
+    tr = _trainer(tmp_path, moe, fake_kind=fake_kind, fake_lora_rank=2)
+    x_all, t_all, c_all = _inputs(tr)  # t: two above the switch, two below
+    for phase, s in ((0, 0.5), (1, 0.0)):
+        tr.start_phase(phase)
+        assert tr.boundary == s
+        inside = t_all > s  # phase 1: the two above the switch; phase 2: all four
+        x, t, c = x_all[inside], t_all[inside], {k: v[inside] for k, v in c_all.items()}
+        with torch.no_grad():
+            want = ref(x, t, c)  # the same batch: same per-transformer calls, so equal to the last bit
+            torch.testing.assert_close(tr.fake(x, t, c), want, rtol=0, atol=0)
+            torch.testing.assert_close(tr.teacher(x, t, c), want, rtol=0, atol=0)
+        tr.iteration()  # the fake score moves: the next phase start must undo that on both transformers
+        with torch.no_grad():
+            assert not torch.equal(tr.fake(x, t, c), want)
+
+
+@pytest.mark.parametrize("fake_kind", ["full", "lora"])
+def test_phase2_fake_trains_both_transformers_phase1_the_high_one(tmp_path, fake_kind):
     moe = _moe()
     refs = {"high": base_state(copy.deepcopy(moe.high)), "low": base_state(copy.deepcopy(moe.low))}
     tr = _trainer(tmp_path, moe, fake_kind=fake_kind, fake_lora_rank=2)
@@ -69,32 +114,56 @@ def test_phases_train_their_own_transformer(tmp_path, fake_kind):
     with torch.no_grad():
         teacher_out = tr.teacher(x, t, c)
     base0 = {k: v.clone() for k, v in base_state(tr.experts.module).items()}
-    for phase, which in ((0, "high"), (1, "low")):
+    for phase, trained in ((0, {"high"}), (1, {"high", "low"})):
         tr.start_phase(phase)
-        if fake_kind == "full":  # a fresh fake score is the phase's transformer
-            fake0 = {k: v.clone() for k, v in tr.fake_module.state_dict().items()}
-            assert fake0.keys() == refs[which].keys()
-            assert all(torch.equal(fake0[k], refs[which][k]) for k in fake0)
+        if fake_kind == "full":
+            on = {w: {id(p) for p in getattr(tr.fake_module, w).parameters()} for w in ("high", "low")}
         else:
-            mine = {id(p) for p in getattr(tr.experts.module, which).parameters()}
-            assert tr.fake_params and all(id(p) in mine for p in tr.fake_params)
-        ad0 = _snapshot(tr)
+            fake = tr.experts.adapter_params("fake")
+            on = {w: {id(p) for n, p in fake.items() if f".{w}." in n} for w in ("high", "low")}
+        # the optimiser holds exactly the fake's parameters on the transformers the teacher runs on (s, 1]
+        assert {id(p) for p in tr.fake_params} == set().union(*(on[w] for w in trained))
+        if fake_kind == "full":  # a fresh full fake score is the whole teacher, both transformers
+            for w in ("high", "low"):
+                fake0 = base_state(getattr(tr.fake_module, w))
+                assert fake0.keys() == refs[w].keys() and all(torch.equal(fake0[k], refs[w][k]) for k in fake0)
+        ad0, fk0 = _snapshot(tr), _fake_parts(tr)
         rec = tr.iteration()
         assert all(torch.isfinite(torch.tensor(v)) for v in rec.values())
-        ad1 = _snapshot(tr)
+        ad1, fk1 = _snapshot(tr), _fake_parts(tr)
         active, other = f"expert_{phase + 1}", f"expert_{2 - phase}"
         assert _changed(ad0[active], ad1[active]) and not _changed(ad0[other], ad1[other])
-        if fake_kind == "full":
-            assert any(not torch.equal(fake0[k], v) for k, v in tr.fake_module.state_dict().items())
-        else:  # the LoRA fake score moved on the phase's transformer only
-            idle = "low" if which == "high" else "high"
-            moved = {n for n in ad0["fake"] if not torch.equal(ad0["fake"][n], ad1["fake"][n])}
-            assert moved and all(f".{which}." in n for n in moved)
-            assert not any(f".{idle}." in n for n in moved)
+        assert {w for w in ("high", "low") if _changed(fk0[w], fk1[w])} == trained
         base1 = base_state(tr.experts.module)
         assert all(torch.equal(base0[k], base1[k]) for k in base0), "teacher weights changed"
         with torch.no_grad():
             assert torch.equal(tr.teacher(x, t, c), teacher_out)
+
+
+@pytest.mark.parametrize("fake_kind", ["full", "lora"])
+def test_phase1_above_the_switch_is_the_high_transformer_run(tmp_path, fake_kind):
+    """Phase 1 (s = 0.5, above the switch) only ever meets the high-noise transformer: training it on the A14B pair
+    is bit for bit training it on that transformer alone (a one-transformer run, whose fake score copies it)."""
+    moe = _moe()
+    alone = WanDenoiser(copy.deepcopy(moe.high.transformer), SHIFT)
+    n_alone = sum(p.numel() for p in alone.parameters())
+    a = _trainer(tmp_path / "pair", moe, fake_kind=fake_kind, fake_lora_rank=2)
+    b = _trainer(tmp_path / "alone", alone, fake_kind=fake_kind, fake_lora_rank=2)
+    if fake_kind == "full":  # one transformer: the fake score is one copy of it, as before
+        assert sum(p.numel() for p in b.fake_module.parameters()) == n_alone
+    for tr in (a, b):
+        tr.start_phase(0)
+        for _ in range(2):
+            tr.iteration()
+    strip = lambda ps: {n.replace(".high.", "."): p for n, p in ps.items()}  # noqa: E731
+    for name in ("expert_1", "fake") if fake_kind == "lora" else ("expert_1",):
+        scope = {"above": 0.5} if name == "fake" else {"phase": 1}
+        pa, pb = strip(a.experts.adapter_params(name, **scope)), b.experts.adapter_params(name)
+        assert pa.keys() == pb.keys()
+        assert all(torch.equal(pa[k], pb[k]) for k in pa), name
+    if fake_kind == "full":
+        fa, fb = a.fake_module.high.state_dict(), b.fake_module.state_dict()
+        assert all(torch.equal(fa[k], fb[k]) for k in fb)
 
 
 def test_each_transformer_is_guided_with_its_own_scale(tmp_path):
@@ -122,18 +191,21 @@ def test_each_transformer_is_guided_with_its_own_scale(tmp_path):
         _trainer(tmp_path, WanDenoiser(tiny_wan(), SHIFT), teacher={"guidance_scale_low": 3.0})
 
 
-def test_a14b_resume_is_bit_identical(tmp_path):
-    straight = _trainer(tmp_path / "s", max_steps=4)
+@pytest.mark.parametrize("fake_kind", ["full", "lora"])
+def test_a14b_resume_is_bit_identical(tmp_path, fake_kind):
+    kw = dict(max_steps=4, fake_kind=fake_kind, fake_lora_rank=2)
+    straight = _trainer(tmp_path / "s", **kw)
     straight.train()
-    first = _trainer(tmp_path / "r", max_steps=4)
-    first.train(stop_at=3)  # inside phase 2: the fake score is the low-noise transformer's copy
-    resumed = _trainer(tmp_path / "r", max_steps=4)
+    first = _trainer(tmp_path / "r", **kw)
+    first.train(stop_at=3)  # inside phase 2: the fake score trains on both transformers
+    resumed = _trainer(tmp_path / "r", **kw)
     resumed.load()
     resumed.train()
     a, b = _snapshot(straight), _snapshot(resumed)
     assert all(not _changed(a[k], b[k]) for k in a)
-    fa, fb = straight.fake_module.state_dict(), resumed.fake_module.state_dict()
-    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    fa, fb = _fake_parts(straight), _fake_parts(resumed)
+    assert all(not _changed(fa[w], fb[w]) for w in fa)
+    assert _changed(_fake_parts(first)["high"], fa["high"])  # the high part trained after the stop: not vacuous
 
 
 @pytest.mark.gpu

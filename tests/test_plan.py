@@ -126,3 +126,17 @@ def test_optimizer_in_backward_drops_the_fake_gradients():
     assert drop == pytest.approx(2.0 - 2 * block / base.base_params, abs=0.01)
     assert inb.min_gpus("ours", True) <= base.min_gpus("ours", True)
     assert main(["plan", "--model", "qwen-image", "--optimizer-in-backward"]) == 0
+
+
+def test_a14b_fake_score_covers_both_transformers():
+    """Wan 2.2 A14B's last phase (s = 0) trains a fake score that starts as the switched pair: a copy of both
+    transformers with their gradients and 8-bit optimizer state, twice Wan 2.1 14B's; each expert's LoRA still
+    lives on one transformer, so those lines are Wan 2.1 14B's."""
+    n = 8
+    a14b, wan = (make_plan(m, gpus=n) for m in ("wan2.2-a14b", "wan2.1-14b"))
+    a, w = ({k.split(" (")[0]: v for k, v in p.ours.items()} for p in (a14b, wan))
+    lora = 4 * a14b.lora_params / n  # fp32 gradients of the expert in training; its AdamW state is twice that
+    assert a14b.lora_params == wan.lora_params and a["generator experts"] == w["generator experts"]
+    assert a["fake score"] == a["base weights"] == pytest.approx(2 * w["fake score"], abs=1)
+    assert a["gradients"] - lora == pytest.approx(2 * (w["gradients"] - lora), abs=2)
+    assert a["optimizer states"] - 2 * lora == pytest.approx(2 * (w["optimizer states"] - 2 * lora), abs=2)

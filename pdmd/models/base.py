@@ -64,7 +64,7 @@ class DiffusersDenoiser(nn.Module):
         return null_cond(cond)
 
     def for_phase(self, phase: int) -> "DiffusersDenoiser":
-        """The denoiser that phase ``phase``'s expert and fake score start from (itself, one transformer)."""
+        """The denoiser that phase ``phase``'s expert starts from (itself, one transformer)."""
         if not isinstance(phase, int) or phase < 1:
             raise ValueError(f"phase must be an integer >= 1, got {phase!r}")
         return self

@@ -71,10 +71,11 @@ class WanDenoiser(DiffusersDenoiser):
 class WanMoEDenoiser(DiffusersDenoiser):
     """Wan 2.2 A14B's teacher: ``high`` for sigma >= ``boundary_sigma``, ``low`` below, chosen per sample.
 
-    Phased DMD (the paper) starts phase 1's expert and fake score from the high-noise transformer and the
-    later phases' from the low-noise one: ``for_phase(k)`` returns that transformer's own denoiser
-    (``phase_transformers`` overrides the choice, e.g. ``("high", "high", "low")`` for three phases; phases
-    beyond the list take its last entry).
+    Phased DMD (the paper) starts phase 1's expert from the high-noise transformer and the later phases'
+    from the low-noise one: ``for_phase(k)`` returns that transformer's own denoiser (``phase_transformers``
+    overrides the choice, e.g. ``("high", "high", "low")`` for three phases; phases beyond the list take its
+    last entry). A phase's fake score is not one transformer: it starts equal to this switched pair on all of
+    (s, 1], so it covers ``sub_denoisers_above(s)`` (docs/models.md).
     """
 
     lora_targets = WanDenoiser.lora_targets
@@ -100,8 +101,18 @@ class WanMoEDenoiser(DiffusersDenoiser):
         return self.high.latent_shape(frames, height, width)
 
     def sub_denoisers(self) -> list[WanDenoiser]:
-        """The two transformers' denoisers: each phase's expert and fake score run one of them alone."""
+        """The two transformers' denoisers: each phase's expert runs one of them alone."""
         return [self.high, self.low]
+
+    def sub_denoisers_above(self, s: float) -> list[WanDenoiser]:
+        """The transformers this teacher runs at some t in (s, 1]: what a fake score trained on (s, 1] must copy.
+
+        ``high`` always (sigma(1) = 1); ``low`` unless ``high_noise`` holds at s itself: sigma is increasing in t
+        (also after its rounding to float32 in ``high_noise``), so then it holds at every t > s. At the default
+        phase boundary (the switch) phase 1 gets ``[high]``; the last phase (s = 0) gets both.
+        """
+        t = torch.tensor([float(s)], dtype=torch.float64)
+        return [self.high] if bool(self.high_noise(t, t)) else [self.high, self.low]
 
     def high_noise(self, t, x_t: torch.Tensor) -> torch.Tensor:
         """[B] bool: which samples the high-noise transformer serves (sigma >= ``boundary_sigma``)."""
