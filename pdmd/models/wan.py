@@ -120,15 +120,33 @@ class WanMoEDenoiser(DiffusersDenoiser):
 
     def forward(self, x_t: torch.Tensor, t, cond) -> torch.Tensor:
         use_high = self.high_noise(t, x_t)
-        if bool(use_high.all()):
-            return self.high(x_t, t, cond)
-        if not bool(use_high.any()):
-            return self.low(x_t, t, cond)
-        out = None  # mixed batch: t is a [B] tensor here (a scalar t gives one sigma for all)
-        for idx, part in ((use_high.nonzero()[:, 0], self.high), ((~use_high).nonzero()[:, 0], self.low)):
+        lockstep = _lockstep()
+        if not lockstep:
+            if bool(use_high.all()):
+                return self.high(x_t, t, cond)
+            if not bool(use_high.any()):
+                return self.low(x_t, t, cond)
+        # Mixed batch, or several processes: under FSDP2 each transformer all-gathers its shards when it is called
+        # (and reduce-scatters its gradients in backward), a collective every rank must join in the same order.
+        # A rank's own rows may need only one transformer while another rank's need both, so there every rank
+        # calls both, in the same order; a part with no rows here runs one row whose output is added with weight
+        # 0 (so its backward runs too, with zero gradients) and is otherwise discarded.
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+        out, dummies = None, []
+        for mask, part in ((use_high, self.high), (~use_high, self.low)):
+            idx = mask.nonzero()[:, 0]
+            if idx.numel() == 0:
+                if not lockstep:
+                    continue
+                first = torch.zeros(1, dtype=torch.long, device=x_t.device)
+                dummies.append(part(x_t[first], t[first], _take(cond, first)))
+                continue
             y = part(x_t[idx], t[idx], _take(cond, idx))
             out = y.new_empty((x_t.shape[0],) + y.shape[1:]) if out is None else out
             out[idx] = y
+        for y in dummies:
+            out = out + 0.0 * y.sum()
         return out
 
     def for_phase(self, phase: int) -> WanDenoiser:
@@ -145,6 +163,12 @@ def _check_size(frames, height, width, multiple):
         raise ValueError(f"height and width must be multiples of {multiple}, got {height} x {width}")
     if (frames - 1) % 4:
         raise ValueError(f"frames must be 4 n + 1 (Wan's VAE), got {frames}")
+
+
+def _lockstep() -> bool:
+    """Several processes (FSDP2): every rank must call the same sub-modules in the same order."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _take(cond, idx):
