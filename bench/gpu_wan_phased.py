@@ -301,7 +301,8 @@ def run_ours(arch, device, latent, args, fwd, compiled: bool, out_dir: Path, moe
         tr.start_phase(phase)
         log = ForwardLog()
         log.watch(tr.experts.phase_module(phase + 1).transformer, "expert")
-        log.watch(tr.fake_module.transformer, "full")
+        for part in tr.fake_module.sub_denoisers() if moe else [tr.fake_module]:  # A14B: the fake is the switched pair
+            log.watch(part.transformer, "full")
         res = measure(tr.iteration, device, args.iters, warmup=2 if compiled else 1)
         res["base_params"] = P
         res["optimizer_state_bytes"] = state_bytes(tr.opt_fake) + state_bytes(tr.opt_gen)
