@@ -23,7 +23,7 @@ from pdmd.cli import main
 from pdmd.rundir import hold, log_line, read_log
 from pdmd.toy import ToyData
 from pdmd.trainer import Interrupted, NonFiniteError, PhasedDMDTrainer, resume_point
-from trainer_helpers import tiny_cfg, tiny_teacher
+from trainer_helpers import config_file, tiny_cfg, tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(str(ROOT / p) for p in (".", "kernels", "tests")), OMP_NUM_THREADS="1")
@@ -59,11 +59,7 @@ TINY = {"teacher": {"width": 16, "depth": 2, "steps": 20, "batch_size": 64, "sam
 
 @pytest.fixture()
 def config(tmp_path):
-    p = tmp_path / "tiny.yaml"
-    p.write_text(yaml.safe_dump(TINY))
-    n = torch.get_num_threads()
-    yield p
-    torch.set_num_threads(n)
+    yield from config_file(tmp_path, TINY)
 
 
 # pdmd/rundir.py loaded on its own: a subprocess that needs no torch starts in a fraction of a second

@@ -2,10 +2,10 @@
 import json
 
 import pytest
-import torch
 import yaml
 
 from pdmd.cli import main
+from trainer_helpers import config_file
 
 TINY = {
     "teacher": {"width": 16, "depth": 2, "steps": 30, "batch_size": 64, "sample_steps": 8},
@@ -17,11 +17,7 @@ TINY = {
 
 @pytest.fixture()
 def config(tmp_path):
-    p = tmp_path / "tiny.yaml"
-    p.write_text(yaml.safe_dump(TINY))
-    n = torch.get_num_threads()
-    yield p
-    torch.set_num_threads(n)
+    yield from config_file(tmp_path, TINY)
 
 
 def test_distill_resume_and_sample(tmp_path, config, capsys):

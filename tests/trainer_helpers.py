@@ -21,3 +21,14 @@ def tiny_teacher(seed: int = 0) -> ToyDenoiser:
     torch.manual_seed(seed)
     return ToyDenoiser(ToyData().n_prompts, width=16, depth=2).requires_grad_(False)
 
+
+
+def config_file(tmp_path, data: dict):
+    """Yield ``data`` written as tmp_path/tiny.yaml; the CLI sets torch's thread count, restored afterwards."""
+    import yaml
+
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(data))
+    n = torch.get_num_threads()
+    yield p
+    torch.set_num_threads(n)
