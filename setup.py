@@ -1,12 +1,12 @@
 """pdmd: a Phased DMD trainer, and pdmd_kernels, its fused ops (importable on their own)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="pdmd",
     version="0.1.0",
     description="Phased Distribution Matching Distillation: fast, lean, tested.",
     python_requires=">=3.10",
-    packages=["pdmd", "pdmd_kernels"],
+    packages=find_packages(include=["pdmd", "pdmd.*"]) + ["pdmd_kernels"],
     package_dir={"pdmd": "pdmd", "pdmd_kernels": "kernels/pdmd_kernels"},
     install_requires=[
         # torch is not pinned: a GPU user keeps the build they have; the README's CPU path installs
@@ -24,7 +24,7 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton", "diffusers", "transformers",
                 "scikit-learn"],
         "models": ["diffusers", "transformers", "peft"],
-        "gpu": ["triton", "bitsandbytes", "xformers"],
+        "gpu": ["triton", "bitsandbytes"],
     },
     entry_points={"console_scripts": ["pdmd=pdmd.cli:entry"]},
 )

@@ -1,6 +1,6 @@
 """One phased iteration of the toy (default config, phase 1) eager vs ``distill.compile`` (regional / whole-module).
 
-The first (warm-up) iteration compiles; its compile time (``pdmd.compile.StepClock``) goes to extra_info,
+The first (warm-up) iteration compiles; its compile time (``pdmd.runtime.compile.StepClock``) goes to extra_info,
 the benchmark times the steady state.
 
 Run: PYTHONPATH=.:kernels python -m pytest bench/bench_compile.py -o python_files='bench_*.py' --benchmark-enable -q
@@ -10,10 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from pdmd.compile import StepClock
+from pdmd.runtime.compile import StepClock
 from pdmd.config import RunConfig, validate
-from pdmd.toy import ToyData, ToyDenoiser
-from pdmd.trainer import PhasedDMDTrainer
+from pdmd.demos.toy import ToyData, ToyDenoiser
+from pdmd.core.trainer import PhasedDMDTrainer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pdmd.config import load_config
-from pdmd.digits import DigitsTask, build_teacher
-from pdmd.trainer import PhasedDMDTrainer
+from pdmd.demos.digits import DigitsTask, build_teacher
+from pdmd.core.trainer import PhasedDMDTrainer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

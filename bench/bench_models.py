@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_models import tiny_qwen, tiny_wan  # noqa: E402
 
-from pdmd.diversity import ALEX_CHANNELS, LPIPS, alexnet_backbone, mean_pairwise  # noqa: E402
+from pdmd.tools.diversity import ALEX_CHANNELS, LPIPS, alexnet_backbone, mean_pairwise  # noqa: E402
 from pdmd.models import QwenImageDenoiser, WanDenoiser  # noqa: E402
-from pdmd.prompts import PromptCache  # noqa: E402
+from pdmd.pipeline.prompts import PromptCache  # noqa: E402
 
 
 

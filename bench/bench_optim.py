@@ -9,7 +9,7 @@
 import pytest
 import torch
 
-from pdmd.optim import AdamW8bitV
+from pdmd.runtime.optim import AdamW8bitV
 from pdmd_kernels import native
 
 N = 1 << 20

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pdmd.config import RunConfig, validate
-from pdmd.toy import ToyData, ToyDenoiser
-from pdmd.trainer import PhasedDMDTrainer
+from pdmd.demos.toy import ToyData, ToyDenoiser
+from pdmd.core.trainer import PhasedDMDTrainer
 
 from dataclasses import replace
 

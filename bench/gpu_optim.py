@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "kernels")]
-from pdmd.optim import AdamW8bitV, state_bytes  # noqa: E402
-from pdmd.plan import ARCHS, param_shapes  # noqa: E402
+from pdmd.runtime.optim import AdamW8bitV, state_bytes  # noqa: E402
+from pdmd.tools.planner import ARCHS, param_shapes  # noqa: E402
 from pdmd_kernels import optim_step as ops  # noqa: E402
 
 # bytes read + written per parameter and step

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "kernels")]
-from pdmd.plan import ARCHS, Arch, make_plan, measure_layout  # noqa: E402
+from pdmd.tools.planner import ARCHS, Arch, make_plan, measure_layout  # noqa: E402
 
 MiB = 2**20
 TINY = Arch("tiny-wan", "wan", 2, 2, 32, 128, 32, in_channels=16, out_channels=16, freq_dim=32)

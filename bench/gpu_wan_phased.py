@@ -52,8 +52,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
-from pdmd.layout import cast_frozen  # noqa: E402
-from pdmd.plan import ARCHS, Arch, build_diffusers, make_plan  # noqa: E402
+from pdmd.runtime.layout import cast_frozen  # noqa: E402
+from pdmd.tools.planner import ARCHS, Arch, build_diffusers, make_plan  # noqa: E402
 
 GiB = 2**30
 SHIFT, GUIDANCE, BOUNDARY = 3.0, 5.0, 0.5
@@ -134,7 +134,7 @@ class RandomTextTask:
 
 def measure(step, device, iters: int, warmup: int) -> dict:
     """Warm-up iterations (compilation happens there), then ``iters`` timed ones; peak over the timed ones."""
-    from pdmd.compile import compile_seconds
+    from pdmd.runtime.compile import compile_seconds
 
     c0, t0 = compile_seconds(), time.perf_counter()
     for _ in range(warmup):
@@ -176,7 +176,7 @@ def finish(res: dict, log: ForwardLog, fwd, factors, base_params: int, iteration
 # ---------------------------------------------------------------------- (a) the reference recipe
 def run_reference(arch, device, latent, args, fwd) -> dict:
     from pdmd.models.wan import WanDenoiser
-    from pdmd.sampler import ddim_step
+    from pdmd.core.sampler import ddim_step
     from pdmd_kernels import reference as R
 
     cuda = device.type == "cuda"
@@ -262,11 +262,10 @@ def run_reference(arch, device, latent, args, fwd) -> dict:
 def run_ours(arch, device, latent, args, fwd, compiled: bool, out_dir: Path, moe: bool = False) -> dict:
     """``moe``: a Wan 2.2 A14B-style teacher of two such transformers (switch at the phase boundary); phase 1
     (experts on the high-noise one) and phase 2 (the low-noise one, the teacher switching per sample)."""
-    from pdmd.attention import use_in_diffusers
     from pdmd.config import DistillConfig, RunConfig, TeacherConfig, validate
     from pdmd.models.wan import WanDenoiser, WanMoEDenoiser
-    from pdmd.optim import state_bytes
-    from pdmd.trainer import PhasedDMDTrainer
+    from pdmd.runtime.optim import state_bytes
+    from pdmd.core.trainer import PhasedDMDTrainer
     import pdmd_kernels as K
 
     cfg = validate(RunConfig(seed=0, device=str(device), teacher=TeacherConfig(guidance_scale=GUIDANCE),
@@ -279,15 +278,11 @@ def run_ours(arch, device, latent, args, fwd, compiled: bool, out_dir: Path, moe
     transformer = build_diffusers(arch, device).requires_grad_(False)
     cast_frozen(transformer, torch.bfloat16)  # bf16 except diffusers' float32 modules (norms, time embedding)
     info = {}
-    try:
-        info["attention_backend"] = use_in_diffusers(transformer)
-    except Exception as e:  # an old diffusers without the dispatcher: its default (SDPA)
-        info["attention_backend"] = f"default ({type(e).__name__}: {e})"
+    info["attention_backend"] = "diffusers default (SDPA)"  # what the trainer runs: it picks no backend
     task = RandomTextTask(latent, args.text_tokens, arch.text_dim)
     if moe:
         low = build_diffusers(arch, device).requires_grad_(False)
         cast_frozen(low, torch.bfloat16)
-        use_in_diffusers(low)
         sigma_b = SHIFT * BOUNDARY / (1 + (SHIFT - 1) * BOUNDARY)  # the switch at the phase boundary, as in A14B
         teacher = WanMoEDenoiser(transformer, low, SHIFT, boundary_sigma=sigma_b)
     else:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "kernels")]
-from pdmd.plan import Arch, make_plan, measure_activations, measure_layout  # noqa: E402
+from pdmd.tools.planner import Arch, make_plan, measure_activations, measure_layout  # noqa: E402
 
 CASES = [
     # arch, latent (frames, hw) for the layout step, activation case (batch, hw, frames, text tokens)

@@ -1,6 +1,7 @@
 """pdmd: Phased Distribution Matching Distillation."""
-from . import objectives, schedules
-from .schedules import get_schedule
+from pdmd.core import objectives
+from pdmd.core import schedules
+from pdmd.core.schedules import get_schedule
 
 __version__ = "0.1.0"
 __all__ = ["objectives", "schedules", "get_schedule", "__version__"]

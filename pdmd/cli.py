@@ -8,11 +8,11 @@ import re
 import sys
 from pathlib import Path
 
-from .plan import add_plan_parser
+from pdmd.tools.planner import add_plan_parser
 
 
 def _toy1d(args) -> int:
-    from . import toy1d
+    from pdmd.demos import toy1d
 
     metrics = toy1d.run(args.out, steps=args.steps, seed=args.seed, progress=not args.quiet, threads=args.threads)
     print(json.dumps({k: metrics[k] for k in ("deviation_correct", "deviation_incorrect", "seconds")}, indent=2))
@@ -48,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default 1: the tensors are tiny, more threads only wait on each other)")
     t.set_defaults(func=_toy1d)
-    from .distill import add_commands
-    from .diversity import add_cli as add_diversity
+    from pdmd.demos.distill import add_commands
+    from pdmd.tools.diversity import add_cli as add_diversity
 
     add_commands(sub)
-    from .real import add_encode_command
+    from pdmd.pipeline.real import add_encode_command
 
     add_encode_command(sub)
     add_diversity(sub)
@@ -67,7 +67,7 @@ def _add_sample(sub) -> None:
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory of pdmd distill (embedded default)")
     src.add_argument("--pipeline", help="local diffusers pipeline folder (model_index.json); needs --experts")
-    s.add_argument("--experts", help="folder written by pdmd.export.export_experts (manifest.json)")
+    s.add_argument("--experts", help="folder written by pdmd.pipeline.export.export_experts (manifest.json)")
     s.add_argument("--out", required=True, help="--run: .csv, .npy or .safetensors file; --pipeline: a folder")
     s.add_argument("--steps", type=int, default=4, help="--run: sampling steps")
     s.add_argument("--n", type=int, default=1000, help="--run: samples per prompt")
@@ -85,7 +85,7 @@ def _add_sample(sub) -> None:
 
 def _sample(args) -> int:
     if args.run:
-        from .distill import sample_run
+        from pdmd.demos.distill import sample_run
 
         if args.prompt and len(args.prompt) > 1:
             raise ValueError("--prompt: pdmd sample --run takes at most one (a prompt name of the run)")
@@ -100,11 +100,11 @@ def _sample(args) -> int:
     if args.prompts and not Path(args.prompts).is_file():
         raise ValueError(f"--prompts {args.prompts!r} is not a file (one prompt per line)")
     if args.device is not None:
-        from .config import require_device
+        from pdmd.config import require_device
 
         require_device(args.device, "--device")
     check_out(args.out, "--out")
-    from .export import sample
+    from pdmd.pipeline.export import sample
 
     prompts = args.prompt or [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
     out = sample(args.pipeline, args.experts, prompts, args.out, args.seeds, args.height, args.width, args.frames,

@@ -21,7 +21,7 @@ __all__ = ["TeacherConfig", "DistillConfig", "EvalConfig", "RunConfig", "METHODS
            "load_yaml", "load_config", "from_dict", "require_device"]
 
 METHODS = ("dmd", "dmd_sgts", "phased", "phased_sgts")
-TASKS = ("toy", "digits")  # toy: the 2-D mixtures (pdmd.toy); digits: the image demo (pdmd.digits)
+TASKS = ("toy", "digits")  # toy: the 2-D mixtures (pdmd.demos.toy); digits: the image demo (pdmd.demos.digits)
 INT64_MAX = 2**63 - 1  # torch sizes, seeds and safetensors metadata are int64: a larger int can only overflow
 FLOAT32_MAX = 3.4028234663852886e38  # the trainer computes in float32 (or less): a larger number is inf there
 
@@ -166,7 +166,7 @@ class DistillConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     bf16: bool = False
-    optimizer_generator: str = "adamw"  # a name in pdmd.optim.OPTIMIZERS
+    optimizer_generator: str = "adamw"  # a name in pdmd.runtime.optim.OPTIMIZERS
     optimizer_fake: str = "adamw"  # adamw8bit-v: our 8-bit v-only AdamW (needs betas[0] = 0)
     weighting: str = "theory"
     clamp_max: float = 100.0
@@ -186,7 +186,7 @@ class DistillConfig:
     checkpoint_every: int = 200
     log_every: int = 10
     plot_every: int = 400
-    # memory and speed (pdmd/layout.py, pdmd/compile.py; docs/memory.md)
+    # memory and speed (pdmd/runtime/layout.py, pdmd/runtime/compile.py; docs/memory.md)
     frozen_dtype: str = "float32"  # dtype of the teacher's frozen base weights (bfloat16 needs bf16: true)
     fake_dtype: str = "float32"  # dtype of a full fake score (bfloat16: pair with optimizer_fake adamw8bit-v)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
@@ -327,8 +327,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(all(a > b for a, b in zip(pb, pb[1:])), "distill.phase_boundaries", "must be strictly decreasing")
     _check(all(b in ts[1:-1] for b in pb), "distill.phase_boundaries", f"must be interior timesteps of {ts}")
     _check(len(d.betas) == 2 and all(0 <= b < 1 for b in d.betas), "distill.betas", "must be two numbers in [0, 1)")
-    from .layout import TORCH_DTYPES
-    from .optim import OPTIMIZERS
+    from pdmd.runtime.layout import TORCH_DTYPES
+    from pdmd.runtime.optim import OPTIMIZERS
 
     for name, v in (("distill.optimizer_generator", d.optimizer_generator), ("distill.optimizer_fake", d.optimizer_fake)):
         _check(v in OPTIMIZERS, name, f"must be one of {sorted(OPTIMIZERS)}, got {v!r}")

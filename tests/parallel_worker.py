@@ -1,7 +1,7 @@
 """Run by ``torchrun --nproc_per_node 2`` from tests/test_parallel.py (gloo, CPU).
 
 Trains the tiny toy config straight through, then again with a stop, a sharded checkpoint and a
-resume, then the VARIANTS straight, then the 8-bit optimizer (``pdmd.optim.AdamW8bitV``, per-rank state)
+resume, then the VARIANTS straight, then the 8-bit optimizer (``pdmd.runtime.optim.AdamW8bitV``, per-rank state)
 straight and resumed; rank 0 writes the gathered final weights to OUT/straight.pt, OUT/resumed.pt,
 OUT/variants.pt and OUT/eight_bit.pt.
 """
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-import pdmd.trainer as trainer_mod
-from pdmd import parallel
-from pdmd.optim import AdamW8bitV
-from pdmd.toy import ToyData
-from pdmd.trainer import PhasedDMDTrainer
+import pdmd.core.trainer as trainer_mod
+from pdmd.runtime import parallel
+from pdmd.runtime.optim import AdamW8bitV
+from pdmd.demos.toy import ToyData
+from pdmd.core.trainer import PhasedDMDTrainer
 from trainer_helpers import tiny_cfg, tiny_teacher
 
 CFG = dict(max_steps=4, batch_size=8, fake_updates=2, pool_size=16)

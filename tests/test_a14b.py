@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from pdmd.experts import Experts, base_state
+from pdmd.core.experts import Experts, base_state
 from pdmd.models import WanDenoiser, WanMoEDenoiser
-from pdmd.trainer import BoundaryPool, PhasedDMDTrainer
+from pdmd.core.trainer import BoundaryPool, PhasedDMDTrainer
 
 from test_phased_real import PromptTask, _changed, _snapshot
 from tiny_models import tiny_wan

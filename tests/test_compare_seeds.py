@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from pdmd import distill as distill_mod
-from pdmd.distill import _seeds, compare
-from pdmd.evaluate import expected_precision
+from pdmd.demos import distill as distill_mod
+from pdmd.demos.distill import _seeds, compare
+from pdmd.demos.evaluate import expected_precision
 from tests.trainer_helpers import tiny_cfg
 
 METHODS = ("dmd", "phased_sgts")

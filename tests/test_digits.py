@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from pdmd import digits
+from pdmd.demos import digits
 from pdmd.cli import main
 from pdmd.config import TeacherConfig, load_config
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pdmd.diversity import (ALEX_CHANNELS, LPIPS, alexnet_backbone, diversity_table, load_dino, load_lpips, mean_pairwise,
+from pdmd.tools.diversity import (ALEX_CHANNELS, LPIPS, alexnet_backbone, diversity_table, load_dino, load_lpips, mean_pairwise,
                             read_samples)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pdmd.export import activate_adapter, expert_sampling, export_experts, load_experts, read_manifest
+from pdmd.pipeline.export import activate_adapter, expert_sampling, export_experts, load_experts, read_manifest
 from pdmd.models import QwenImageDenoiser, WanDenoiser, WanMoEDenoiser
 from tiny_models import tiny_qwen, tiny_wan
 

@@ -16,13 +16,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import pdmd.trainer as trainer_mod
-from pdmd import parallel
-from pdmd.checkpoint import CheckpointError, load_tensors
+import pdmd.core.trainer as trainer_mod
+from pdmd.runtime import parallel
+from pdmd.runtime.checkpoint import CheckpointError, load_tensors
 from pdmd.cli import main
-from pdmd.rundir import hold, log_line, read_log
-from pdmd.toy import ToyData
-from pdmd.trainer import Interrupted, NonFiniteError, PhasedDMDTrainer, resume_point
+from pdmd.runtime.rundir import hold, log_line, read_log
+from pdmd.demos.toy import ToyData
+from pdmd.core.trainer import Interrupted, NonFiniteError, PhasedDMDTrainer, resume_point
 from trainer_helpers import config_file, tiny_cfg, tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +62,9 @@ def config(tmp_path):
     yield from config_file(tmp_path, TINY)
 
 
-# pdmd/rundir.py loaded on its own: a subprocess that needs no torch starts in a fraction of a second
+# pdmd/runtime/rundir.py loaded on its own: a subprocess that needs no torch starts in a fraction of a second
 RUNDIR = ("import importlib.util as u, sys, time\n"
-          f"spec = u.spec_from_file_location('rundir', {str(ROOT / 'pdmd' / 'rundir.py')!r})\n"
+          f"spec = u.spec_from_file_location('rundir', {str(ROOT / 'pdmd' / 'runtime' / 'rundir.py')!r})\n"
           "rundir = u.module_from_spec(spec); spec.loader.exec_module(rundir); hold = rundir.hold\n")
 
 
@@ -266,7 +266,7 @@ def test_log_is_strict_json_with_non_finite_values(tmp_path, monkeypatch):
     tr.train()
     recs = [strict(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["grad_norm_gen"] for r in recs] == [None, None] and recs[-1]["nonfinite_skipped"] == 2
-    from pdmd.distill import _plot_losses
+    from pdmd.demos.distill import _plot_losses
     _plot_losses(tmp_path / "losses.png", tmp_path / "log.jsonl")  # the plot reader takes nulls
     assert (tmp_path / "losses.png").exists()
 

@@ -67,7 +67,7 @@ def test_wan_flops_formula_matches_torch_flop_counter():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pdmd.plan import Arch, _forward, build_diffusers
+    from pdmd.tools.planner import Arch, _forward, build_diffusers
 
     mod = _wan_phased()
     arch = Arch("small-wan", "wan", 2, 2, 32, 128, 32, in_channels=16, out_channels=16, freq_dim=32)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import pdmd_kernels as K
-from pdmd import objectives as obj
-from pdmd.schedules import get_schedule
+from pdmd.core import objectives as obj
+from pdmd.core.schedules import get_schedule
 from pdmd_kernels import backends
 from pdmd_kernels import reference as R
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdmd.denoiser import check_denoiser
+from pdmd.core.denoiser import check_denoiser
 from pdmd.models import (QwenImageDenoiser, WanDenoiser, WanMoEDenoiser, load_denoiser, null_cond, qwen_image_shift,
                          time_of_sigma)
-from pdmd.objectives import to_x0_eps
+from pdmd.core.objectives import to_x0_eps
 from tiny_models import save_pipeline_dir, tiny_qwen, tiny_wan
 
 

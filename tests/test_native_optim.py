@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from pdmd.optim import AdamW8bitV
+from pdmd.runtime.optim import AdamW8bitV
 from pdmd_kernels import native
 from pdmd_kernels import optim_step as ops
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from pdmd import objectives as obj
-from pdmd.analytic import GaussianMixture
-from pdmd.schedules import get_schedule
+from pdmd.core import objectives as obj
+from pdmd.core.analytic import GaussianMixture
+from pdmd.core.schedules import get_schedule
 
 SUPPORT = GaussianMixture([-1.0, 0.0, 1.0, 2.0])
 SCHEDULES = ["flow", "vp-cosine"]

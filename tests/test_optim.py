@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdmd.optim import AdamW8bitV, build_optimizer, state_bytes
+from pdmd.runtime.optim import AdamW8bitV, build_optimizer, state_bytes
 from pdmd_kernels import optim_step as ops
 
 

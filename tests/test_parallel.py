@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdmd import parallel
-from pdmd.toy import ToyData
-from pdmd.trainer import PhasedDMDTrainer
+from pdmd.runtime import parallel
+from pdmd.demos.toy import ToyData
+from pdmd.core.trainer import PhasedDMDTrainer
 from parallel_worker import CFG, VARIANTS, weights
 from trainer_helpers import tiny_cfg, tiny_teacher
 
@@ -248,7 +248,7 @@ def test_sharded_wan_with_experts_equals_unsharded():
     disabled) and the expert's LoRA gradients equal those of the unsharded module."""
     from torch.distributed.tensor import DTensor
 
-    from pdmd.experts import Experts
+    from pdmd.core.experts import Experts
     from pdmd.models.wan import WanDenoiser
     from tiny_models import tiny_wan
 

@@ -3,9 +3,9 @@ r fake updates + one generator update in phase 1, then phase 2 from the frozen e
 import pytest
 import torch
 
-from pdmd.experts import base_state
+from pdmd.core.experts import base_state
 from pdmd.models import QwenImageDenoiser, WanDenoiser
-from pdmd.trainer import PhasedDMDTrainer
+from pdmd.core.trainer import PhasedDMDTrainer
 
 from tiny_models import tiny_qwen, tiny_wan
 from trainer_helpers import tiny_cfg

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from pdmd.cli import main
-from pdmd.plan import (ARCHS, Arch, build_diffusers, make_plan, measure_activations, measure_layout,
+from pdmd.tools.planner import (ARCHS, Arch, build_diffusers, make_plan, measure_activations, measure_layout,
                        param_shapes)
 
 

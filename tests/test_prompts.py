@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from pdmd.prompts import PromptCache, encode_prompts
+from pdmd.pipeline.prompts import PromptCache, encode_prompts
 
 
 

@@ -10,8 +10,8 @@ import yaml
 from safetensors.torch import load_file
 
 from pdmd.cli import main
-from pdmd.export import activate_adapter, expert_sampling, load_experts
-from pdmd.real import distill_real, real_config
+from pdmd.pipeline.export import activate_adapter, expert_sampling, load_experts
+from pdmd.pipeline.real import distill_real, real_config
 from test_prompts import PROMPTS, QWEN_TEMPLATE, _qwen_encoder, _tokenizer, _wan_encoder
 from test_models import EULER
 from tiny_models import save_pipeline_dir, tiny_qwen, tiny_wan

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import pdmd_kernels as K
-from pdmd.compile import compile_regions, compile_seconds, repeated_blocks
+from pdmd.runtime.compile import compile_regions, compile_seconds, repeated_blocks
 from pdmd.config import validate
-from pdmd.experts import Experts
-from pdmd.layout import cast_frozen, checkpoint_blocks
-from pdmd.optim import AdamW8bitV
-from pdmd.toy import ToyData
-from pdmd.trainer import PhasedDMDTrainer
+from pdmd.core.experts import Experts
+from pdmd.runtime.layout import cast_frozen, checkpoint_blocks
+from pdmd.runtime.optim import AdamW8bitV
+from pdmd.demos.toy import ToyData
+from pdmd.core.trainer import PhasedDMDTrainer
 
 from trainer_helpers import tiny_cfg, tiny_teacher
 

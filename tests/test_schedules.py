@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pdmd.schedules import get_schedule
+from pdmd.core.schedules import get_schedule
 
 SCHEDULES = [("flow", 1.0), ("flow", 3.0), ("vp-cosine", 1.0)]
 T = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)

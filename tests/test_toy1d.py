@@ -20,7 +20,7 @@ def test_toy1d_runs_one_thread_by_default_and_restores_the_count(tmp_path, monke
     import pytest
     import torch
 
-    from pdmd import toy1d
+    from pdmd.demos import toy1d
 
     seen = []
     monkeypatch.setattr(toy1d, "_run", lambda *a, **k: seen.append(torch.get_num_threads()) or {})

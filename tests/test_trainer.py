@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-import pdmd.checkpoint as ckpt_mod
-import pdmd.trainer as trainer_mod
-from pdmd.checkpoint import load_tensors
-from pdmd.experts import Experts, base_state
-from pdmd.sampler import make_plan, sample_few_step
-from pdmd.toy import ToyData
-from pdmd.trainer import NonFiniteError, PhasedDMDTrainer, split_steps
+import pdmd.runtime.checkpoint as ckpt_mod
+import pdmd.core.trainer as trainer_mod
+from pdmd.runtime.checkpoint import load_tensors
+from pdmd.core.experts import Experts, base_state
+from pdmd.core.sampler import make_plan, sample_few_step
+from pdmd.demos.toy import ToyData
+from pdmd.core.trainer import NonFiniteError, PhasedDMDTrainer, split_steps
 
 from trainer_helpers import tiny_cfg, tiny_teacher
 

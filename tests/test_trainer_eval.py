@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from pdmd.analytic import GaussianMixture
-from pdmd.evaluate import energy_distance, expected_precision, mode_stats, over_seeds, pairwise_diversity, precision
-from pdmd.toy import PROMPTS, ToyData, sample_teacher
+from pdmd.core.analytic import GaussianMixture
+from pdmd.demos.evaluate import energy_distance, expected_precision, mode_stats, over_seeds, pairwise_diversity, precision
+from pdmd.demos.toy import PROMPTS, ToyData, sample_teacher
 
 MIX = GaussianMixture([[-2.0, 0.0], [2.0, 0.0], [0.0, 3.0]], [0.5, 0.3, 0.2], 0.1)
 
@@ -70,7 +70,7 @@ def test_teacher_sampler_is_exact_with_the_exact_flow():
 
         def __init__(self):
             super().__init__()
-            from pdmd.schedules import get_schedule
+            from pdmd.core.schedules import get_schedule
             self.schedule = get_schedule("flow")
 
         def forward(self, x, t, cond):
@@ -119,7 +119,7 @@ def test_expected_precision_closed_form_and_exact_samples():
 
 def test_evaluate_run_measures_each_prompt_against_its_own_mixture():
     """A sampler that returns the exact data of the requested prompt has the data's precision per prompt."""
-    from pdmd.distill import evaluate_run
+    from pdmd.demos.distill import evaluate_run
     from tests.trainer_helpers import tiny_cfg
 
     cfg = tiny_cfg()

@@ -1,9 +1,9 @@
 """The method as ``PhasedDMDTrainer`` applies it, pinned against exact numbers.
 
 The teacher here has a closed-form score: its flow prediction is the exact psi* of a Gaussian mixture per prompt
-(``pdmd.analytic``; the null prompt gets the prompts' union, so CFG has a closed form too), plus a linear layer with
+(``pdmd.core.analytic``; the null prompt gets the prompts' union, so CFG has a closed form too), plus a linear layer with
 zero weight that LoRA adapters and the full fake copy can move. Every expected value is recomputed in float64 here,
-from the inputs the trainer drew (captured by wrapping ``pdmd.objectives`` functions, ``ddim_step`` and optimizer
+from the inputs the trainer drew (captured by wrapping ``pdmd.core.objectives`` functions, ``ddim_step`` and optimizer
 step hooks), never with the trainer's own helpers. Tolerances come from float32 arithmetic (unit roundoff 6e-8)
 amplified by the conditioning of psi* (|d psi / d x| <= ~1 / sigma_t^2 <= ~300 at the smallest sigma used).
 """
@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-import pdmd.trainer as trainer_mod
-from pdmd.analytic import GaussianMixture
+import pdmd.core.trainer as trainer_mod
+from pdmd.core.analytic import GaussianMixture
 from pdmd.config import RunConfig, DistillConfig, validate
-from pdmd.sampler import ddim_step
-from pdmd.schedules import get_schedule
-from pdmd.trainer import PhasedDMDTrainer
+from pdmd.core.sampler import ddim_step
+from pdmd.core.schedules import get_schedule
+from pdmd.core.trainer import PhasedDMDTrainer
 
 from trainer_helpers import tiny_cfg
 
@@ -133,7 +133,7 @@ def set_lora(tr, name, seed, scale=0.3):
 
 
 class Spy:
-    """Records the calls of ``pdmd.objectives`` functions and ``ddim_step`` the trainer makes."""
+    """Records the calls of ``pdmd.core.objectives`` functions and ``ddim_step`` the trainer makes."""
 
     def __init__(self, monkeypatch):
         self.calls = {"subinterval_target": [], "subinterval_loss": [], "dmd_loss": [], "ddim": []}
@@ -370,7 +370,7 @@ def test_sgts_exit_is_validated_and_read_from_real_configs():
     with pytest.raises(ValueError, match="distill.sgts_exit"):
         validate(RunConfig(distill=DistillConfig(sgts_exit="step")))
     import yaml
-    from pdmd.real import real_config
+    from pdmd.pipeline.real import real_config
 
     data = yaml.safe_load(open("configs/wan2.1-t2v-14b.yaml"))
     data["distill"]["sgts_exit"] = "iteration"

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-import pdmd.distill
+import pdmd.demos.distill
 from pdmd.cli import entry
 from pdmd.config import ConfigError, load_config, load_yaml
-from pdmd.real import load_real_config
+from pdmd.pipeline.real import load_real_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def no_run(monkeypatch):
     """A config that should be refused but is not fails at once instead of training a default teacher."""
     def accepted(*a, **k):
         raise AssertionError("the bad input was accepted")
-    monkeypatch.setattr(pdmd.distill, "distill", accepted)
+    monkeypatch.setattr(pdmd.demos.distill, "distill", accepted)
 
 
 def user_error(capsys, argv, *named) -> str:
@@ -190,7 +190,7 @@ def test_out_of_memory_at_start_says_what_size(tmp_path, capsys):
 def test_out_of_memory_from_cuda_and_python(tmp_path, capsys, monkeypatch, exc, size):
     def boom(*a, **k):
         raise exc
-    monkeypatch.setattr(pdmd.distill, "distill", boom)
+    monkeypatch.setattr(pdmd.demos.distill, "distill", boom)
     user_error(capsys, distill(tmp_path, write(tmp_path, "seed: 0\n")), "out of memory", size, "distill.batch_size")
 
 
@@ -245,13 +245,13 @@ def test_bugs_keep_their_traceback_and_ctrl_c_exits_130(tmp_path, capsys, monkey
 
     def bug(*a, **k):
         raise RuntimeError("an index went wrong")
-    monkeypatch.setattr(pdmd.distill, "distill", bug)
+    monkeypatch.setattr(pdmd.demos.distill, "distill", bug)
     with pytest.raises(RuntimeError, match="index went wrong"):
         entry([str(a) for a in distill(tmp_path, cfg)])
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(pdmd.distill, "distill", interrupted)
+    monkeypatch.setattr(pdmd.demos.distill, "distill", interrupted)
     assert entry([str(a) for a in distill(tmp_path, cfg)]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip() == "pdmd: interrupted"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from pdmd.config import DistillConfig, EvalConfig, RunConfig, TeacherConfig, validate
-from pdmd.toy import ToyData, ToyDenoiser
+from pdmd.demos.toy import ToyData, ToyDenoiser
 
 
 def tiny_cfg(**distill) -> RunConfig:

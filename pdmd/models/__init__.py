@@ -1,9 +1,9 @@
 """Real models behind the denoiser contract: diffusers Wan 2.1/2.2 and Qwen-Image, from local folders."""
 from __future__ import annotations
 
-from .base import DiffusersDenoiser, null_cond, split_cond, time_of_sigma
-from .qwen_image import QwenImageDenoiser, load_qwen_image, qwen_image_shift
-from .wan import WanDenoiser, WanMoEDenoiser, load_wan
+from pdmd.models.base import DiffusersDenoiser, null_cond, split_cond, time_of_sigma
+from pdmd.models.qwen_image import QwenImageDenoiser, load_qwen_image, qwen_image_shift
+from pdmd.models.wan import WanDenoiser, WanMoEDenoiser, load_wan
 
 __all__ = ["KINDS", "load_denoiser", "DiffusersDenoiser", "WanDenoiser", "WanMoEDenoiser", "QwenImageDenoiser",
            "load_wan", "load_qwen_image", "qwen_image_shift", "null_cond", "split_cond", "time_of_sigma"]

@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import as_time, per_sample
-from ..schedules import Schedule
+from pdmd.core._checks import as_time, per_sample
+from pdmd.core.schedules import Schedule
 
 COND_KEYS = ("embeds", "mask", "neg_embeds", "neg_mask")
 
 
 def split_cond(cond) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(embeds [B, L, D], mask [B, L] or None) from a tensor or a ``pdmd.prompts`` batch dict."""
+    """(embeds [B, L, D], mask [B, L] or None) from a tensor or a ``pdmd.pipeline.prompts`` batch dict."""
     if torch.is_tensor(cond):
         return cond, None
     if isinstance(cond, dict) and torch.is_tensor(cond.get("embeds")):
@@ -28,7 +28,7 @@ def null_cond(cond):
         return torch.zeros_like(cond)
     embeds, _ = split_cond(cond)
     if not torch.is_tensor(cond.get("neg_embeds")):
-        raise ValueError("cond has no 'neg_embeds': build batches with pdmd.prompts.PromptCache, which stores the negative prompt")
+        raise ValueError("cond has no 'neg_embeds': build batches with pdmd.pipeline.prompts.PromptCache, which stores the negative prompt")
     neg = cond["neg_embeds"]
     if neg.shape[0] != embeds.shape[0]:
         raise ValueError(f"cond['neg_embeds'] has batch {neg.shape[0]} but cond['embeds'] has batch {embeds.shape[0]}")

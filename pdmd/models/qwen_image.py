@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..schedules import get_schedule
-from ._local import component_dir, dtype_kwargs, load_diffusers, optional_json
-from .base import DiffusersDenoiser, sigma_of, split_cond
+from pdmd.core.schedules import get_schedule
+from pdmd.models._local import component_dir, dtype_kwargs, load_diffusers, optional_json
+from pdmd.models.base import DiffusersDenoiser, sigma_of, split_cond
 
 __all__ = ["QwenImageDenoiser", "load_qwen_image", "qwen_image_shift", "pack_latents", "unpack_latents"]
 

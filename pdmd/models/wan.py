@@ -15,9 +15,9 @@ from typing import Sequence
 
 import torch
 
-from ..schedules import get_schedule
-from ._local import component_dir, dtype_kwargs, load_diffusers, optional_json
-from .base import DiffusersDenoiser, sigma_of, split_cond, time_of_sigma
+from pdmd.core.schedules import get_schedule
+from pdmd.models._local import component_dir, dtype_kwargs, load_diffusers, optional_json
+from pdmd.models.base import DiffusersDenoiser, sigma_of, split_cond, time_of_sigma
 
 __all__ = ["WanDenoiser", "WanMoEDenoiser", "load_wan", "scheduler_shift"]
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .config import METHODS, RunConfig, load_config
-from .parallel import Parallel, from_env
-from .evaluate import PRECISION_K, energy_distance, evaluate_prompt, expected_precision, over_seeds, pairwise_diversity
-from .sampler import sample_few_step
-from .toy import ToyData, load_or_train_teacher, sample_teacher
-from .rundir import candidates, hold, read_log
-from .trainer import CHECKPOINT, Interrupted, NonFiniteError, PhasedDMDTrainer, resume_point
+from pdmd.config import METHODS, RunConfig, load_config
+from pdmd.runtime.parallel import Parallel, from_env
+from pdmd.demos.evaluate import PRECISION_K, energy_distance, evaluate_prompt, expected_precision, over_seeds, pairwise_diversity
+from pdmd.core.sampler import sample_few_step
+from pdmd.demos.toy import ToyData, load_or_train_teacher, sample_teacher
+from pdmd.runtime.rundir import candidates, hold, read_log
+from pdmd.core.trainer import CHECKPOINT, Interrupted, NonFiniteError, PhasedDMDTrainer, resume_point
 
 __all__ = ["distill", "compare", "sample_run", "add_commands"]
 
@@ -183,7 +183,7 @@ def distill(cfg: RunConfig, out: str | Path, resume: bool = False, progress: boo
             teacher_dir: str | Path | None = None, parallel: Parallel | None = None) -> dict:
     """Train (or reuse) the teacher, distil, evaluate; writes report.json, report.md and pictures to ``out``.
 
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank trains its share of each batch (``pdmd.parallel``);
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank trains its share of each batch (``pdmd.runtime.parallel``);
     rank 0 trains the teacher once and writes the log, checkpoint metadata, reports and pictures.
     """
     par = parallel or from_env(cfg.device)
@@ -354,10 +354,10 @@ def _compare_panel(cfg: RunConfig, data: ToyData, out: Path, runs: Path, methods
 
 def load_generator(run: str | Path):
     """noise, prompts -> samples of the distilled generator saved in ``run`` (experts.safetensors)."""
-    from .checkpoint import load_tensors
-    from .config import from_dict
-    from .experts import Experts
-    from .sampler import make_plan
+    from pdmd.runtime.checkpoint import load_tensors
+    from pdmd.config import from_dict
+    from pdmd.core.experts import Experts
+    from pdmd.core.sampler import make_plan
 
     run = Path(run)
     tensors, meta = load_tensors(run / "experts.safetensors")
@@ -406,7 +406,7 @@ def sample_run(run: str | Path, steps: int, n: int, out: str | Path, prompt: str
 
         np.save(out, torch.cat([x, cond[:, None].float()], 1).numpy())
     elif out.suffix == ".safetensors":
-        from .checkpoint import save_tensors
+        from pdmd.runtime.checkpoint import save_tensors
 
         save_tensors(out, {"samples": x, "prompts": cond}, {"prompt_names": json.dumps(data.names)})
     return out
@@ -424,7 +424,7 @@ def _config(args) -> RunConfig:
 
 
 def _cmd_distill(args) -> int:
-    from .real import cmd_distill, is_real
+    from pdmd.pipeline.real import cmd_distill, is_real
 
     real = is_real(args.config)  # a config with a model: section distils a local diffusers model
     cfg = None if real else _config(args)
@@ -432,7 +432,7 @@ def _cmd_distill(args) -> int:
         if real:
             return cmd_distill(args)
         if cfg.task == "digits":
-            from .digits import distill_digits
+            from pdmd.demos.digits import distill_digits
 
             return _digits_done(args, distill_digits(cfg, args.out, args.resume, not args.quiet))
         r = distill(cfg, args.out, resume=args.resume, progress=not args.quiet)
@@ -480,7 +480,7 @@ def _seeds(args, cfg: RunConfig) -> list[int]:
 
 
 def _cmd_compare(args) -> int:
-    from .real import is_real
+    from pdmd.pipeline.real import is_real
 
     if is_real(args.config):
         raise ValueError(f"{args.config}: pdmd compare runs the toy and digits tasks; a config with a model: section "
@@ -488,7 +488,7 @@ def _cmd_compare(args) -> int:
     cfg = _config(args)
     try:
         if cfg.task == "digits":
-            from .digits import compare_digits
+            from pdmd.demos.digits import compare_digits
 
             return _digits_done(args, compare_digits(cfg, args.out, not args.quiet, seeds=_seeds(args, cfg)))
         compare(cfg, args.out, progress=not args.quiet, seeds=_seeds(args, cfg))

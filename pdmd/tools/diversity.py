@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models._local import component_dir, read_json
+from pdmd.models._local import component_dir, read_json
 
 __all__ = ["LPIPS", "alexnet_backbone", "load_lpips", "DinoFeatures", "load_dino", "mean_pairwise", "diversity_table",
            "read_samples", "format_table", "run", "IMAGE_SUFFIXES"]

@@ -7,7 +7,7 @@ import torch
 
 from pdmd_kernels.reference import subinterval_coefficients
 
-from ._checks import as_time, s_before_t
+from pdmd.core._checks import as_time, s_before_t
 
 __all__ = ["Schedule", "FlowSchedule", "VPCosineSchedule", "get_schedule", "SCHEDULES"]
 

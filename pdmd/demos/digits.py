@@ -9,7 +9,7 @@
 - distillation: ``PhasedDMDTrainer`` with ``DigitsTask`` (conditions = class embeddings);
 - evaluation: a small CNN classifier trained here on the digits gives (a) class accuracy of the samples,
   (b) the paper's Table 2 on digits: mean pairwise cosine of its penultimate features (the DINOv3 column)
-  and an LPIPS distance on its conv stages (``pdmd.diversity.LPIPS`` with this backbone, unit channel
+  and an LPIPS distance on its conv stages (``pdmd.tools.diversity.LPIPS`` with this backbone, unit channel
   weights as lpips' un-learned baseline), among 8 seeds per class, averaged over classes and seed groups;
   (c) "confident": the share of samples the classifier gives the requested class with probability >= 0.9,
   the digits' precision: blurred or in-between digits raise the pairwise distances without being diverse
@@ -33,15 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import load_tensors, save_tensors
-from .config import RunConfig
-from .diversity import LPIPS, diversity_table
-from .evaluate import over_seeds
-from .objectives import full_interval_target
-from .sampler import sample_few_step
-from .toy import sample_teacher
-from .rundir import candidates, clean_temps, hold
-from .trainer import CHECKPOINT, PhasedDMDTrainer, resume_point
+from pdmd.runtime.checkpoint import load_tensors, save_tensors
+from pdmd.config import RunConfig
+from pdmd.tools.diversity import LPIPS, diversity_table
+from pdmd.demos.evaluate import over_seeds
+from pdmd.core.objectives import full_interval_target
+from pdmd.core.sampler import sample_few_step
+from pdmd.demos.toy import sample_teacher
+from pdmd.runtime.rundir import candidates, clean_temps, hold
+from pdmd.core.trainer import CHECKPOINT, PhasedDMDTrainer, resume_point
 
 __all__ = ["load_digits", "DigitsTask", "build_teacher", "load_or_train_teacher", "DigitsCNN", "load_or_train_classifier",
            "evaluate_samplers", "distill_digits", "compare_digits", "COMPARE_METHODS", "CONFIDENCE"]
@@ -71,7 +71,7 @@ def build_teacher(t_cfg) -> tuple[nn.Module, nn.Embedding]:
     transformer's width (heads of 16), ``teacher.depth`` its blocks, ``teacher.shift`` the flow shift."""
     from diffusers import WanTransformer3DModel
 
-    from .models import WanDenoiser
+    from pdmd.models import WanDenoiser
 
     if t_cfg.width % 16:
         raise ValueError(f"teacher.width must be a multiple of 16 for the digits teacher (heads of 16), got {t_cfg.width}")
@@ -255,7 +255,7 @@ def generator_sampler(trainer: PhasedDMDTrainer, task: DigitsTask):
 
 
 def _to_unit(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] latents -> [0, 1] RGB images, as ``pdmd.diversity`` takes them."""
+    """[-1, 1] latents -> [0, 1] RGB images, as ``pdmd.tools.diversity`` takes them."""
     return ((x.clamp(-1, 1) + 1) / 2).expand(-1, 3, -1, -1)
 
 

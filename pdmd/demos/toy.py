@@ -1,9 +1,9 @@
 """The embedded default: a conditional 2-D data set with exact density and a small flow-matching teacher.
 
-Four "prompts", each a Gaussian mixture with modes of unequal weight (``pdmd.analytic.GaussianMixture``),
+Four "prompts", each a Gaussian mixture with modes of unequal weight (``pdmd.core.analytic.GaussianMixture``),
 so coverage, per-mode mass and distances to the true distribution are measured exactly. The teacher is
 an MLP on (x_t, Fourier features of t, a learned prompt embedding) trained by flow matching with
-condition dropout, so classifier-free guidance works; it follows the denoiser contract (``pdmd.denoiser``).
+condition dropout, so classifier-free guidance works; it follows the denoiser contract (``pdmd.core.denoiser``).
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .analytic import GaussianMixture
-from .objectives import full_interval_target, guided, to_x0_eps
-from .schedules import get_schedule
+from pdmd.core.analytic import GaussianMixture
+from pdmd.core.objectives import full_interval_target, guided, to_x0_eps
+from pdmd.core.schedules import get_schedule
 
 __all__ = ["PROMPTS", "ToyData", "ToyDenoiser", "train_teacher", "load_or_train_teacher", "sample_teacher"]
 
@@ -121,7 +121,7 @@ def train_teacher(data: ToyData, cfg, seed: int = 0, progress: bool = True) -> T
 
 def load_or_train_teacher(run_dir: str | Path, data: ToyData, cfg, seed: int = 0, progress: bool = True):
     """The teacher cached at ``run_dir/teacher.safetensors``; trained (and cached atomically) if absent."""
-    from .checkpoint import load_tensors, save_tensors
+    from pdmd.runtime.checkpoint import load_tensors, save_tensors
 
     path = Path(run_dir) / "teacher.safetensors"
     keys = ("width", "depth", "steps", "batch_size", "lr", "cond_dropout", "shift")

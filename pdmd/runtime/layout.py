@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .compile import repeated_blocks
+from pdmd.runtime.compile import repeated_blocks
 
 __all__ = ["TORCH_DTYPES", "cast_frozen", "checkpoint_blocks", "apply_layout"]
 
@@ -41,7 +41,7 @@ def cast_frozen(module: nn.Module, dtype: torch.dtype) -> int:
 
 
 def checkpoint_blocks(module: nn.Module) -> list[nn.Module]:
-    """Wrap the forward of each repeated block (``pdmd.compile.repeated_blocks``; the whole module if it
+    """Wrap the forward of each repeated block (``pdmd.runtime.compile.repeated_blocks``; the whole module if it
     has none) in activation checkpointing; returns the wrapped modules. State-dict names do not change."""
     blocks = repeated_blocks(module) or [module]
     for b in blocks:
@@ -64,7 +64,7 @@ def _checkpointed(inner):
 def apply_layout(trainer) -> dict:
     """Apply ``distill.frozen_dtype``, ``fake_dtype``, ``activation_checkpointing`` and ``compile`` to a
     ``PhasedDMDTrainer``'s models (the shared teacher module with its experts, and a full fake score)."""
-    from .compile import compile_regions
+    from pdmd.runtime.compile import compile_regions
 
     d = trainer.cfg.distill
     base, fake = trainer.experts.module, trainer.fake_module

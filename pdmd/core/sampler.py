@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .experts import expert_name
-from .objectives import to_x0_eps
+from pdmd.core.experts import expert_name
+from pdmd.core.objectives import to_x0_eps
 
 __all__ = ["Plan", "make_plan", "ddim_step", "sample_few_step"]
 

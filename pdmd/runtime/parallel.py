@@ -240,7 +240,7 @@ def _lora(sd: dict) -> dict:
 
 def _split_local(osd: dict) -> dict:
     """Move optimiser state held as plain per-rank tensors (e.g. the 8-bit codes and scales of
-    ``pdmd.optim.AdamW8bitV``, made for the local shard) out of ``osd``: DCP would take same-named plain
+    ``pdmd.runtime.optim.AdamW8bitV``, made for the local shard) out of ``osd``: DCP would take same-named plain
     tensors on every rank for replicated copies and keep one. They are saved under per-rank keys."""
     from torch.distributed.tensor import DTensor
 
@@ -293,7 +293,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_manifest(path: Path, step: int) -> None:
-    from .checkpoint import umask_mode
+    from pdmd.runtime.checkpoint import umask_mode
 
     files = {p.name: _sha256(p) for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST}
     target = path / MANIFEST
@@ -309,7 +309,7 @@ def _write_manifest(path: Path, step: int) -> None:
 def verify_checkpoint(path: str | Path) -> dict:
     """The manifest of the sharded checkpoint ``path`` once every file matches it; ``CheckpointError`` for a
     directory pdmd did not write (no manifest), a missing, extra or altered file. Nothing is unpickled."""
-    from .checkpoint import CheckpointError
+    from pdmd.runtime.checkpoint import CheckpointError
 
     path = Path(path)
     try:
@@ -345,12 +345,12 @@ def save_checkpoint(trainer, path: str | Path) -> Path:
     """Sharded checkpoint (torch.distributed.checkpoint) in directory ``path``, written atomically:
     every rank writes its shards into ``path.tmp``; after a barrier rank 0 adds the metadata (step, phase,
     RNG states, pool position, config) and the manifest (``MANIFEST``) and moves it to ``path``; the one it
-    replaces is kept as ``checkpoint.step_<step>.dcp`` (``pdmd.rundir.install``, ``distill.keep_checkpoints``).
+    replaces is kept as ``checkpoint.step_<step>.dcp`` (``pdmd.runtime.rundir.install``, ``distill.keep_checkpoints``).
     Refuses (ValueError on every rank) to save non-finite values."""
     import torch.distributed.checkpoint as dcp
 
-    from .rundir import install
-    from .trainer import stored_step
+    from pdmd.runtime.rundir import install
+    from pdmd.core.trainer import stored_step
 
     par, path = trainer.par, Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -380,7 +380,7 @@ def load_checkpoint(trainer, path: str | Path) -> None:
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    from .checkpoint import CheckpointError
+    from pdmd.runtime.checkpoint import CheckpointError
 
     path = Path(path)
     if not path.exists() and path.with_name(path.name + ".old").exists():

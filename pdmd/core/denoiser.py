@@ -7,7 +7,7 @@ A denoiser is an ``nn.Module`` called as ``model(x_t, t, cond) -> prediction`` w
 - ``cond`` is a tensor (or dict of tensors) with a leading batch dimension, e.g. prompt embeddings;
 and it declares
 - ``prediction``: "flow" (psi = eps - x0), "x0" or "eps";
-- ``schedule``: the ``pdmd.schedules.Schedule`` it was trained with;
+- ``schedule``: the ``pdmd.core.schedules.Schedule`` it was trained with;
 - ``null_cond(cond)``: the unconditional counterpart of ``cond`` for classifier-free guidance.
 
 Real diffusers models are wrapped into this contract in ``pdmd.models``; keep it this narrow.
@@ -18,8 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .objectives import PREDICTIONS
-from .schedules import Schedule
+from pdmd.core.objectives import PREDICTIONS
+from pdmd.core.schedules import Schedule
 
 
 @runtime_checkable
@@ -40,4 +40,4 @@ def check_denoiser(model: Any, name: str = "model") -> None:
     if model.prediction not in PREDICTIONS:
         raise ValueError(f"{name}.prediction must be one of {PREDICTIONS}, got {model.prediction!r}")
     if not isinstance(model.schedule, Schedule):
-        raise ValueError(f"{name}.schedule must be a pdmd.schedules.Schedule")
+        raise ValueError(f"{name}.schedule must be a pdmd.core.schedules.Schedule")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, RunConfig, _coerce, load_yaml, require_device, validate
-from .parallel import from_env
-from .rundir import hold
-from .trainer import PhasedDMDTrainer, resume_point
+from pdmd.config import ConfigError, RunConfig, _coerce, load_yaml, require_device, validate
+from pdmd.runtime.parallel import from_env
+from pdmd.runtime.rundir import hold
+from pdmd.core.trainer import PhasedDMDTrainer, resume_point
 
 __all__ = ["RealConfig", "real_config", "load_real_config", "is_real", "PromptTask", "encode_real", "distill_real"]
 
@@ -211,7 +211,7 @@ class PromptTask:
 
 
 def _load_teacher(rc: RealConfig):
-    from .models import WanMoEDenoiser, load_denoiser
+    from pdmd.models import WanMoEDenoiser, load_denoiser
 
     kw = {"dtype": rc.torch_dtype}
     if rc.kind == "wan":
@@ -248,7 +248,7 @@ def _at_model_switch(cfg: RunConfig, teacher) -> RunConfig:
 
 def encode_real(rc: RealConfig, progress: bool = True) -> Path:
     """Encode ``data.prompts`` into ``data.prompt_cache`` with the model's own text encoder (freed afterwards)."""
-    from .prompts import encode_prompts
+    from pdmd.pipeline.prompts import encode_prompts
 
     path = Path(rc.prompts)
     if not path.is_file():
@@ -264,14 +264,14 @@ def distill_real(rc: RealConfig, out, resume: bool = False, progress: bool = Tru
     cfg = rc.run
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    par = from_env(cfg.device)  # torchrun: FSDP2 over the ranks (pdmd.parallel); else one process
+    par = from_env(cfg.device)  # torchrun: FSDP2 over the ranks (pdmd.runtime.parallel); else one process
     with hold(out, par):  # the lock on --out for the whole run; temp files of a crash removed
         return _distill_real(rc, Path(out), resume, progress, par)
 
 
 def _distill_real(rc: RealConfig, out: Path, resume: bool, progress: bool, par) -> dict:
-    from .export import export_experts
-    from .prompts import PromptCache
+    from pdmd.pipeline.export import export_experts
+    from pdmd.pipeline.prompts import PromptCache
 
     cfg = rc.run
     # every check before loading the teacher. For Wan 2.2 A14B with default boundaries the phase boundary is

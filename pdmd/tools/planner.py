@@ -373,7 +373,7 @@ def measure_layout(arch: Arch, lora_rank: int = 4, experts: int = 2, seed: int =
 
     import torch
 
-    from .optim import AdamW8bitV, state_bytes
+    from pdmd.runtime.optim import AdamW8bitV, state_bytes
 
     torch.manual_seed(seed)
     base = build_diffusers(arch, device).to(torch.bfloat16).requires_grad_(False)

@@ -2,7 +2,7 @@
 
 Adapter ``expert_k`` (1-based) serves the sampling steps of phase k; the teacher is the same module with
 the adapters disabled. An optional adapter ``fake`` holds a LoRA fake score. Every view returned here
-follows the denoiser contract (``pdmd.denoiser``), so the trainer never sees peft.
+follows the denoiser contract (``pdmd.core.denoiser``), so the trainer never sees peft.
 
 A base with ``for_phase(k)`` (Wan 2.2 A14B: two transformers) starts phase k's expert from that sub-denoiser:
 the adapter is injected there only and the expert runs it alone, while the teacher stays the whole base.
@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .denoiser import check_denoiser
+from pdmd.core.denoiser import check_denoiser
 
 __all__ = ["Experts", "DenoiserView", "expert_name", "cat_cond", "base_state", "phase_module", "parts_above"]
 

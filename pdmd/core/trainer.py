@@ -8,7 +8,7 @@ One training iteration of phase k (MATH.md, "One training iteration"):
    it; g = w (T - F) at x_t (Eq. 11) is applied through the surrogate loss.
 
 The loop lives here and nowhere else; parallelism (FSDP), compilation and other optimisers plug in
-around it (``pdmd.optim.build_optimizer``, ``pdmd.layout.apply_layout``, the models handed in), not inside it.
+around it (``pdmd.runtime.optim.build_optimizer``, ``pdmd.runtime.layout.apply_layout``, the models handed in), not inside it.
 """
 from __future__ import annotations
 
@@ -26,16 +26,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import objectives as obj
-from .checkpoint import CheckpointError, load_optimizer, load_tensors, optimizer_tensors, save_tensors
-from .config import RunConfig, from_dict
-from .compile import StepClock
-from .experts import DenoiserView, Experts, base_state, cat_cond, expert_name, parts_above
-from .layout import apply_layout
-from .optim import build_optimizer
-from .parallel import DCP_DIR, MANIFEST, Parallel, gathered, load_checkpoint, save_checkpoint
-from .rundir import candidates, install, log_line, trim_log, warn
-from .sampler import Plan, ddim_step, make_plan
+from pdmd.core import objectives as obj
+from pdmd.runtime.checkpoint import CheckpointError, load_optimizer, load_tensors, optimizer_tensors, save_tensors
+from pdmd.config import RunConfig, from_dict
+from pdmd.runtime.compile import StepClock
+from pdmd.core.experts import DenoiserView, Experts, base_state, cat_cond, expert_name, parts_above
+from pdmd.runtime.layout import apply_layout
+from pdmd.runtime.optim import build_optimizer
+from pdmd.runtime.parallel import DCP_DIR, MANIFEST, Parallel, gathered, load_checkpoint, save_checkpoint
+from pdmd.runtime.rundir import candidates, install, log_line, trim_log, warn
+from pdmd.core.sampler import Plan, ddim_step, make_plan
 
 __all__ = ["PhasedDMDTrainer", "NonFiniteError", "Interrupted", "BoundaryPool", "split_steps", "check_config",
            "resume_point", "stored_step"]
@@ -130,7 +130,7 @@ class PhasedDMDTrainer:
 
     ``task`` supplies ``sample_cond(n, generator)`` (prompts) and ``latent_shape``, or ``latent_shapes`` for
     several resolutions: each iteration then draws one of them, and each keeps its own boundary pool.
-    ``parallel`` (``pdmd.parallel``) shards the module and gives each rank its rows of every global batch.
+    ``parallel`` (``pdmd.runtime.parallel``) shards the module and gives each rank its rows of every global batch.
     """
 
     def __init__(self, cfg: RunConfig, teacher: nn.Module, task, out_dir: str | Path, progress: bool = True,
@@ -535,7 +535,7 @@ class PhasedDMDTrainer:
 
     def save(self, path: str | Path | None = None) -> Path:
         """Atomic checkpoint of everything the next step depends on; the one it replaces is kept under its step
-        name (``pdmd.rundir.install``) up to ``distill.keep_checkpoints``."""
+        name (``pdmd.runtime.rundir.install``) up to ``distill.keep_checkpoints``."""
         path = Path(path or self.checkpoint_path)
         if self.par.distributed:
             save_checkpoint(self, path)
@@ -740,7 +740,7 @@ def resume_point(cfg: RunConfig, out: str | Path, resume: bool, par: Parallel | 
 
 
 def _first_good(cfg: RunConfig, found: list[Path], ignore: tuple) -> str:
-    from .parallel import verify_checkpoint
+    from pdmd.runtime.parallel import verify_checkpoint
 
     for i, p in enumerate(found):
         try:

@@ -22,10 +22,10 @@ from typing import Sequence
 
 import torch
 
-from .models.base import DiffusersDenoiser
-from .models.qwen_image import QwenImageDenoiser
-from .models.wan import WanDenoiser, WanMoEDenoiser
-from .parallel import gathered
+from pdmd.models.base import DiffusersDenoiser
+from pdmd.models.qwen_image import QwenImageDenoiser
+from pdmd.models.wan import WanDenoiser, WanMoEDenoiser
+from pdmd.runtime.parallel import gathered
 
 __all__ = ["lora_state_dict", "activate_adapter", "export_experts", "read_manifest", "load_experts", "expert_sampling", "sample",
            "SAMPLERS"]
@@ -254,7 +254,7 @@ def sample(pipeline_dir, experts_dir, prompts, out_dir, seeds=range(8), height=N
     import diffusers
     from tqdm import tqdm
 
-    from .models._local import component_dir, dtype_kwargs
+    from pdmd.models._local import component_dir, dtype_kwargs
 
     manifest = read_manifest(experts_dir)
     root = component_dir(pipeline_dir, None, "pipeline", config_name="model_index.json")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .analytic import GaussianMixture
+from pdmd.core.analytic import GaussianMixture
 
 __all__ = ["mode_stats", "energy_distance", "pairwise_diversity", "precision", "expected_precision", "evaluate_prompt",
            "over_seeds", "COVERAGE_FRACTION", "MODE_RADIUS", "PRECISION_K"]

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .analytic import GaussianMixture
-from .objectives import ablation_biased_target, full_interval_target, subinterval_loss, subinterval_target, to_x0_eps
-from .schedules import get_schedule
+from pdmd.core.analytic import GaussianMixture
+from pdmd.core.objectives import ablation_biased_target, full_interval_target, subinterval_loss, subinterval_target, to_x0_eps
+from pdmd.core.schedules import get_schedule
 
 SUPPORT = (-1.0, 0.0, 1.0, 2.0)
 S_SPLIT = 0.5

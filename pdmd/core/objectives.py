@@ -10,8 +10,8 @@ import torch
 import pdmd_kernels
 import pdmd_kernels.reference as ref
 
-from ._checks import as_time, finite, per_sample, s_before_t, same_shape
-from .schedules import Schedule
+from pdmd.core._checks import as_time, finite, per_sample, s_before_t, same_shape
+from pdmd.core.schedules import Schedule
 
 __all__ = [
     "PREDICTIONS",
@@ -38,7 +38,7 @@ def _prediction(prediction: str) -> str:
 
 def _schedule(schedule) -> Schedule:
     if not isinstance(schedule, Schedule):
-        raise ValueError(f"schedule must be a pdmd.schedules.Schedule, got {type(schedule).__name__}")
+        raise ValueError(f"schedule must be a pdmd.core.schedules.Schedule, got {type(schedule).__name__}")
     return schedule
 
 

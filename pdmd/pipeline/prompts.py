@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .models._local import component_dir, read_json
+from pdmd.models._local import component_dir, read_json
 
 __all__ = ["encode_prompts", "encode_with", "PromptCache", "KINDS", "DEFAULT_NEGATIVE"]
 

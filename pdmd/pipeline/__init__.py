@@ -1,0 +1,1 @@
+"""Real models end to end: the run, prompt encoding and export."""

@@ -1,0 +1,1 @@
+"""How the method runs: processes (FSDP2), checkpoints, the run directory, optimizers, compile and memory layout."""

@@ -1,0 +1,1 @@
+"""Stand-alone tools: the memory planner and the diversity metrics."""
