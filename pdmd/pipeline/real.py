@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pdmd.config import ConfigError, RunConfig, _coerce, load_yaml, require_device, validate
+from pdmd.models.registry import SPECS, get_spec
 from pdmd.runtime.parallel import from_env
 from pdmd.runtime.rundir import hold
 from pdmd.core.trainer import PhasedDMDTrainer, resume_point
@@ -52,6 +53,11 @@ _OWN = {
     "fake.weight_decay": float,
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _family_fields() -> list[str]:
+    """Config fields that only some families take (each family's ``ModelSpec.options``)."""
+    return sorted({k for spec in SPECS.values() for k in spec.options})
 
 
 @dataclass
@@ -118,26 +124,26 @@ def real_config(data: dict) -> RealConfig:
     for k in ("model.kind", "model.path", "data.prompts", "data.prompt_cache", "data.resolutions", "distill.steps"):
         if k not in own:
             raise ConfigError(f"{k} is required", k)
-    if own["model.kind"] not in ("wan", "qwen-image"):
-        raise ConfigError(f"model.kind must be 'wan' or 'qwen-image', got {own['model.kind']!r}", "model.kind")
+    try:
+        spec = get_spec(own["model.kind"], "model.kind")
+    except ValueError as e:
+        raise ConfigError(str(e), "model.kind") from None
     if own.get("model.dtype") is not None and own["model.dtype"] not in _DTYPES:
         raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}, got {own['model.dtype']!r}", "model.dtype")
     res = own["data.resolutions"]
     if not res or any(len(r) != 3 for r in res):
         raise ConfigError(f"data.resolutions must be a non-empty list of [frames, height, width], got {res}", "data.resolutions")
-    moe = [k for k in ("model.boundary_sigma", "model.phase_transformers", "teacher.guidance_scale_low") if k in flat]
-    if own["model.kind"] != "wan" and moe:
-        raise ConfigError(f"{moe[0]} applies to Wan 2.2 A14B (two transformers) only, not to {own['model.kind']!r}", moe[0])
+    for k in _family_fields():  # fields of some family's own: refused for the others, naming who takes them
+        if k in flat and k not in spec.options:
+            who = ", ".join(o.options[k] for o in SPECS.values() if k in o.options)
+            raise ConfigError(f"{k} applies to {who} only, not to {spec.name!r}", k)
     pt = own.get("model.phase_transformers")
     if pt is not None and (not pt or any(p not in ("high", "low") for p in pt)):
         raise ConfigError(f"model.phase_transformers must be a non-empty list of 'high'/'low', got {pt}", "model.phase_transformers")
-    if own["model.kind"] == "qwen-image":
-        if "data.max_sequence_length" in own:
-            raise ConfigError("data.max_sequence_length applies to Wan only (Qwen-Image pads per batch with a mask)", "data.max_sequence_length")
-        if res[0][0] != 1:
-            raise ConfigError(f"data.resolutions: Qwen-Image makes images, frames must be 1, got {res[0]}", "data.resolutions")
-        if "model.shift" not in own and "model.shift_resolution" not in own:
-            own["model.shift_resolution"] = res[0][1:]
+    if not spec.video and any(r[0] != 1 for r in res):
+        raise ConfigError(f"data.resolutions: {spec.title} makes images, frames must be 1, got {res}", "data.resolutions")
+    if spec.shift_by_resolution and "model.shift" not in own and "model.shift_resolution" not in own:
+        own["model.shift_resolution"] = res[0][1:]
     if "model.shift_resolution" in own and len(own["model.shift_resolution"]) != 2:
         raise ConfigError(f"model.shift_resolution must be [height, width], got {own['model.shift_resolution']}", "model.shift_resolution")
     if own.get("export.sampler", "euler") not in ("euler", "renoise"):
@@ -211,27 +217,20 @@ class PromptTask:
 
 
 def _load_teacher(rc: RealConfig):
-    from pdmd.models import WanMoEDenoiser, load_denoiser
-
-    kw = {"dtype": rc.torch_dtype}
-    if rc.kind == "wan":
-        kw["shift"] = rc.shift
-        kw["boundary_sigma"] = rc.boundary_sigma
-        if rc.phase_transformers is not None:
-            kw["phase_transformers"] = rc.phase_transformers
-    elif rc.shift is not None:
-        kw["shift"] = rc.shift
-    else:
-        kw["resolution"] = tuple(rc.shift_resolution)
-    teacher = load_denoiser(rc.kind, rc.path, **kw)
-    if not isinstance(teacher, WanMoEDenoiser):
-        given = [k for k, v in (("model.boundary_sigma", rc.boundary_sigma), ("model.phase_transformers", rc.phase_transformers),
-                                ("teacher.guidance_scale_low", rc.run.teacher.guidance_scale_low)) if v is not None]
-        if given:
-            raise ValueError(f"{given[0]} applies to Wan 2.2 A14B, but {rc.path!r} holds one transformer (no transformer_2)")
+    spec = get_spec(rc.kind, "model.kind")
+    # a family's own model fields (given only where its ModelSpec.options allows: real_config checked) go to its loader
+    options = {k: v for k, v in (("boundary_sigma", rc.boundary_sigma), ("phase_transformers", rc.phase_transformers))
+               if v is not None}
+    teacher = spec.load(rc.path, dtype=rc.torch_dtype, shift=rc.shift,
+                        resolution=None if rc.shift is not None or rc.shift_resolution is None else tuple(rc.shift_resolution),
+                        **options)
+    if not hasattr(teacher, "sub_denoisers"):
+        if rc.run.teacher.guidance_scale_low is not None:
+            who = spec.options.get("teacher.guidance_scale_low", "a two-transformer teacher")
+            raise ValueError(f"teacher.guidance_scale_low applies to {who}, but {rc.path!r} holds one transformer")
     elif rc.default_boundaries:
         rc.run = _at_model_switch(rc.run, teacher)
-    shapes = [teacher.latent_shape(f, h, w) if rc.kind == "wan" else teacher.latent_shape(h, w) for f, h, w in rc.resolutions]
+    shapes = [spec.latent_shape(teacher, f, h, w) for f, h, w in rc.resolutions]
     return teacher, shapes
 
 
@@ -291,7 +290,7 @@ def _distill_real(rc: RealConfig, out: Path, resume: bool, progress: bool, par) 
         if len(shapes) > 1:
             print("pdmd distill: each iteration draws one of these resolutions; each keeps its own boundary pool")
         if getattr(teacher, "boundary_sigma", None) is not None:
-            print(f"pdmd distill: Wan 2.2 A14B, transformers switch at sigma {teacher.boundary_sigma} "
+            print(f"pdmd distill: two transformers, switching at sigma {teacher.boundary_sigma} "
                   f"(t = {teacher.boundary_time:.6f}); phase boundaries {cfg.distill.phase_boundaries}; phase experts on "
                   + ", ".join("high" if teacher.for_phase(k) is teacher.high else "low"
                               for k in range(1, len(cfg.distill.phase_boundaries) + 2)))
