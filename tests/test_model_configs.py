@@ -11,7 +11,7 @@ from pdmd.models import qwen_image_shift
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["wan2.1-t2v-14b", "wan2.2-t2v-a14b", "qwen-image"])
+@pytest.mark.parametrize("name", ["wan2.1-t2v-14b", "wan2.2-t2v-a14b", "qwen-image", "sd3.5-medium"])
 def test_appendix_c_settings(name):
     c = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     assert c["distill"]["batch_size"] == 64 and c["distill"]["fake_updates_per_generator_update"] == 5
@@ -36,3 +36,17 @@ def test_qwen_shift_resolution_is_a_training_resolution():
     h, w = c["model"]["shift_resolution"]
     assert [1, h, w] in c["data"]["resolutions"]
     assert qwen_image_shift(h, w) == pytest.approx(2.3033, abs=1e-4)
+
+
+def test_sd3_config_is_a_valid_run_of_the_sd3_family():
+    """Maps onto the trainer's RunConfig; its shift is SD3.5's scheduler shift; its resolutions make latents; its
+    planner shape exists."""
+    from pdmd.models import get_spec
+    from pdmd.pipeline.real import real_config
+    from pdmd.tools.planner import ARCHS
+
+    c = yaml.safe_load((CONFIGS / "sd3.5-medium.yaml").read_text())
+    rc = real_config(c)
+    assert rc.kind == "sd3" and rc.shift == 3.0 and rc.max_sequence_length == 256
+    assert rc.run.distill.timesteps == [1.0, 0.75, 0.5, 0.25, 0.0] and rc.run.distill.phase_boundaries == [0.5]
+    assert get_spec(rc.kind).plan is not None and "sd3.5-medium" in ARCHS

@@ -73,7 +73,9 @@ class PlanSpec:
     ``latent_tokens(arch, latent_frames, latent_hw)`` -> the same from latent sizes; ``act`` = (bytes per token
     and block per ``d``, per ``ffn``, outside the blocks per ``d``); ``text_in_blocks``: the blocks carry the
     text tokens too (joint attention); ``build(arch)`` the diffusers model (random weights, current device);
-    ``forward(arch, model, batch, frames, height, width, text_tokens)`` one forward on random inputs.
+    ``forward(arch, model, batch, frames, height, width, text_tokens)`` one forward on random inputs;
+    ``per_block(arch, batch, n_tokens, text_tokens)``: bytes each block saves, when the blocks differ (else
+    every block saves ``batch * tokens * (act[0] d + act[1] ffn)``).
     """
 
     archs: tuple[Arch, ...]
@@ -84,6 +86,7 @@ class PlanSpec:
     text_in_blocks: bool
     build: Callable[[Arch], Any]
     forward: Callable[..., torch.Tensor]
+    per_block: Callable[..., list] | None = None
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,13 @@ MANIFEST_FORMAT = "pdmd-dcp-1"
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:
-    """The repeated blocks each getting their own FSDP unit: ``fsdp_blocks()`` if the model lists them,
-    else the children of every ``nn.ModuleList`` (transformer blocks), else of the top ``nn.Sequential``s."""
-    if hasattr(module, "fsdp_blocks"):
-        return list(module.fsdp_blocks())
+    """The repeated blocks each getting their own FSDP unit: the diffusers models' own (``repeated_blocks``),
+    else the children of every ``nn.ModuleList``, else of the top ``nn.Sequential``s (the toy models)."""
+    from pdmd.runtime.compile import repeated_blocks
+
+    blocks = repeated_blocks(module)
+    if blocks:
+        return blocks
     lists = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
         lists = [m for m in module.modules() if isinstance(m, nn.Sequential)]

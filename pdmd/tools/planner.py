@@ -61,18 +61,26 @@ def tokens(arch: Arch, frames: int, height: int, width: int) -> int:
     return _plan(arch).tokens(arch, frames, height, width)
 
 
+def _block_bytes(arch: Arch, batch: int, n_tokens: int, text_tokens: int) -> list[float]:
+    """Estimated bytes each block saves for backward (the family's ``per_block``, else ``act`` per token)."""
+    plan = _plan(arch)
+    if plan.per_block is not None:
+        return plan.per_block(arch, batch, n_tokens, text_tokens)
+    c_d, c_f, _ = plan.act
+    seq = n_tokens + (text_tokens if plan.text_in_blocks else 0)  # joint attention: the blocks carry the text too
+    return [batch * seq * (c_d * arch.dim + c_f * arch.ffn)] * arch.layers
+
+
 def activation_bytes(arch: Arch, batch: int, n_tokens: int, text_tokens: int, checkpointing: bool) -> int:
     """Estimated bytes saved for backward by one forward with grad (one transformer, micro-batch ``batch``)."""
     plan = _plan(arch)
-    c_d, c_f, c_out = plan.act
-    d = arch.dim
-    seq = n_tokens + (text_tokens if plan.text_in_blocks else 0)  # joint attention: the blocks carry the text too
-    per_block = batch * seq * (c_d * d + c_f * arch.ffn)
-    outside = batch * n_tokens * c_out * d
+    blocks = _block_bytes(arch, batch, n_tokens, text_tokens)
+    outside = batch * n_tokens * plan.act[2] * arch.dim
     if not checkpointing:
-        return int(arch.layers * per_block + outside)
+        return int(sum(blocks) + outside)
     # checkpointing keeps each block's bf16 input, and one block's activations while it is recomputed
-    return int(arch.layers * batch * seq * d * 2 + per_block + outside)
+    seq = n_tokens + (text_tokens if plan.text_in_blocks else 0)
+    return int(arch.layers * batch * seq * arch.dim * 2 + max(blocks) + outside)
 
 
 @dataclass
@@ -362,6 +370,5 @@ def measure_activations(arch: Arch, batch: int, latent_hw: int, latent_frames: i
     n_tok = _plan(arch).latent_tokens(arch, latent_frames, latent_hw)
     est = activation_bytes(arch, batch, n_tok, text_tokens, checkpointing)
     if checkpointing:
-        est -= activation_bytes(arch, batch, n_tok, text_tokens, False) - activation_bytes(
-            Arch(**{**arch.__dict__, "layers": arch.layers - 1}), batch, n_tok, text_tokens, False)
+        est -= max(_block_bytes(arch, batch, n_tok, text_tokens))
     return measured, est
