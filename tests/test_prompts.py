@@ -108,6 +108,10 @@ def test_sd3_cache_round_trip_matches_the_pipeline_encoding(tmp_path):
     torch.testing.assert_close(b["neg_embeds"], neg)
     torch.testing.assert_close(b["neg_pooled"], neg_pooled)
     assert b["pooled"].shape == (3, 12) and bool(b["mask"].all())
+    from pdmd.models import get_spec
+
+    spec = get_spec("sd3").prompts  # the condition schema the family declares is what the cache builds
+    assert set(spec.cond_keys) <= set(b) and {f"neg_{k}" for k in spec.cond_keys} <= set(b)
     with pytest.raises(ValueError, match="other prompts"):  # the token limit is part of the cache's identity
         encode_prompts("sd3", root, PROMPTS, tmp_path / "cache", negative_prompt="blurry", max_sequence_length=12,
                        shard_size=2, progress=False)
