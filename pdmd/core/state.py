@@ -7,7 +7,7 @@ The state (a nested dict of tensors and plain values)::
     config                         the run's config (``RunConfig.to_dict``), checked on resume
     nonfinite: total, run          skipped updates, in all and in a row
     rng: main, rollout, pool       the trainer's generators; torch (CPU); cuda (the device's, on CUDA)
-    adapters: {name: tensor}       every LoRA adapter (experts; the LoRA fake score)
+    adapter: {name: tensor}        every LoRA adapter (experts; the LoRA fake score), by its name in the peft model
     fake: {name: tensor}           the full fake score (fake_kind: full), once a phase started
     optim: generator, fake         the optimisers' own state dicts (by parameter name under FSDP2)
     pools: {resolution: ...}       each boundary pool's fill RNG state and global cursor
@@ -42,7 +42,7 @@ class StateMixin:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {"step": self.step, "phase": self.phase, "config": self.cfg.to_dict(),
                  "nonfinite": {"total": self.nonfinite_total, "run": self.nonfinite_run}, "rng": rng,
-                 "adapters": self._adapter_state()}
+                 "adapter": self._adapter_state()}
         if self.phase >= 0:
             if self.fake_module is not None:
                 state["fake"] = self.par.model_state(self.fake_module)
@@ -58,9 +58,9 @@ class StateMixin:
         if phase >= 0 and phase != self.phase:
             self.start_phase(phase)  # the phase's trainable set, fake score and optimisers, then their values
         mine = set(self._adapter_state())
-        if set(state["adapters"]) != mine:
-            raise ValueError(f"state adapters {sorted(set(state['adapters']) ^ mine)} differ from this trainer's")
-        self.par.load_model_state(self.experts.module, state["adapters"], strict=False)
+        if set(state["adapter"]) != mine:
+            raise ValueError(f"state adapter weights {sorted(set(state['adapter']) ^ mine)} differ from this trainer's")
+        self.par.load_model_state(self.experts.peft, state["adapter"], strict=False)
         if phase >= 0:
             if self.fake_module is not None:
                 self.par.load_model_state(self.fake_module, state["fake"])
@@ -77,7 +77,8 @@ class StateMixin:
         self.nonfinite_total, self.nonfinite_run = state["nonfinite"]["total"], state["nonfinite"]["run"]
 
     def _adapter_state(self) -> dict:
-        return {k: v for k, v in self.par.model_state(self.experts.module).items() if "lora_" in k}
+        # the peft model's names (``base_model.model.<module>.lora_A.expert_1.weight``), as the files always had
+        return {k: v for k, v in self.par.model_state(self.experts.peft).items() if "lora_" in k}
 
     # ------------------------------------------------------------------ checkpoints
     @property

@@ -3,8 +3,8 @@
 
 The state must hold ``step`` (an int: the name of a rotated checkpoint); everything else is opaque here.
 
-- **One process**: one safetensors file. Every tensor is stored under its path in the state
-  (``optim/generator/state/0/exp_avg``); the plain values are one JSON in the header (``pdmd.state``, with
+- **One process**: one safetensors file. Every tensor is stored under its path in the state, joined by dots
+  (``optim.generator.state.0.exp_avg``; a name given twice is refused); the plain values are one JSON in the header (``pdmd.state``, with
   tuples, non-string keys and the tensors' places marked, so ``load`` gives back the same dict); ``step`` is
   also a header field of its own for readers that need nothing else. Each tensor's bytes get a CRC-32
   (``pdmd.crc32``): safetensors checks the header and the sizes, not the data, so a flipped byte inside a
@@ -133,8 +133,8 @@ def _read_file(path: Path) -> dict:
 
 
 def _encode(v, path: list, tensors: dict):
-    """JSON of the plain values; tensors go to ``tensors`` under their '/'-joined path."""
-    where = "/".join(path) or "<root>"
+    """JSON of the plain values; tensors go to ``tensors`` under their '.'-joined path."""
+    where = ".".join(path) or "<root>"
     if torch.is_tensor(v):
         if where in tensors:
             raise ValueError(f"checkpoint state: two tensors at {where}")
@@ -176,6 +176,15 @@ def _plain(v):
     if isinstance(v, (list, tuple)):  # a tensor in a list keeps its place as None
         return type(v)(None if torch.is_tensor(x) or x == _SHARDED else _plain(x) for x in v)
     return v
+
+
+def _cpu(v):
+    """``v`` with its (plain) tensors on the CPU: ``meta.pt`` must load on any rank's device."""
+    if isinstance(v, dict):
+        return {k: _cpu(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_cpu(x) for x in v)
+    return v.detach().cpu() if torch.is_tensor(v) else v
 
 
 def _finite(v) -> bool:
@@ -331,7 +340,7 @@ def _save_dcp(path: Path, state: dict, keep: int, par) -> Path:
     dcp.save({**sharded, **local}, checkpoint_id=str(tmp))
     par.barrier()
     if par.is_main:
-        meta = {"format": FORMAT, "world": par.world, "local": bool(local), "state": plain}
+        meta = {"format": FORMAT, "world": par.world, "local": bool(local), "state": _cpu(plain)}
         _fsync_write(tmp / META, lambda f: torch.save(meta, f))
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         _fsync_write(tmp / MANIFEST, lambda f: f.write(json.dumps(
