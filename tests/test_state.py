@@ -90,10 +90,13 @@ def test_state_dict_before_any_phase_round_trips(tmp_path):
     same(sd, fresh.state_dict())
 
 
-def test_a_state_of_another_adapter_set_is_refused(tmp_path):
-    lora = toy(tmp_path / "a", fake_kind="lora", fake_lora_rank=2)
+def test_a_state_of_another_run_is_refused(tmp_path):
+    sd = toy(tmp_path / "a", fake_kind="lora", fake_lora_rank=2).state_dict()
+    with pytest.raises(ValueError, match="distill.fake_kind is 'full' but the checkpoint the given state"):
+        toy(tmp_path / "b").load_state_dict(sd)
+    sd["config"] = toy(tmp_path / "c").cfg.to_dict()  # the config passes, the adapters still differ
     with pytest.raises(ValueError, match=r"state adapter weights .*fake.* differ"):
-        toy(tmp_path / "b").load_state_dict(lora.state_dict())
+        toy(tmp_path / "b").load_state_dict(sd)
 
 
 def test_the_trainer_state_through_a_file_is_the_same_dict(tmp_path):

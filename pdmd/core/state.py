@@ -53,7 +53,8 @@ class StateMixin:
 
     def load_state_dict(self, state: dict) -> None:
         """Make this trainer continue exactly where the one that gave ``state`` was (same config: ``check_config``).
-        Values are copied in; ``state`` is not kept."""
+        Values are copied in; ``state`` is not kept. ValueError for another run's state (``check_config``)."""
+        self.check_config(state["config"], "the given state", state["step"])
         phase = state["phase"]
         if phase >= 0 and phase != self.phase:
             self.start_phase(phase)  # the phase's trainable set, fake score and optimisers, then their values
