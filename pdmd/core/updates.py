@@ -1,0 +1,157 @@
+"""The two updates of a Phased DMD iteration (MATH.md, "One training iteration"), on a ``PhasedDMDTrainer``:
+
+- ``fake_update``: one fake-score step on boundary samples x_s, regressed with the clamped subinterval loss on
+  t ~ U(s, 1] (Eq. 13);
+- ``generator_update``: one step of expert k, the DMD gradient g = w (T - F) at x_t (Eq. 11) applied through the
+  surrogate loss, through the rollout's exit step.
+
+A non-finite loss or gradient skips the update (on every rank) and is counted; too many in a row stop training.
+"""
+from __future__ import annotations
+
+import torch
+
+from pdmd.core import objectives as obj
+from pdmd.core.experts import cat_cond
+from pdmd.core.pool import index_cond
+
+__all__ = ["UpdatesMixin", "NonFiniteError"]
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite losses or gradients (in a row, or in total at the end): training stopped."""
+
+
+def _finite(*tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class UpdatesMixin:
+    """Fake-score and generator updates of ``PhasedDMDTrainer`` (uses its ``cfg``, ``par``, ``fake``, ``teacher``,
+    optimisers and counters, and its ``rollout``)."""
+
+    def _ok(self, *tensors) -> bool:
+        """All finite, on every rank (ranks must take the same branch around collectives)."""
+        return self.par.all_finite(_finite(*tensors))
+
+    def _teacher_parts(self, x_t, t, cond):
+        """Conditional and null-prompt teacher predictions (flow), batched in one call; uncond is None without CFG."""
+        tc = self.cfg.teacher
+        if tc.guidance_scale == 1.0 and tc.guidance_scale_low in (None, 1.0):
+            return self._flow(self.teacher(x_t, t, cond), x_t, t), None
+        both = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(cond, self.teacher.null_cond(cond)))
+        c, u = both.chunk(2)
+        return self._flow(c, x_t, t), self._flow(u, x_t, t)
+
+    def _guided(self, real, uncond, x_t, t):
+        """(real, uncond, scale) for the fused loss. A two-transformer teacher with ``teacher.guidance_scale_low``
+        guides each sample with its transformer's scale, here (the op takes one scale)."""
+        tc = self.cfg.teacher
+        if uncond is None or tc.guidance_scale_low in (None, tc.guidance_scale):
+            return real, uncond, tc.guidance_scale
+        high = self.experts.module.high_noise(t, x_t)
+        scale = torch.where(high, tc.guidance_scale, tc.guidance_scale_low).to(real.dtype)
+        scale = scale.view(-1, *[1] * (real.dim() - 1))
+        return uncond + scale * (real - uncond), None, 1.0
+
+    def _flow(self, pred, x_t, t):
+        """The DMD gradient is stated on flow (psi) predictions: convert x0/eps models."""
+        if self.prediction == "flow":
+            return pred
+        return obj.from_x0_eps(*obj.to_x0_eps(pred, x_t, t, self.schedule, self.prediction), "flow")
+
+    def _apply(self, opt, params, ok: bool, what: str):
+        """Clip, check and step; a non-finite loss or gradient skips the update and is counted."""
+        norm = self.par.clip_grad_norm_(params, self.cfg.distill.grad_clip) if ok else torch.tensor(float("nan"))
+        ok = ok and bool(torch.isfinite(norm))
+        if ok:
+            opt.step()
+            self.nonfinite_run = 0
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_run += 1
+            if self.nonfinite_run >= self.cfg.distill.max_nonfinite:
+                saved = (f"the last checkpoint, {self._saved[1]} (step {self._saved[0]}), was checked to hold only "
+                         "finite values when it was written" if self._saved else "no checkpoint was written in this run")
+                raise NonFiniteError(
+                    f"{self.nonfinite_run} non-finite {what} losses/gradients in a row at step {self.step} "
+                    f"(phase {self.phase + 1}); stopped without saving ({saved}); "
+                    "lower the learning rates or grad_clip, or set distill.bf16: false.")
+        opt.zero_grad(set_to_none=True)
+        return float(norm), ok
+
+    def fake_update(self, x_s, cond):
+        """One fake-score step on boundary samples (``grad_accum`` micro-batches of ``batch_size``;
+        ``x_s`` holds this rank's rows of each)."""
+        d, B = self.cfg.distill, self.cfg.distill.batch_size
+        b, s = self.par.local(B), self.boundary
+        total, ok = 0.0, True
+        for a in range(d.grad_accum):
+            xs, c = x_s[a * b:(a + 1) * b], index_cond(cond, slice(a * b, (a + 1) * b))
+            t = (s + (1 - s) * (1 - self._rand(B))).clamp_min(s + 1e-4)
+            noise = self._randn(B)
+            if not self._ok(xs):
+                ok = False
+                break
+            x_t, _ = obj.subinterval_target(xs, noise, s, t, self.schedule, self.prediction)
+            pred = self.fake(x_t, t, c)
+            if not self._ok(pred):
+                ok = False
+                break
+            loss = obj.subinterval_loss(pred, xs, noise, s, t, self.schedule, self.prediction, d.clamp_max).mean()
+            if not self._ok(loss):
+                ok = False
+                break
+            (loss / d.grad_accum).backward()
+            total += loss.item() / d.grad_accum
+        norm, ok = self._apply(self.opt_fake, self.fake_params, ok, "fake-score")
+        return total, norm, ok
+
+    def dmd_band(self, s: float) -> tuple[float, float]:
+        """The fraction [lo, hi] of (s, 1] the generator's t is drawn from (t = s + (1 - s) u, u ~ U(lo, hi]).
+
+        The paper draws t ~ T(t; s, 1]: all of it. The weight w_{t|s} = lambda_t alpha_{t|s} is finite on (s, 1]
+        for s > 0 (it tends to lambda_s as t -> s); only at s = 0 does it grow without bound (lambda_t ~ 1/t for
+        t -> 0), so there, and only there, t is kept >= ``distill.dmd_t_min``. ``distill.dmd_t_range`` replaces
+        this with an explicit band.
+        """
+        d = self.cfg.distill
+        if d.dmd_t_range is not None:
+            return tuple(d.dmd_t_range)
+        return (d.dmd_t_min if s == 0 else 0.0), 1.0
+
+    def generator_update(self, plain: bool = False):
+        """One step of expert k: DMD gradient at the boundary through the exit step (Eq. 11)."""
+        d, B = self.cfg.distill, self.cfg.distill.batch_size
+        s = self.boundary
+        lo, hi = self.dmd_band(s)
+        total, g_rms, ok = 0.0, 0.0, True
+        for _ in range(d.grad_accum):
+            x_s, cond = self.rollout(B, grad=True)
+            if plain:
+                self._finish(x_s.detach(), cond)
+            t = s + (1 - s) * (lo + (hi - lo) * (1 - self._rand(B)))  # (s + lo', s + hi'], 1 included
+            eps = self._randn(B)
+            if not self._ok(x_s):
+                ok = False
+                break
+            with torch.no_grad():
+                x_t, _ = obj.subinterval_target(x_s.detach(), eps, s, t, self.schedule, self.prediction)
+                real, uncond = self._teacher_parts(x_t, t, cond)
+                fake = self._flow(self.fake(x_t, t, cond), x_t, t)
+                if not self._ok(real, fake, *([] if uncond is None else [uncond])):
+                    ok = False
+                    break
+                real, uncond, scale = self._guided(real, uncond, x_t, t)
+            # fused op: CFG of the teacher, the weighting of Eq. 11 and the surrogate in one pass
+            per_sample = obj.dmd_loss(x_s, real, fake, x_t, s, t, self.schedule, real_uncond=uncond,
+                                      guidance_scale=scale, weighting=d.weighting)
+            loss = per_sample.mean()
+            if not self._ok(loss):
+                ok = False
+                break
+            (loss / d.grad_accum).backward()
+            total += loss.item() / d.grad_accum
+            g_rms += (2 * loss.item() / x_s[0].numel()) ** 0.5 / d.grad_accum  # loss = 0.5 ||g||^2 per sample
+        norm, ok = self._apply(self.opt_gen, self.gen_params, ok, "generator")
+        return total, g_rms, norm, ok
