@@ -27,8 +27,9 @@ from torch import nn
 from tqdm import tqdm
 
 from pdmd.core import objectives as obj
+from pdmd.core.nonfinite import all_finite, host_ints, host_values, step_if
 from pdmd.runtime.checkpoint import CheckpointError, load_optimizer, load_tensors, optimizer_tensors, save_tensors
-from pdmd.config import RunConfig, from_dict
+from pdmd.config import RunConfig, from_dict, validate
 from pdmd.runtime.compile import StepClock
 from pdmd.core.experts import DenoiserView, Experts, base_state, cat_cond, expert_name, parts_above
 from pdmd.runtime.layout import apply_layout
@@ -67,10 +68,6 @@ def split_steps(total: int, parts: int) -> list[int]:
 
 def _index_cond(cond, idx):
     return {k: _index_cond(v, idx) for k, v in cond.items()} if isinstance(cond, dict) else cond[idx]
-
-
-def _finite(*tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def cat_cond_all(conds):
@@ -135,7 +132,7 @@ class PhasedDMDTrainer:
 
     def __init__(self, cfg: RunConfig, teacher: nn.Module, task, out_dir: str | Path, progress: bool = True,
                  plot_fn: Callable | None = None, parallel: Parallel | None = None):
-        d = cfg.distill
+        d = validate(cfg).distill  # the boundary: the loop then calls the math unchecked (check=False)
         self.cfg, self.task, self.out = cfg, task, Path(out_dir)
         self.par = parallel or Parallel()
         self.par.local(d.batch_size)  # ValueError unless the global batch splits evenly over the ranks
@@ -166,6 +163,7 @@ class PhasedDMDTrainer:
         self.shape_index, self.pools = 0, {}
         self.step, self.phase = 0, -1
         self.nonfinite_total = self.nonfinite_run = 0
+        self._pending = None  # inside ``iteration``: the (flag, what) of its updates, read once at its end
         self._saved = None  # (step, path) of the last checkpoint this trainer wrote or loaded
 
     # ------------------------------------------------------------------ randomness and helpers
@@ -183,9 +181,15 @@ class PhasedDMDTrainer:
         cond = {k: v.to(self.device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(self.device)
         return noise.to(self.device), cond
 
-    def _ok(self, *tensors) -> bool:
-        """All finite, on every rank (ranks must take the same branch around collectives)."""
-        return self.par.all_finite(_finite(*tensors))
+    def _agree(self, ok: torch.Tensor) -> torch.Tensor:
+        """The flag true on every rank (each rank steps its own shard: all must skip together); on the device."""
+        if not self.par.distributed:
+            return ok
+        import torch.distributed as dist
+
+        flag = ok.to(torch.float32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.par.mesh.get_group())
+        return flag > 0
 
     def _full(self, n: int, value: float) -> torch.Tensor:
         return torch.full((n,), float(value), device=self.device)
@@ -320,7 +324,8 @@ class PhasedDMDTrainer:
             per_batch = self.cfg.distill.sgts_exit == "iteration"
             chunks = [torch.randint(1, len(steps) + 1, (1 if per_batch else min(B, n - a),), generator=g)
                       .expand(min(B, n - a)) for a in range(0, n, B)]
-            j_max = max(int(c.max()) for c in chunks)  # global: every rank runs the same number of steps
+            # global: every rank runs the same number of steps; host data (a CPU generator): no device sync
+            j_max = max(host_ints(torch.stack([c.max() for c in chunks])))
             j = torch.cat([self.par.shard(c) for c in chunks])
         else:
             j_max = len(steps)
@@ -347,14 +352,28 @@ class PhasedDMDTrainer:
                 x = self._step(self.plan.phase_of_step(i), x, i, i + 1, cond)
 
     # ------------------------------------------------------------------ updates
-    def _apply(self, opt, params, ok: bool, what: str):
-        """Clip, check and step; a non-finite loss or gradient skips the update and is counted."""
-        norm = self.par.clip_grad_norm_(params, self.cfg.distill.grad_clip) if ok else torch.tensor(float("nan"))
-        ok = ok and bool(torch.isfinite(norm))
-        if ok:
-            opt.step()
-            self.nonfinite_run = 0
+    def _apply(self, opt, params, ok, what: str):
+        """Clip, check and step where ``ok`` (a device flag, or a host bool) and the gradient norm are finite; else
+        the update is skipped (``step_if``: on the device, no host read). Returns (norm, ok) as device tensors, the
+        norm NaN when skipped. A skip is counted when the flags are read: at the end of ``iteration``, or at once
+        for an update called on its own."""
+        ok = torch.as_tensor(ok, device=self.device)
+        norm = self.par.clip_grad_norm_(params, self.cfg.distill.grad_clip)
+        ok = self._agree(ok & torch.isfinite(norm))
+        step_if(opt, ok)
+        opt.zero_grad(set_to_none=True)
+        if self._pending is None:
+            self._count([bool(ok)], [what])
         else:
+            self._pending.append((ok, what))
+        return torch.where(ok, norm, torch.full_like(norm, float("nan"))), ok
+
+    def _count(self, oks: list[bool], whats: list[str]) -> None:
+        """Count the skipped updates in order; ``distill.max_nonfinite`` of them in a row stop the run."""
+        for ok, what in zip(oks, whats):
+            if ok:
+                self.nonfinite_run = 0
+                continue
             self.nonfinite_total += 1
             self.nonfinite_run += 1
             if self.nonfinite_run >= self.cfg.distill.max_nonfinite:
@@ -364,34 +383,27 @@ class PhasedDMDTrainer:
                     f"{self.nonfinite_run} non-finite {what} losses/gradients in a row at step {self.step} "
                     f"(phase {self.phase + 1}); stopped without saving ({saved}); "
                     "lower the learning rates or grad_clip, or set distill.bf16: false.")
-        opt.zero_grad(set_to_none=True)
-        return float(norm), ok
 
     def fake_update(self, x_s, cond):
         """One fake-score step on boundary samples (``grad_accum`` micro-batches of ``batch_size``;
         ``x_s`` holds this rank's rows of each)."""
         d, B = self.cfg.distill, self.cfg.distill.batch_size
         b, s = self.par.local(B), self.boundary
-        total, ok = 0.0, True
+        total, oks = 0.0, []
+        # every micro-batch runs: a non-finite one is not a host-side ``break`` (which would read the device) but a
+        # flag that skips the whole update; its NaN gradient is discarded with the others
         for a in range(d.grad_accum):
             xs, c = x_s[a * b:(a + 1) * b], _index_cond(cond, slice(a * b, (a + 1) * b))
-            t = (s + (1 - s) * (1 - self._rand(B))).clamp_min(s + 1e-4)
+            t = (s + (1 - s) * (1 - self._rand(B))).clamp_min(s + 1e-4)  # in (s, 1]: validated s, no value check
             noise = self._randn(B)
-            if not self._ok(xs):
-                ok = False
-                break
-            x_t, _ = obj.subinterval_target(xs, noise, s, t, self.schedule, self.prediction)
+            x_t, _ = obj.subinterval_target(xs, noise, s, t, self.schedule, self.prediction, check=False)
             pred = self.fake(x_t, t, c)
-            if not self._ok(pred):
-                ok = False
-                break
-            loss = obj.subinterval_loss(pred, xs, noise, s, t, self.schedule, self.prediction, d.clamp_max).mean()
-            if not self._ok(loss):
-                ok = False
-                break
+            loss = obj.subinterval_loss(pred, xs, noise, s, t, self.schedule, self.prediction, d.clamp_max,
+                                        check=False).mean()
+            oks.append(all_finite(xs, pred, loss))
             (loss / d.grad_accum).backward()
-            total += loss.item() / d.grad_accum
-        norm, ok = self._apply(self.opt_fake, self.fake_params, ok, "fake-score")
+            total = total + loss.detach().double() / d.grad_accum  # float64, as the host sum it replaces
+        norm, ok = self._apply(self.opt_fake, self.fake_params, torch.stack(oks).all(), "fake-score")
         return total, norm, ok
 
     def dmd_band(self, s: float) -> tuple[float, float]:
@@ -412,35 +424,28 @@ class PhasedDMDTrainer:
         d, B = self.cfg.distill, self.cfg.distill.batch_size
         s = self.boundary
         lo, hi = self.dmd_band(s)
-        total, g_rms, ok = 0.0, 0.0, True
-        for _ in range(d.grad_accum):
+        total, g_rms, oks = 0.0, 0.0, []
+        for _ in range(d.grad_accum):  # every micro-batch runs: a non-finite one flags the update (see fake_update)
             x_s, cond = self.rollout(B, grad=True)
             if plain:
                 self._finish(x_s.detach(), cond)
             t = s + (1 - s) * (lo + (hi - lo) * (1 - self._rand(B)))  # (s + lo', s + hi'], 1 included
             eps = self._randn(B)
-            if not self._ok(x_s):
-                ok = False
-                break
             with torch.no_grad():
-                x_t, _ = obj.subinterval_target(x_s.detach(), eps, s, t, self.schedule, self.prediction)
+                x_t, _ = obj.subinterval_target(x_s.detach(), eps, s, t, self.schedule, self.prediction, check=False)
                 real, uncond = self._teacher_parts(x_t, t, cond)
                 fake = self._flow(self.fake(x_t, t, cond), x_t, t)
-                if not self._ok(real, fake, *([] if uncond is None else [uncond])):
-                    ok = False
-                    break
+                finite_in = all_finite(x_s.detach(), real, fake, *([] if uncond is None else [uncond]))
                 real, uncond, scale = self._guided(real, uncond, x_t, t)
             # fused op: CFG of the teacher, the weighting of Eq. 11 and the surrogate in one pass
             per_sample = obj.dmd_loss(x_s, real, fake, x_t, s, t, self.schedule, real_uncond=uncond,
-                                      guidance_scale=scale, weighting=d.weighting)
+                                      guidance_scale=scale, weighting=d.weighting, check=False)
             loss = per_sample.mean()
-            if not self._ok(loss):
-                ok = False
-                break
+            oks.append(finite_in & torch.isfinite(loss))
             (loss / d.grad_accum).backward()
-            total += loss.item() / d.grad_accum
-            g_rms += (2 * loss.item() / x_s[0].numel()) ** 0.5 / d.grad_accum  # loss = 0.5 ||g||^2 per sample
-        norm, ok = self._apply(self.opt_gen, self.gen_params, ok, "generator")
+            total = total + loss.detach().double() / d.grad_accum
+            g_rms = g_rms + (2 * loss.detach().double() / x_s[0].numel()).sqrt() / d.grad_accum  # loss = 0.5 ||g||^2 per sample
+        norm, ok = self._apply(self.opt_gen, self.gen_params, torch.stack(oks).all(), "generator")
         return total, g_rms, norm, ok
 
     def iteration(self, plain: bool = False) -> dict:
@@ -449,7 +454,7 @@ class PhasedDMDTrainer:
         d, B = self.cfg.distill, self.cfg.distill.batch_size
         n_fake = d.fake_updates * d.grad_accum * B
         if len(self.shapes) > 1:  # one resolution per iteration, drawn from the run's RNG (same on every rank)
-            self.shape_index = int(torch.randint(len(self.shapes), (1,), generator=self.gens["main"]))
+            self.shape_index = host_ints(torch.randint(len(self.shapes), (1,), generator=self.gens["main"]))[0]
         if plain:
             parts = []
             for _ in range(d.fake_updates * d.grad_accum):
@@ -460,14 +465,23 @@ class PhasedDMDTrainer:
         else:
             x_all, c_all = self.rollout(n_fake, grad=False)
         fl, fn, per = [], [], self.par.local(d.grad_accum * B)
-        for r in range(d.fake_updates):
-            sl = slice(r * per, (r + 1) * per)
-            loss, norm, _ = self.fake_update(x_all[sl], _index_cond(c_all, sl))
-            fl.append(loss), fn.append(norm)
-        gl, g_rms, gn, _ = self.generator_update(plain)
+        self._pending = []
+        try:
+            for r in range(d.fake_updates):
+                sl = slice(r * per, (r + 1) * per)
+                loss, norm, _ = self.fake_update(x_all[sl], _index_cond(c_all, sl))
+                fl.append(loss), fn.append(norm)
+            gl, g_rms, gn, _ = self.generator_update(plain)
+            # the iteration's one host read: the logged scalars and every update's flag, stacked and copied once
+            flags, whats = [ok for ok, _ in self._pending], [w for _, w in self._pending]
+            vals = host_values([*fl, *fn, gl, g_rms, gn, *flags])
+        finally:
+            self._pending = None
+        r = d.fake_updates
+        self._count([v > 0 for v in vals[2 * r + 3:]], whats)
         self.step += 1
-        rec = {"loss_fake": sum(fl) / len(fl), "grad_norm_fake": max(fn), "loss_gen": gl, "g_rms": g_rms,
-               "grad_norm_gen": gn}
+        rec = {"loss_fake": sum(vals[:r]) / r, "grad_norm_fake": max(vals[r:2 * r]), "loss_gen": vals[2 * r],
+               "g_rms": vals[2 * r + 1], "grad_norm_gen": vals[2 * r + 2]}
         return self.par.average(rec, ("loss_fake", "loss_gen", "g_rms"))  # norms are global already
 
     # ------------------------------------------------------------------ loop
