@@ -348,3 +348,29 @@ def test_a_skipped_update_in_the_loop_is_counted_once_per_iteration_read(tmp_pat
     rec = tr.iteration()  # fake update 1 fine, fake update 2 non-finite, generator fine
     assert tr.nonfinite_total == 1 and tr.nonfinite_run == 0
     assert math.isfinite(rec["grad_norm_gen"]) and math.isnan(rec["loss_fake"])
+
+
+def test_sharded_iteration_reads_the_host_once_more_for_the_signal_check(tmp_path, monkeypatch):
+    """Under FSDP2 (one gloo rank here): the flags are ANDed and the losses averaged over the ranks on the device;
+    ``train``'s loop adds one read, the ranks' agreement on a caught SIGTERM (``Parallel.all_finite``)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from pdmd.runtime.parallel import Parallel
+
+    _fused_adamw(monkeypatch)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        par = Parallel(init_device_mesh("cpu", (1,)))
+        tr = PhasedDMDTrainer(tiny_cfg(max_steps=4, fake_kind="lora", checkpoint_every=1000), tiny_teacher(),
+                              ToyData(), tmp_path, progress=False, parallel=par)
+        tr.train(stop_at=1)
+        sites, batched = _count_iteration(tr, monkeypatch, exempt_steps=False)
+    finally:
+        dist.destroy_process_group()
+    assert batched == 1 and sites == ["item"], sites

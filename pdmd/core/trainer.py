@@ -472,17 +472,22 @@ class PhasedDMDTrainer:
                 loss, norm, _ = self.fake_update(x_all[sl], _index_cond(c_all, sl))
                 fl.append(loss), fn.append(norm)
             gl, g_rms, gn, _ = self.generator_update(plain)
+            losses = torch.stack([*fl, gl, g_rms])
+            if self.par.distributed:  # averaged over the ranks on the device (the norms are global already)
+                import torch.distributed as dist
+
+                dist.all_reduce(losses, group=self.par.mesh.get_group())
+                losses = losses / self.par.world
             # the iteration's one host read: the logged scalars and every update's flag, stacked and copied once
             flags, whats = [ok for ok, _ in self._pending], [w for _, w in self._pending]
-            vals = host_values([*fl, *fn, gl, g_rms, gn, *flags])
+            vals = host_values([*losses.unbind(), *fn, gn, *flags])
         finally:
             self._pending = None
         r = d.fake_updates
         self._count([v > 0 for v in vals[2 * r + 3:]], whats)
         self.step += 1
-        rec = {"loss_fake": sum(vals[:r]) / r, "grad_norm_fake": max(vals[r:2 * r]), "loss_gen": vals[2 * r],
-               "g_rms": vals[2 * r + 1], "grad_norm_gen": vals[2 * r + 2]}
-        return self.par.average(rec, ("loss_fake", "loss_gen", "g_rms"))  # norms are global already
+        return {"loss_fake": sum(vals[:r]) / r, "grad_norm_fake": max(vals[r + 2:2 * r + 2]), "loss_gen": vals[r],
+                "g_rms": vals[r + 1], "grad_norm_gen": vals[2 * r + 2]}
 
     # ------------------------------------------------------------------ loop
     def train(self, stop_at: int | None = None) -> None:
