@@ -169,6 +169,16 @@ def test_toy_iteration_reads_the_host_once(tmp_path, monkeypatch, optimizer, bac
     assert len(log) == 4  # logging ran in the measured iterations
 
 
+def test_an_x0_model_reads_the_host_once(tmp_path, monkeypatch):
+    """The trainer converts x0 (and eps) predictions to flow in the loop (``_flow``): unchecked too. (An eps model
+    has no x0 at t = 1, where alpha_t = 0; the toy network read as one would only give non-finite updates.)"""
+    _fused_adamw(monkeypatch)
+    teacher = tiny_teacher()
+    teacher.prediction = "x0"  # the same network read as another parameterisation: enough to count reads
+    tr = PhasedDMDTrainer(tiny_cfg(max_steps=4), teacher, ToyData(), tmp_path, progress=False)
+    _check_phases(tr, monkeypatch, exempt_steps=False)
+
+
 def test_wan_iteration_reads_the_host_once(tmp_path, monkeypatch):
     from pdmd.models import WanDenoiser
     from test_phased_real import PromptTask

@@ -218,7 +218,7 @@ class PhasedDMDTrainer:
         """The DMD gradient is stated on flow (psi) predictions: convert x0/eps models."""
         if self.prediction == "flow":
             return pred
-        return obj.from_x0_eps(*obj.to_x0_eps(pred, x_t, t, self.schedule, self.prediction), "flow")
+        return obj.from_x0_eps(*obj.to_x0_eps(pred, x_t, t, self.schedule, self.prediction, check=False), "flow")
 
     # ------------------------------------------------------------------ phases
     def phase_of(self, step: int) -> int:
@@ -444,7 +444,8 @@ class PhasedDMDTrainer:
             oks.append(finite_in & torch.isfinite(loss))
             (loss / d.grad_accum).backward()
             total = total + loss.detach().double() / d.grad_accum
-            g_rms = g_rms + (2 * loss.detach().double() / x_s[0].numel()).sqrt() / d.grad_accum  # loss = 0.5 ||g||^2 per sample
+            # loss = 0.5 ||g||^2 per sample
+            g_rms = g_rms + (2 * loss.detach().double() / x_s[0].numel()).sqrt() / d.grad_accum
         norm, ok = self._apply(self.opt_gen, self.gen_params, torch.stack(oks).all(), "generator")
         return total, g_rms, norm, ok
 
