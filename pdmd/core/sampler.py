@@ -60,9 +60,11 @@ def make_plan(method: str, timesteps, phase_boundaries=()) -> Plan:
 def ddim_step(model, x, t, t_next, cond):
     """Deterministic DDIM from t to t_next ([B] times): x_next = alpha_next x0_hat + sigma_next eps_hat."""
     sched = model.schedule
-    x0, eps = to_x0_eps(model(x, t, cond), x, t, sched, model.prediction)
+    # times from a plan (validated with the config): no value check, which would wait for the device
+    x0, eps = to_x0_eps(model(x, t, cond), x, t, sched, model.prediction, check=False)
     shape = (-1,) + (1,) * (x.dim() - 1)
-    a, s = sched.alpha(t_next).to(x0.dtype).reshape(shape), sched.sigma(t_next).to(x0.dtype).reshape(shape)
+    a, s = (sched.alpha(t_next, check=False).to(x0.dtype).reshape(shape),
+            sched.sigma(t_next, check=False).to(x0.dtype).reshape(shape))
     return (a.reshape(shape) * x0 + s.reshape(shape) * eps).to(x.dtype)
 
 

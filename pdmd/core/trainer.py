@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pdmd.config import RunConfig
+from pdmd.config import RunConfig, validate
 from pdmd.core import objectives as obj  # noqa: F401  (``trainer.obj``: the losses as the updates call them)
 from pdmd.core.experts import Experts, expert_name
+from pdmd.core.nonfinite import host_ints, host_values
 from pdmd.core.phase import PhaseMixin, split_steps
 from pdmd.core.pool import BoundaryPool, cat_cond_all, index_cond
 from pdmd.core.resume import check_config, resume_point
@@ -65,7 +66,7 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
 
     def __init__(self, cfg: RunConfig, teacher: nn.Module, task, out_dir: str | Path, progress: bool = True,
                  plot_fn: Callable | None = None, parallel: Parallel | None = None):
-        d = cfg.distill
+        d = validate(cfg).distill  # the boundary: the loop then calls the math unchecked (check=False)
         self.cfg, self.task, self.out = cfg, task, Path(out_dir)
         self.par = parallel or Parallel()
         self.par.local(d.batch_size)  # ValueError unless the global batch splits evenly over the ranks
@@ -96,6 +97,7 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
         self.shape_index, self.pools = 0, {}
         self.step, self.phase = 0, -1
         self.nonfinite_total = self.nonfinite_run = 0
+        self._pending = None  # inside ``iteration``: the (flag, what) of its updates, read once at its end
         self._saved = None  # (step, path) of the last checkpoint this trainer wrote or loaded
 
     # ------------------------------------------------------------------ randomness
@@ -155,7 +157,8 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
             per_batch = self.cfg.distill.sgts_exit == "iteration"
             chunks = [torch.randint(1, len(steps) + 1, (1 if per_batch else min(B, n - a),), generator=g)
                       .expand(min(B, n - a)) for a in range(0, n, B)]
-            j_max = max(int(c.max()) for c in chunks)  # global: every rank runs the same number of steps
+            # global: every rank runs the same number of steps; host data (a CPU generator): no device sync
+            j_max = max(host_ints(torch.stack([c.max() for c in chunks])))
             j = torch.cat([self.par.shard(c) for c in chunks])
         else:
             j_max = len(steps)
@@ -188,7 +191,7 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
         d, B = self.cfg.distill, self.cfg.distill.batch_size
         n_fake = d.fake_updates * d.grad_accum * B
         if len(self.shapes) > 1:  # one resolution per iteration, drawn from the run's RNG (same on every rank)
-            self.shape_index = int(torch.randint(len(self.shapes), (1,), generator=self.gens["main"]))
+            self.shape_index = host_ints(torch.randint(len(self.shapes), (1,), generator=self.gens["main"]))[0]
         if plain:
             parts = []
             for _ in range(d.fake_updates * d.grad_accum):
@@ -199,15 +202,29 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
         else:
             x_all, c_all = self.rollout(n_fake, grad=False)
         fl, fn, per = [], [], self.par.local(d.grad_accum * B)
-        for r in range(d.fake_updates):
-            sl = slice(r * per, (r + 1) * per)
-            loss, norm, _ = self.fake_update(x_all[sl], index_cond(c_all, sl))
-            fl.append(loss), fn.append(norm)
-        gl, g_rms, gn, _ = self.generator_update(plain)
+        self._pending = []
+        try:
+            for r in range(d.fake_updates):
+                sl = slice(r * per, (r + 1) * per)
+                loss, norm, _ = self.fake_update(x_all[sl], index_cond(c_all, sl))
+                fl.append(loss), fn.append(norm)
+            gl, g_rms, gn, _ = self.generator_update(plain)
+            losses = torch.stack([*fl, gl, g_rms])
+            if self.par.distributed:  # averaged over the ranks on the device (the norms are global already)
+                import torch.distributed as dist
+
+                dist.all_reduce(losses, group=self.par.mesh.get_group())
+                losses = losses / self.par.world
+            # the iteration's one host read: the logged scalars and every update's flag, stacked and copied once
+            flags, whats = [ok for ok, _ in self._pending], [w for _, w in self._pending]
+            vals = host_values([*losses.unbind(), *fn, gn, *flags])
+        finally:
+            self._pending = None
+        r = d.fake_updates
+        self._count([v > 0 for v in vals[2 * r + 3:]], whats)
         self.step += 1
-        rec = {"loss_fake": sum(fl) / len(fl), "grad_norm_fake": max(fn), "loss_gen": gl, "g_rms": g_rms,
-               "grad_norm_gen": gn}
-        return self.par.average(rec, ("loss_fake", "loss_gen", "g_rms"))  # norms are global already
+        return {"loss_fake": sum(vals[:r]) / r, "grad_norm_fake": max(vals[r + 2:2 * r + 2]), "loss_gen": vals[r],
+                "g_rms": vals[r + 1], "grad_norm_gen": vals[2 * r + 2]}
 
     def train(self, stop_at: int | None = None) -> None:
         """Run to ``distill.max_steps`` generator updates (or stop after ``stop_at``), saving as configured.

@@ -13,6 +13,7 @@ import torch
 
 from pdmd.core import objectives as obj
 from pdmd.core.experts import cat_cond
+from pdmd.core.nonfinite import all_finite, step_if
 from pdmd.core.pool import index_cond
 
 __all__ = ["UpdatesMixin", "NonFiniteError"]
@@ -22,17 +23,19 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite losses or gradients (in a row, or in total at the end): training stopped."""
 
 
-def _finite(*tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
 class UpdatesMixin:
     """Fake-score and generator updates of ``PhasedDMDTrainer`` (uses its ``cfg``, ``par``, ``fake``, ``teacher``,
     optimisers and counters, and its ``rollout``)."""
 
-    def _ok(self, *tensors) -> bool:
-        """All finite, on every rank (ranks must take the same branch around collectives)."""
-        return self.par.all_finite(_finite(*tensors))
+    def _agree(self, ok: torch.Tensor) -> torch.Tensor:
+        """The flag true on every rank (each rank steps its own shard: all must skip together); on the device."""
+        if not self.par.distributed:
+            return ok
+        import torch.distributed as dist
+
+        flag = ok.to(torch.float32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.par.mesh.get_group())
+        return flag > 0
 
     def _teacher_parts(self, x_t, t, cond):
         """Conditional and null-prompt teacher predictions (flow), batched in one call; uncond is None without CFG."""
@@ -58,16 +61,30 @@ class UpdatesMixin:
         """The DMD gradient is stated on flow (psi) predictions: convert x0/eps models."""
         if self.prediction == "flow":
             return pred
-        return obj.from_x0_eps(*obj.to_x0_eps(pred, x_t, t, self.schedule, self.prediction), "flow")
+        return obj.from_x0_eps(*obj.to_x0_eps(pred, x_t, t, self.schedule, self.prediction, check=False), "flow")
 
-    def _apply(self, opt, params, ok: bool, what: str):
-        """Clip, check and step; a non-finite loss or gradient skips the update and is counted."""
-        norm = self.par.clip_grad_norm_(params, self.cfg.distill.grad_clip) if ok else torch.tensor(float("nan"))
-        ok = ok and bool(torch.isfinite(norm))
-        if ok:
-            opt.step()
-            self.nonfinite_run = 0
+    def _apply(self, opt, params, ok, what: str):
+        """Clip, check and step where ``ok`` (a device flag, or a host bool) and the gradient norm are finite; else
+        the update is skipped (``step_if``: on the device, no host read). Returns (norm, ok) as device tensors, the
+        norm NaN when skipped. A skip is counted when the flags are read: at the end of ``iteration``, or at once
+        for an update called on its own."""
+        ok = torch.as_tensor(ok, device=self.device)
+        norm = self.par.clip_grad_norm_(params, self.cfg.distill.grad_clip)
+        ok = self._agree(ok & torch.isfinite(norm))
+        step_if(opt, ok)
+        opt.zero_grad(set_to_none=True)
+        if self._pending is None:
+            self._count([bool(ok)], [what])
         else:
+            self._pending.append((ok, what))
+        return torch.where(ok, norm, torch.full_like(norm, float("nan"))), ok
+
+    def _count(self, oks: list[bool], whats: list[str]) -> None:
+        """Count the skipped updates in order; ``distill.max_nonfinite`` of them in a row stop the run."""
+        for ok, what in zip(oks, whats):
+            if ok:
+                self.nonfinite_run = 0
+                continue
             self.nonfinite_total += 1
             self.nonfinite_run += 1
             if self.nonfinite_run >= self.cfg.distill.max_nonfinite:
@@ -77,34 +94,27 @@ class UpdatesMixin:
                     f"{self.nonfinite_run} non-finite {what} losses/gradients in a row at step {self.step} "
                     f"(phase {self.phase + 1}); stopped without saving ({saved}); "
                     "lower the learning rates or grad_clip, or set distill.bf16: false.")
-        opt.zero_grad(set_to_none=True)
-        return float(norm), ok
 
     def fake_update(self, x_s, cond):
         """One fake-score step on boundary samples (``grad_accum`` micro-batches of ``batch_size``;
         ``x_s`` holds this rank's rows of each)."""
         d, B = self.cfg.distill, self.cfg.distill.batch_size
         b, s = self.par.local(B), self.boundary
-        total, ok = 0.0, True
+        total, oks = 0.0, []
+        # every micro-batch runs: a non-finite one is not a host-side ``break`` (which would read the device) but a
+        # flag that skips the whole update; its NaN gradient is discarded with the others
         for a in range(d.grad_accum):
             xs, c = x_s[a * b:(a + 1) * b], index_cond(cond, slice(a * b, (a + 1) * b))
-            t = (s + (1 - s) * (1 - self._rand(B))).clamp_min(s + 1e-4)
+            t = (s + (1 - s) * (1 - self._rand(B))).clamp_min(s + 1e-4)  # in (s, 1]: validated s, no value check
             noise = self._randn(B)
-            if not self._ok(xs):
-                ok = False
-                break
-            x_t, _ = obj.subinterval_target(xs, noise, s, t, self.schedule, self.prediction)
+            x_t, _ = obj.subinterval_target(xs, noise, s, t, self.schedule, self.prediction, check=False)
             pred = self.fake(x_t, t, c)
-            if not self._ok(pred):
-                ok = False
-                break
-            loss = obj.subinterval_loss(pred, xs, noise, s, t, self.schedule, self.prediction, d.clamp_max).mean()
-            if not self._ok(loss):
-                ok = False
-                break
+            loss = obj.subinterval_loss(pred, xs, noise, s, t, self.schedule, self.prediction, d.clamp_max,
+                                        check=False).mean()
+            oks.append(all_finite(xs, pred, loss))
             (loss / d.grad_accum).backward()
-            total += loss.item() / d.grad_accum
-        norm, ok = self._apply(self.opt_fake, self.fake_params, ok, "fake-score")
+            total = total + loss.detach().double() / d.grad_accum  # float64, as the host sum it replaces
+        norm, ok = self._apply(self.opt_fake, self.fake_params, torch.stack(oks).all(), "fake-score")
         return total, norm, ok
 
     def dmd_band(self, s: float) -> tuple[float, float]:
@@ -125,33 +135,27 @@ class UpdatesMixin:
         d, B = self.cfg.distill, self.cfg.distill.batch_size
         s = self.boundary
         lo, hi = self.dmd_band(s)
-        total, g_rms, ok = 0.0, 0.0, True
-        for _ in range(d.grad_accum):
+        total, g_rms, oks = 0.0, 0.0, []
+        for _ in range(d.grad_accum):  # every micro-batch runs: a non-finite one flags the update (see fake_update)
             x_s, cond = self.rollout(B, grad=True)
             if plain:
                 self._finish(x_s.detach(), cond)
             t = s + (1 - s) * (lo + (hi - lo) * (1 - self._rand(B)))  # (s + lo', s + hi'], 1 included
             eps = self._randn(B)
-            if not self._ok(x_s):
-                ok = False
-                break
             with torch.no_grad():
-                x_t, _ = obj.subinterval_target(x_s.detach(), eps, s, t, self.schedule, self.prediction)
+                x_t, _ = obj.subinterval_target(x_s.detach(), eps, s, t, self.schedule, self.prediction, check=False)
                 real, uncond = self._teacher_parts(x_t, t, cond)
                 fake = self._flow(self.fake(x_t, t, cond), x_t, t)
-                if not self._ok(real, fake, *([] if uncond is None else [uncond])):
-                    ok = False
-                    break
+                finite_in = all_finite(x_s.detach(), real, fake, *([] if uncond is None else [uncond]))
                 real, uncond, scale = self._guided(real, uncond, x_t, t)
             # fused op: CFG of the teacher, the weighting of Eq. 11 and the surrogate in one pass
             per_sample = obj.dmd_loss(x_s, real, fake, x_t, s, t, self.schedule, real_uncond=uncond,
-                                      guidance_scale=scale, weighting=d.weighting)
+                                      guidance_scale=scale, weighting=d.weighting, check=False)
             loss = per_sample.mean()
-            if not self._ok(loss):
-                ok = False
-                break
+            oks.append(finite_in & torch.isfinite(loss))
             (loss / d.grad_accum).backward()
-            total += loss.item() / d.grad_accum
-            g_rms += (2 * loss.item() / x_s[0].numel()) ** 0.5 / d.grad_accum  # loss = 0.5 ||g||^2 per sample
-        norm, ok = self._apply(self.opt_gen, self.gen_params, ok, "generator")
+            total = total + loss.detach().double() / d.grad_accum
+            # loss = 0.5 ||g||^2 per sample
+            g_rms = g_rms + (2 * loss.detach().double() / x_s[0].numel()).sqrt() / d.grad_accum
+        norm, ok = self._apply(self.opt_gen, self.gen_params, torch.stack(oks).all(), "generator")
         return total, g_rms, norm, ok

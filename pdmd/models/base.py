@@ -37,8 +37,9 @@ def null_cond(cond):
 
 def sigma_of(schedule: Schedule, t, x: torch.Tensor) -> torch.Tensor:
     """Per-sample model sigma [B] (float32) for pdmd time t (scalar or [B]) on a flow schedule."""
-    t = per_sample("t", as_time("t", t), x)
-    return schedule.sigma(t.to(torch.float64)).to(torch.float32)
+    # no value check: it runs in every model call, and its callers (trainer, sampler) pass validated times
+    t = per_sample("t", as_time("t", t, check=False), x)
+    return schedule.sigma(t.to(torch.float64), check=False).to(torch.float32)
 
 
 def time_of_sigma(schedule: Schedule, sigma: float) -> float:
