@@ -17,6 +17,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import pdmd.core.phase as phase_mod
 import pdmd.core.trainer as trainer_mod
 import pdmd_kernels
 from pdmd.config import RunConfig, DistillConfig
@@ -135,13 +136,13 @@ def _count_iteration(tr: PhasedDMDTrainer, monkeypatch, exempt_steps: bool) -> t
 
 def _fused_adamw(monkeypatch):
     """``adamw`` as ``build_optimizer`` makes it on CUDA (fused), here on CPU."""
-    real = trainer_mod.build_optimizer
+    real = phase_mod.build_optimizer
 
     def build(name, params, lr, betas, weight_decay, **kw):
         if name != "adamw":
             return real(name, params, lr, betas, weight_decay, **kw)
         return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=1e-8, fused=True)
-    monkeypatch.setattr(trainer_mod, "build_optimizer", build)
+    monkeypatch.setattr(phase_mod, "build_optimizer", build)
 
 
 def _check_phases(tr, monkeypatch, exempt_steps):
