@@ -14,7 +14,7 @@ def test_shipped_config_loads_and_matches_the_paper_layout():
     assert cfg.distill.method == "phased_sgts"
     assert cfg.distill.timesteps == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert cfg.distill.phase_boundaries == [0.5]
-    assert cfg.distill.betas == [0.0, 0.999]
+    assert cfg.generator.betas == [0.0, 0.999]
 
 
 @pytest.mark.parametrize("data, field", [

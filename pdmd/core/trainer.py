@@ -35,7 +35,7 @@ from pdmd.runtime.layout import apply_layout
 from pdmd.runtime.optim import build_optimizer
 from pdmd.runtime.parallel import DCP_DIR, MANIFEST, Parallel, gathered, load_checkpoint, save_checkpoint
 from pdmd.runtime.rundir import candidates, install, log_line, trim_log, warn
-from pdmd.core.sampler import Plan, ddim_step, make_plan
+from pdmd.core.sampler import StepPlan, ddim_step, make_step_plan
 
 __all__ = ["PhasedDMDTrainer", "NonFiniteError", "Interrupted", "BoundaryPool", "split_steps", "check_config",
            "resume_point", "stored_step"]
@@ -141,7 +141,7 @@ class PhasedDMDTrainer:
         self.par.local(d.batch_size)  # ValueError unless the global batch splits evenly over the ranks
         self.progress, self.plot_fn = progress, plot_fn
         self.device = torch.device(cfg.device)
-        self.plan: Plan = make_plan(d.method, d.timesteps, d.phase_boundaries)
+        self.plan: StepPlan = make_step_plan(d.method, d.timesteps, d.phase_boundaries)
         self.phase_lengths = split_steps(d.max_steps, self.plan.n_phases)
         if cfg.teacher.guidance_scale_low is not None and not hasattr(teacher, "high_noise"):
             raise ValueError("teacher.guidance_scale_low applies to a two-transformer teacher (Wan 2.2 A14B), "
@@ -151,9 +151,9 @@ class PhasedDMDTrainer:
         self._autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if d.bf16 else nullcontext
         # a full fake score is a copy of the whole teacher, reloaded from it at each phase start: it must equal the
         # teacher on all of (s, 1], which for Wan 2.2 A14B is the switched pair of transformers, not the phase's own
-        self.fake_module = copy.deepcopy(teacher).requires_grad_(False) if d.fake_kind == "full" else None
-        self.experts = Experts(teacher, self.plan.n_phases, d.lora_rank, d.lora_alpha,
-                               d.fake_lora_rank if d.fake_kind == "lora" else None, seed=cfg.seed,
+        self.fake_module = copy.deepcopy(teacher).requires_grad_(False) if cfg.fake.kind == "full" else None
+        self.experts = Experts(teacher, self.plan.n_phases, cfg.generator.lora_rank, cfg.generator.lora_alpha,
+                               cfg.fake.lora_rank if cfg.fake.kind == "lora" else None, seed=cfg.seed,
                                autocast=self._autocast)
         self.layout = apply_layout(self)  # dtype casts, checkpointing, compile: before FSDP2 sharding
         self.par.shard_module(self.experts.module)  # after the adapters are injected
@@ -245,7 +245,7 @@ class PhasedDMDTrainer:
         d = self.cfg.distill
         self.phase = p
         s = self.plan.boundaries[p + 1]
-        lora_fake = d.fake_kind == "lora"
+        lora_fake = self.cfg.fake.kind == "lora"
         # the fake score is the teacher at phase start on all of (s, 1] and is trained on all of it: the parts of the
         # teacher it runs there (Wan 2.2 A14B's last phase: both transformers) are the parts it trains
         gen_params = self.experts.train_only([expert_name(p + 1)] + (["fake"] if lora_fake else []), phase=p + 1,
@@ -264,8 +264,9 @@ class PhasedDMDTrainer:
             self.fake = DenoiserView(self.fake_module, self.prediction, self.schedule, self.experts.null_cond,
                                      self._autocast)
         self.gen_params, self.fake_params = gen_params, fake_params
-        self.opt_gen = self._optimizer(d.optimizer_generator, gen_params, d.lr_generator, p)
-        self.opt_fake = self._optimizer(d.optimizer_fake, fake_params, d.lr_fake, p)
+        g, f = self.cfg.generator, self.cfg.fake
+        self.opt_gen = self._optimizer(g.optimizer, gen_params, g.lr, p)
+        self.opt_fake = self._optimizer(f.optimizer, fake_params, f.lr, p)
         self.pools = {}  # resolution index -> BoundaryPool, made when first drawn
         self.boundary = self.plan.boundaries[p + 1]
 
@@ -292,9 +293,9 @@ class PhasedDMDTrainer:
             self._pool(int(i)).restore(st["fill_state"], st["cursor"])
 
     def _optimizer(self, name: str, params, lr: float, phase: int):
-        d = self.cfg.distill
+        g = self.cfg.generator
         kw = {"seed": self.cfg.seed * 1000 + phase} if name == "adamw8bit-v" else {}  # its rounding bits
-        return build_optimizer(name, params, lr, d.betas, d.weight_decay, **kw)
+        return build_optimizer(name, params, lr, g.betas, g.weight_decay, **kw)
 
     # ------------------------------------------------------------------ rollouts
     def rollout(self, n: int, grad: bool):
@@ -447,12 +448,12 @@ class PhasedDMDTrainer:
         """r fake updates then one generator update. ``plain=True`` is the reference schedule of work
         (a full rollout from noise for every fake update, no pool): same updates, more compute."""
         d, B = self.cfg.distill, self.cfg.distill.batch_size
-        n_fake = d.fake_updates * d.grad_accum * B
+        n_fake = d.fake_updates_per_generator_update * d.grad_accum * B
         if len(self.shapes) > 1:  # one resolution per iteration, drawn from the run's RNG (same on every rank)
             self.shape_index = int(torch.randint(len(self.shapes), (1,), generator=self.gens["main"]))
         if plain:
             parts = []
-            for _ in range(d.fake_updates * d.grad_accum):
+            for _ in range(d.fake_updates_per_generator_update * d.grad_accum):
                 x, c = self.rollout(B, grad=False)
                 self._finish(x, c)
                 parts.append((x, c))
@@ -460,7 +461,7 @@ class PhasedDMDTrainer:
         else:
             x_all, c_all = self.rollout(n_fake, grad=False)
         fl, fn, per = [], [], self.par.local(d.grad_accum * B)
-        for r in range(d.fake_updates):
+        for r in range(d.fake_updates_per_generator_update):
             sl = slice(r * per, (r + 1) * per)
             loss, norm, _ = self.fake_update(x_all[sl], _index_cond(c_all, sl))
             fl.append(loss), fn.append(norm)
@@ -479,7 +480,7 @@ class PhasedDMDTrainer:
         when more than ``distill.max_nonfinite_share`` of the updates were skipped as non-finite."""
         d = self.cfg.distill
         stop = d.max_steps if stop_at is None else min(stop_at, d.max_steps)
-        samples = (d.fake_updates + 1) * d.grad_accum * d.batch_size
+        samples = (d.fake_updates_per_generator_update + 1) * d.grad_accum * d.batch_size
         self.out.mkdir(parents=True, exist_ok=True)
         if self.par.is_main:  # records past the checkpoint's step (and a torn last line) are dropped: none twice
             trim_log(self.out / "log.jsonl", self.step)
@@ -518,7 +519,7 @@ class PhasedDMDTrainer:
             log.close()
         if self._saved is None or self._saved[0] != self.step:
             self.save()
-        updates = self.step * (d.fake_updates + 1)  # each iteration: r fake updates and one generator update
+        updates = self.step * (d.fake_updates_per_generator_update + 1)  # each iteration: r fake updates and one generator update
         if updates and self.nonfinite_total > d.max_nonfinite_share * updates:
             raise NonFiniteError(
                 f"{self.nonfinite_total} of {updates} updates ({self.nonfinite_total / updates:.1%}) were skipped as "
@@ -677,7 +678,7 @@ def check_config(cfg: RunConfig, stored: dict, path, step: int | None = None, ig
     mine, theirs = cfg.to_dict(), from_dict(stored).to_dict()
     if mine["seed"] != theirs["seed"]:
         raise ValueError(f"config field seed is {mine['seed']} but the checkpoint {path} was made with {theirs['seed']}")
-    for section in ("teacher", "distill"):
+    for section in ("teacher", "distill", "generator", "fake"):
         for key, v in theirs[section].items():
             if key not in ("max_steps", *RESUME_OK, *ignore) and mine[section][key] != v:
                 raise ValueError(f"config field {section}.{key} is {mine[section][key]!r} but the checkpoint "
@@ -686,7 +687,7 @@ def check_config(cfg: RunConfig, stored: dict, path, step: int | None = None, ig
     if old_n == new_n or step is None:
         return None
     d = cfg.distill
-    n_phases = make_plan(d.method, d.timesteps, d.phase_boundaries).n_phases
+    n_phases = make_step_plan(d.method, d.timesteps, d.phase_boundaries).n_phases
     old, new = split_steps(old_n, n_phases), split_steps(new_n, n_phases)
     if old == new:
         return None

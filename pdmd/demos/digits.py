@@ -22,7 +22,6 @@ and DMD, DMD with SGTS, Phased DMD with SGTS with the same budget, and writes th
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -34,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pdmd.runtime.checkpoint import load_tensors, save_tensors
-from pdmd.config import RunConfig
+from pdmd.config import RunConfig, updated
 from pdmd.tools.diversity import LPIPS, diversity_table
 from pdmd.demos.evaluate import over_seeds
 from pdmd.core.objectives import full_interval_target
@@ -42,6 +41,8 @@ from pdmd.core.sampler import sample_few_step
 from pdmd.demos.toy import sample_teacher
 from pdmd.runtime.rundir import candidates, clean_temps, hold
 from pdmd.core.trainer import CHECKPOINT, PhasedDMDTrainer, resume_point
+from pdmd.pipeline.run import train
+from pdmd.runtime.parallel import Parallel
 
 __all__ = ["load_digits", "DigitsTask", "build_teacher", "load_or_train_teacher", "DigitsCNN", "load_or_train_classifier",
            "evaluate_samplers", "distill_digits", "compare_digits", "COMPARE_METHODS", "CONFIDENCE"]
@@ -357,15 +358,9 @@ def _train_method(cfg: RunConfig, root: Path, out: Path, progress: bool, ckpt: P
     ``ckpt`` (checked by ``resume_point``) if given."""
     teacher, embed, _ = load_or_train_teacher(root, cfg.teacher, cfg.teacher_seed, progress=False)
     task = DigitsTask(embed)
-    if ckpt is None and (out / "log.jsonl").exists():
-        (out / "log.jsonl").unlink()
-    trainer = PhasedDMDTrainer(cfg, teacher, task, out, progress)
-    if ckpt is not None:
-        trainer.load(ckpt)
-    t0 = time.time()
-    trainer.train()
+    trainer, seconds = train(cfg, teacher, task, out, ckpt, progress, Parallel())  # pdmd.pipeline.run's
     trainer.export_experts(out / "experts.safetensors")
-    return trainer, task, time.time() - t0
+    return trainer, task, seconds
 
 
 def _run(cfg: RunConfig, out, methods, progress: bool, resume: bool, root=None) -> dict:
@@ -378,7 +373,7 @@ def _run(cfg: RunConfig, out, methods, progress: bool, resume: bool, root=None) 
 def _run_locked(cfg: RunConfig, out: Path, methods, progress: bool, resume: bool, root: Path) -> dict:
     cfgs, subs, ckpts = {}, {}, {}
     for m in methods:  # every check before any work: the cached teacher is untouched by a refused resume
-        cfgs[m] = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method=m))
+        cfgs[m] = updated(cfg, {"distill.method": m})
         subs[m] = out if len(methods) == 1 else out / m
         if subs[m] != out and subs[m].is_dir():
             clean_temps(subs[m])
@@ -410,7 +405,7 @@ def _run_locked(cfg: RunConfig, out: Path, methods, progress: bool, resume: bool
     (out / "diversity.json").write_text(json.dumps(result, indent=2))
     md = [f"# pdmd digits: {', '.join(labels[m] for m in methods)} vs the teacher", "",
           f"{len(cfg.distill.timesteps) - 1}-step generators, {cfg.distill.max_steps} generator updates each, "
-          f"batch {cfg.distill.batch_size}, {cfg.distill.fake_updates} fake updates per generator update; "
+          f"batch {cfg.distill.batch_size}, {cfg.distill.fake_updates_per_generator_update} fake updates per generator update; "
           f"grids in `grid.png` (rows: classes 0-9, columns: seeds 0-{cfg.eval.diversity_seeds - 1}).", "",
           table_md(rows, labels, clf_acc, cfg.eval),
           f"Time (s): {json.dumps(seconds)}"]
@@ -445,7 +440,7 @@ def _compare_seeds(cfg: RunConfig, out: Path, methods, progress: bool, seeds: li
     start = time.time()
     per_seed = {}
     for s in seeds:
-        scfg = dataclasses.replace(cfg, seed=s, teacher=dataclasses.replace(cfg.teacher, seed=cfg.teacher_seed))
+        scfg = updated(cfg, {"seed": s, "teacher.seed": cfg.teacher_seed})
         sub = out / f"seed_{s}"
         done = sub / "diversity.json"
         r = json.loads(done.read_text()) if done.exists() else None
@@ -468,7 +463,7 @@ def _compare_seeds(cfg: RunConfig, out: Path, methods, progress: bool, seeds: li
     d = cfg.distill
     md = [f"# pdmd digits: {', '.join(_label(m, cfg) for m in methods)} vs the teacher, {len(seeds)} seeds", "",
           f"{len(d.timesteps) - 1}-step generators, {d.max_steps} generator updates each, batch {d.batch_size}, "
-          f"{d.fake_updates} fake updates per generator update. Seeds {seeds} (distillation and evaluation noise; "
+          f"{d.fake_updates_per_generator_update} fake updates per generator update. Seeds {seeds} (distillation and evaluation noise; "
           f"teacher and classifier of seed {cfg.teacher_seed}); each cell is mean ± sample std over the seeds, "
           f"per-seed tables in `seed_<s>/diversity.md`. `grid.png`: seed {seeds[0]}'s grids.", "",
           table_md(rows, {}, clf_acc, cfg.eval)]
