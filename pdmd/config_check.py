@@ -106,8 +106,6 @@ def _check_model(cfg: RunConfig) -> None:
     m, data = cfg.model, cfg.data
     _check(m is not None, "model", "is required with a data: section (a real-model run: kind and path)")
     _check(data is not None, "data", "is required with a model: section (prompts, prompt_cache, resolutions)")
-    _check("task" not in cfg.model_fields_set, "task",
-           "does not apply to a config with a model: section (that config distils the model)")
     _check(m.kind in MODEL_KINDS, "model.kind", f"must be one of {MODEL_KINDS}, got {m.kind!r}")
     _check(m.dtype is None or m.dtype in MODEL_DTYPES, "model.dtype", f"must be one of {sorted(MODEL_DTYPES)}, got {m.dtype!r}")
     _check(cfg.distill.method in ("phased", "phased_sgts"), "distill.method",

@@ -120,8 +120,8 @@ def lora_weight(tr, name):
     ps = tr.experts.adapter_params(name)
     a = next(p for n, p in ps.items() if "lora_A" in n).detach().double()
     b = next(p for n, p in ps.items() if "lora_B" in n).detach().double()
-    d = tr.cfg.distill
-    return b @ a * (d.lora_alpha / d.lora_rank if name != "fake" else 1.0)
+    g = tr.cfg.generator
+    return b @ a * (g.lora_alpha / g.lora_rank if name != "fake" else 1.0)
 
 
 def set_lora(tr, name, seed, scale=0.3):
