@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 
 from pdmd import commands
 from pdmd.commands import check_out
@@ -156,6 +157,22 @@ def entry(argv=None) -> int:
     one ``pdmd: error: ...`` line and exits 2; Ctrl-C exits 130. Any other exception is a bug in pdmd and keeps
     its traceback."""
     args = build_parser().parse_args(argv)  # argparse's errors: one line and exit 2 (_Parser.error)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _entry(args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A config warning (an old field name) as one ``pdmd: warning:`` line; others as Python shows them."""
+    from pdmd.config import ConfigWarning
+
+    if issubclass(category, ConfigWarning):
+        print(f"pdmd: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _entry(args) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:

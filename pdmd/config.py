@@ -12,7 +12,20 @@ field (``pdmd.config_aliases``). ``python -m pdmd.config --markdown`` prints the
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m pdmd.config --markdown: run by the module pdmd.config itself (one copy)
+    import sys
+
+    from pdmd.config import markdown
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m pdmd.config --markdown   (prints the config field table of docs/config.md)")
+    print(markdown(), end="")
+    sys.exit(0)
+
+import json
 import re
+import types
+import typing
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -218,33 +231,44 @@ def markdown() -> str:
     """The field table of docs/config.md, generated from the schema (tests/test_trainer_config.py checks it)."""
     out = []
     for section, field in RunConfig.model_fields.items():
-        cls = field.annotation if isinstance(field.annotation, type) else None
-        if cls is None or not issubclass(cls, BaseModel):
+        ann = field.annotation  # a section, or an optional one (model, data)
+        cls = next((a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cls is None:
             continue
         out += [f"### `{section}`", "", cls.__doc__.strip(), "", "| field | type | default | meaning |", "|---|---|---|---|"]
         for name, f in cls.model_fields.items():
-            out.append(f"| `{section}.{name}` | {_type_name(f.annotation)} | {_default(f)} | {f.description} |")
+            out.append(f"| `{section}.{name}` | {_type_name(f.annotation)} | {_default(f)} | {_cell(f.description)} |")
         out.append("")
-    top = [f"| `{n}` | {_type_name(f.annotation)} | {_default(f)} | {f.description} |"
+    top = [f"| `{n}` | {_type_name(f.annotation)} | {_default(f)} | {_cell(f.description)} |"
            for n, f in RunConfig.model_fields.items() if f.description]
-    return "\n".join(["### top level", "", "| field | type | default | meaning |", "|---|---|---|---|", *top, "", *out])
+    from pdmd.config_aliases import CONVERTED, RENAMED
+
+    old = [f"| `{o}` | `{n}` | same value |" for o, n in RENAMED.items()]
+    old += [f"| `{o}` | `{n}` | {how} |" for o, (n, _, how) in CONVERTED.items()]
+    return "\n".join(["### top level", "", "| field | type | default | meaning |", "|---|---|---|---|", *top, "", *out,
+                      "### old names (read until the next release, with a warning)", "",
+                      "| old name | new field | value |", "|---|---|---|", *old, ""])
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def _type_name(tp) -> str:
-    text = re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", str(tp).replace("typing.", ""))
-    return re.sub(r"<class '(\w+)'>", r"\1", text).replace(" | NoneType", " \\| null").replace("|", "\\|").replace("\\\\|", "\\|")
+    """int, float, list[float], str or null, ... as a YAML user reads them."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return tp.__name__
 
 
 def _default(f) -> str:
     if f.is_required():
         return "required"
     v = f.get_default(call_default_factory=True)
-    return "null" if v is None else f"`{v}`" if not isinstance(v, BaseModel) else "-"
+    return f"`{v}`" if isinstance(v, str) else f"`{json.dumps(v)}`"
 
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] != ["--markdown"]:
-        sys.exit("usage: python -m pdmd.config --markdown   (prints the config field table of docs/config.md)")
-    print(markdown(), end="")

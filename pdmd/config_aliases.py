@@ -197,6 +197,11 @@ def apply_overrides(data: dict, overrides) -> dict[str, str]:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
         finally:
             loader.dispose()
+        new = _OLD[key][0] if key in _OLD else key
+        for other in [new, *(o for o, (n, _, _) in _OLD.items() if n == new)]:  # the override replaces the field,
+            sec, _, name = other.partition(".")                              # whichever name the file used
+            if other != key and isinstance(data.get(sec), dict):
+                data[sec].pop(name, None)
         try:
             _put(data, key, value)
         except ConfigError as e:
