@@ -16,10 +16,10 @@ def test_appendix_c_settings(name):
     c = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     assert c["distill"]["batch_size"] == 64 and c["distill"]["fake_updates_per_generator_update"] == 5
     assert (c["generator"]["lora_rank"], c["generator"]["lora_alpha"], c["generator"]["lr"]) == (64, 8, 5e-5)
-    assert c["fake"]["full_parameters"] is True and c["fake"]["lr"] == 4e-7
+    assert c["fake"]["kind"] == "full" and c["fake"]["lr"] == 4e-7
     assert c["generator"]["betas"] == c["fake"]["betas"] == [0.0, 0.999]
-    steps, bounds = c["distill"]["steps"], c["distill"]["phase_boundaries"]
-    assert len(steps) == 4 and len(bounds) == 1 and steps[0] == 1.0 and bounds[0] in steps
+    steps, bounds = c["distill"]["timesteps"][:-1], c["distill"]["phase_boundaries"]
+    assert c["distill"]["timesteps"][-1] == 0.0 and len(steps) == 4 and len(bounds) == 1 and steps[0] == 1.0 and bounds[0] in steps
     assert steps == sorted(steps, reverse=True)
     for f, h, w in c["data"]["resolutions"]:
         assert h % 16 == 0 and w % 16 == 0 and (f - 1) % 4 == 0

@@ -33,7 +33,7 @@ class PhaseMixin:
         d = self.cfg.distill
         self.phase = p
         s = self.plan.boundaries[p + 1]
-        lora_fake = d.fake_kind == "lora"
+        lora_fake = self.cfg.fake.kind == "lora"
         # the fake score is the teacher at phase start on all of (s, 1] and is trained on all of it: the parts of the
         # teacher it runs there (Wan 2.2 A14B's last phase: both transformers) are the parts it trains
         gen_params = self.experts.train_only([expert_name(p + 1)] + (["fake"] if lora_fake else []), phase=p + 1,
@@ -52,15 +52,16 @@ class PhaseMixin:
             self.fake = DenoiserView(self.fake_module, self.prediction, self.schedule, self.experts.null_cond,
                                      self._autocast)
         self.gen_params, self.fake_params = gen_params, fake_params
-        self.opt_gen = self._optimizer(d.optimizer_generator, gen_params, d.lr_generator, p)
-        self.opt_fake = self._optimizer(d.optimizer_fake, fake_params, d.lr_fake, p)
+        g, f = self.cfg.generator, self.cfg.fake
+        self.opt_gen = self._optimizer(g.optimizer, gen_params, g.lr, p)
+        self.opt_fake = self._optimizer(f.optimizer, fake_params, f.lr, p)
         self.pools = {}  # resolution index -> BoundaryPool, made when first drawn
         self.boundary = self.plan.boundaries[p + 1]
 
     def _optimizer(self, name: str, params, lr: float, phase: int):
-        d = self.cfg.distill
+        g = self.cfg.generator
         kw = {"seed": self.cfg.seed * 1000 + phase} if name == "adamw8bit-v" else {}  # its rounding bits
-        return build_optimizer(name, params, lr, d.betas, d.weight_decay, **kw)
+        return build_optimizer(name, params, lr, g.betas, g.weight_decay, **kw)
 
     @property
     def fake_owner(self):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pdmd.config import RunConfig, from_dict
 from pdmd.core.phase import split_steps
-from pdmd.core.sampler import make_plan
+from pdmd.core.sampler import make_step_plan
 from pdmd.runtime import checkpoint
 from pdmd.runtime.checkpoint import CHECKPOINT, DCP_DIR, CheckpointError
 from pdmd.runtime.rundir import candidates, warn
@@ -39,7 +39,7 @@ def check_config(cfg: RunConfig, stored: dict, path, step: int | None = None, ig
     mine, theirs = cfg.to_dict(), from_dict(stored).to_dict()
     if mine["seed"] != theirs["seed"]:
         raise ValueError(f"config field seed is {mine['seed']} but the checkpoint {path} was made with {theirs['seed']}")
-    for section in ("teacher", "distill"):
+    for section in ("teacher", "distill", "generator", "fake"):
         for key, v in theirs[section].items():
             if key not in ("max_steps", *RESUME_OK, *ignore) and mine[section][key] != v:
                 raise ValueError(f"config field {section}.{key} is {mine[section][key]!r} but the checkpoint "
@@ -48,7 +48,7 @@ def check_config(cfg: RunConfig, stored: dict, path, step: int | None = None, ig
     if old_n == new_n or step is None:
         return None
     d = cfg.distill
-    n_phases = make_plan(d.method, d.timesteps, d.phase_boundaries).n_phases
+    n_phases = make_step_plan(d.method, d.timesteps, d.phase_boundaries).n_phases
     old, new = split_steps(old_n, n_phases), split_steps(new_n, n_phases)
     if old == new:
         return None

@@ -8,7 +8,7 @@ The state (a nested dict of tensors and plain values)::
     nonfinite: total, run          skipped updates, in all and in a row
     rng: main, rollout, pool       the trainer's generators; torch (CPU); cuda (the device's, on CUDA)
     adapter: {name: tensor}        every LoRA adapter (experts; the LoRA fake score), by its name in the peft model
-    fake: {name: tensor}           the full fake score (fake_kind: full), once a phase started
+    fake: {name: tensor}           the full fake score (fake.kind: full), once a phase started
     optim: generator, fake         the optimisers' own state dicts (by parameter name under FSDP2)
     pools: {resolution: ...}       each boundary pool's fill RNG state and global cursor
 

@@ -34,7 +34,7 @@ from pdmd.core.nonfinite import host_ints, host_values
 from pdmd.core.phase import PhaseMixin, split_steps
 from pdmd.core.pool import BoundaryPool, cat_cond_all, index_cond
 from pdmd.core.resume import check_config, resume_point
-from pdmd.core.sampler import Plan, ddim_step, make_plan
+from pdmd.core.sampler import StepPlan, ddim_step, make_step_plan
 from pdmd.core.state import StateMixin
 from pdmd.core.updates import NonFiniteError, UpdatesMixin
 from pdmd.runtime.checkpoint import CHECKPOINT, stored_step
@@ -72,7 +72,7 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
         self.par.local(d.batch_size)  # ValueError unless the global batch splits evenly over the ranks
         self.progress, self.plot_fn = progress, plot_fn
         self.device = torch.device(cfg.device)
-        self.plan: Plan = make_plan(d.method, d.timesteps, d.phase_boundaries)
+        self.plan: StepPlan = make_step_plan(d.method, d.timesteps, d.phase_boundaries)
         self.phase_lengths = split_steps(d.max_steps, self.plan.n_phases)
         if cfg.teacher.guidance_scale_low is not None and not hasattr(teacher, "high_noise"):
             raise ValueError("teacher.guidance_scale_low applies to a two-transformer teacher (Wan 2.2 A14B), "
@@ -82,9 +82,9 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
         self._autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if d.bf16 else nullcontext
         # a full fake score is a copy of the whole teacher, reloaded from it at each phase start: it must equal the
         # teacher on all of (s, 1], which for Wan 2.2 A14B is the switched pair of transformers, not the phase's own
-        self.fake_module = copy.deepcopy(teacher).requires_grad_(False) if d.fake_kind == "full" else None
-        self.experts = Experts(teacher, self.plan.n_phases, d.lora_rank, d.lora_alpha,
-                               d.fake_lora_rank if d.fake_kind == "lora" else None, seed=cfg.seed,
+        self.fake_module = copy.deepcopy(teacher).requires_grad_(False) if cfg.fake.kind == "full" else None
+        self.experts = Experts(teacher, self.plan.n_phases, cfg.generator.lora_rank, cfg.generator.lora_alpha,
+                               cfg.fake.lora_rank if cfg.fake.kind == "lora" else None, seed=cfg.seed,
                                autocast=self._autocast)
         self.layout = apply_layout(self)  # dtype casts, checkpointing, compile: before FSDP2 sharding
         self.par.shard_module(self.experts.module)  # after the adapters are injected
@@ -189,12 +189,12 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
         """r fake updates then one generator update. ``plain=True`` is the reference schedule of work
         (a full rollout from noise for every fake update, no pool): same updates, more compute."""
         d, B = self.cfg.distill, self.cfg.distill.batch_size
-        n_fake = d.fake_updates * d.grad_accum * B
+        n_fake = d.fake_updates_per_generator_update * d.grad_accum * B
         if len(self.shapes) > 1:  # one resolution per iteration, drawn from the run's RNG (same on every rank)
             self.shape_index = host_ints(torch.randint(len(self.shapes), (1,), generator=self.gens["main"]))[0]
         if plain:
             parts = []
-            for _ in range(d.fake_updates * d.grad_accum):
+            for _ in range(d.fake_updates_per_generator_update * d.grad_accum):
                 x, c = self.rollout(B, grad=False)
                 self._finish(x, c)
                 parts.append((x, c))
@@ -204,7 +204,7 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
         fl, fn, per = [], [], self.par.local(d.grad_accum * B)
         self._pending = []
         try:
-            for r in range(d.fake_updates):
+            for r in range(d.fake_updates_per_generator_update):
                 sl = slice(r * per, (r + 1) * per)
                 loss, norm, _ = self.fake_update(x_all[sl], index_cond(c_all, sl))
                 fl.append(loss), fn.append(norm)
@@ -220,7 +220,7 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
             vals = host_values([*losses.unbind(), *fn, gn, *flags])
         finally:
             self._pending = None
-        r = d.fake_updates
+        r = d.fake_updates_per_generator_update
         self._count([v > 0 for v in vals[2 * r + 3:]], whats)
         self.step += 1
         return {"loss_fake": sum(vals[:r]) / r, "grad_norm_fake": max(vals[r + 2:2 * r + 2]), "loss_gen": vals[r],
@@ -256,7 +256,7 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
     def _progress(self, stop: int):
         """``log.jsonl`` (rank 0) and the progress bar; yields ``record(rec, phase, clock)`` for each iteration."""
         d = self.cfg.distill
-        samples = (d.fake_updates + 1) * d.grad_accum * d.batch_size
+        samples = (d.fake_updates_per_generator_update + 1) * d.grad_accum * d.batch_size
         self.out.mkdir(parents=True, exist_ok=True)
         if self.par.is_main:  # records past the checkpoint's step (and a torn last line) are dropped: none twice
             trim_log(self.out / "log.jsonl", self.step)
@@ -287,7 +287,7 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
 
     def _check_skipped(self) -> None:
         d = self.cfg.distill
-        updates = self.step * (d.fake_updates + 1)  # each iteration: r fake updates and one generator update
+        updates = self.step * (d.fake_updates_per_generator_update + 1)  # each iteration: r fake updates and one generator update
         if updates and self.nonfinite_total > d.max_nonfinite_share * updates:
             raise NonFiniteError(
                 f"{self.nonfinite_total} of {updates} updates ({self.nonfinite_total / updates:.1%}) were skipped as "

@@ -62,7 +62,7 @@ def _checkpointed(inner):
 
 
 def apply_layout(trainer) -> dict:
-    """Apply ``distill.frozen_dtype``, ``fake_dtype``, ``activation_checkpointing`` and ``compile`` to a
+    """Apply ``distill.frozen_dtype``, ``fake.dtype``, ``activation_checkpointing`` and ``compile`` to a
     ``PhasedDMDTrainer``'s models (the shared teacher module with its experts, and a full fake score)."""
     from pdmd.runtime.compile import compile_regions
 
@@ -70,7 +70,7 @@ def apply_layout(trainer) -> dict:
     base, fake = trainer.experts.module, trainer.fake_module
     info = {"frozen_cast": cast_frozen(base, TORCH_DTYPES[d.frozen_dtype])}
     if fake is not None:
-        fake.to(TORCH_DTYPES[d.fake_dtype])
+        fake.to(TORCH_DTYPES[trainer.cfg.fake.dtype])
     models = [base] + ([fake] if fake is not None else [])
     if d.activation_checkpointing:
         info["checkpointed_blocks"] = sum(len(checkpoint_blocks(m)) for m in models)
