@@ -177,7 +177,7 @@ class DataConfig(_Section):
     """Prompts of a real-model run (training is data-free)."""
     prompts: str = _f(..., "text file, one prompt per line")
     prompt_cache: str = _f(..., "folder written once by pdmd encode-prompts")
-    max_sequence_length: Int | None = _f(None, "Wan: tokens per prompt (WanPipeline pads to 512)")
+    max_sequence_length: Int | None = _f(None, "tokens per prompt for the families whose text encoder pads to a length (see docs/models.md)")
     negative_prompt: str | None = _f(None, "the teacher's negative prompt for CFG")
     resolutions: list[list[Int]] = _f(..., "(frames, height, width) pixels; one is drawn per iteration")
 

@@ -41,12 +41,11 @@ def test_qwen_shift_resolution_is_a_training_resolution():
 def test_sd3_config_is_a_valid_run_of_the_sd3_family():
     """Maps onto the trainer's RunConfig; its shift is SD3.5's scheduler shift; its resolutions make latents; its
     planner shape exists."""
+    from pdmd.config import load_config
     from pdmd.models import get_spec
-    from pdmd.pipeline.real import real_config
     from pdmd.tools.planner import ARCHS
 
-    c = yaml.safe_load((CONFIGS / "sd3.5-medium.yaml").read_text())
-    rc = real_config(c)
-    assert rc.kind == "sd3" and rc.shift == 3.0 and rc.max_sequence_length == 256
-    assert rc.run.distill.timesteps == [1.0, 0.75, 0.5, 0.25, 0.0] and rc.run.distill.phase_boundaries == [0.5]
-    assert get_spec(rc.kind).plan is not None and "sd3.5-medium" in ARCHS
+    cfg = load_config(CONFIGS / "sd3.5-medium.yaml")
+    assert cfg.model.kind == "sd3" and cfg.model.shift == 3.0 and cfg.data.max_sequence_length == 256
+    assert cfg.distill.timesteps == [1.0, 0.75, 0.5, 0.25, 0.0] and cfg.distill.phase_boundaries == [0.5]
+    assert get_spec(cfg.model.kind).plan is not None and "sd3.5-medium" in ARCHS

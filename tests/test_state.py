@@ -92,7 +92,7 @@ def test_state_dict_before_any_phase_round_trips(tmp_path):
 
 def test_a_state_of_another_run_is_refused(tmp_path):
     sd = toy(tmp_path / "a", fake_kind="lora", fake_lora_rank=2).state_dict()
-    with pytest.raises(ValueError, match="distill.fake_kind is 'full' but the checkpoint the given state"):
+    with pytest.raises(ValueError, match="fake.kind is 'full' but the checkpoint the given state"):
         toy(tmp_path / "b").load_state_dict(sd)
     sd["config"] = toy(tmp_path / "c").cfg.to_dict()  # the config passes, the adapters still differ
     with pytest.raises(ValueError, match=r"state adapter weights .*fake.* differ"):
