@@ -47,11 +47,25 @@ def _guarded(cmd: str, fn) -> int | dict:
         return _interrupted(cmd, e)
 
 
-def distill(args) -> int:
-    from pdmd.pipeline import run
+def run_task(cfg, out, resume: bool = False, progress: bool = True) -> dict:
+    """``pdmd distill``: the config's task (a real model: a ``model:`` section; digits; the toy) through ``run``.
+    Each task's entry point is looked up here, at call time, so a test may replace it."""
+    if cfg.is_real:
+        from pdmd.pipeline import real
 
+        return real.distill_real(cfg, out, resume=resume, progress=progress)
+    if cfg.task == "digits":
+        from pdmd.demos import digits
+
+        return digits.distill_digits(cfg, out, resume, progress)
+    from pdmd.demos import distill as toy
+
+    return toy.distill(cfg, out, resume=resume, progress=progress)
+
+
+def distill(args) -> int:
     cfg = load_args_config(args)
-    r = _guarded("distill", lambda: run.distill(cfg, args.out, resume=args.resume, progress=not args.quiet))
+    r = _guarded("distill", lambda: run_task(cfg, args.out, resume=args.resume, progress=not args.quiet))
     if isinstance(r, int):
         return r
     if cfg.is_real:

@@ -4,7 +4,7 @@ train, then the task's export and report.
 A task supplies ``Hooks``: how to get its teacher and condition source (``setup``), what to check before any
 work (``check``), and what to do with the trained experts (``finish``: the toy and digits evaluate and write a
 report, a real model exports diffusers LoRA files). ``pdmd.demos.distill`` (toy), ``pdmd.demos.digits`` and
-``pdmd.pipeline.real`` hold those hooks; ``distill`` picks the task from the config.
+``pdmd.pipeline.real`` hold those hooks; ``pdmd.commands.run_task`` picks the task from the config.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pdmd.core.trainer import PhasedDMDTrainer, resume_point
 from pdmd.runtime.parallel import Parallel, from_env
 from pdmd.runtime.rundir import hold
 
-__all__ = ["Hooks", "run", "train", "distill"]
+__all__ = ["Hooks", "run", "train"]
 
 
 class Hooks:
@@ -72,19 +72,3 @@ def run(cfg: RunConfig, out, hooks: Hooks, resume: bool = False, progress: bool 
         cfg, teacher, task = hooks.setup(cfg, out, par, progress)
         trainer, seconds = train(cfg, teacher, task, out, ckpt, progress, par, hooks.plot_fn)
         return hooks.finish(cfg, trainer, out, par, {"start": start, "distillation": seconds})
-
-
-def distill(cfg: RunConfig, out, resume: bool = False, progress: bool = True) -> dict:
-    """``pdmd distill``: the config's task (a real model: a ``model:`` section; digits; the toy) through ``run``.
-    Each task's entry point is looked up here, at call time, so a test may replace it."""
-    if cfg.is_real:
-        from pdmd.pipeline import real
-
-        return real.distill_real(cfg, out, resume=resume, progress=progress)
-    if cfg.task == "digits":
-        from pdmd.demos import digits
-
-        return digits.distill_digits(cfg, out, resume, progress)
-    from pdmd.demos import distill as toy
-
-    return toy.distill(cfg, out, resume=resume, progress=progress)
