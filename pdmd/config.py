@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["TeacherConfig", "DistillConfig", "EvalConfig", "RunConfig", "METHODS", "TASKS", "ConfigError",
+__all__ = ["TeacherConfig", "DistillConfig", "EvalConfig", "MemoryConfig", "RunConfig", "METHODS", "TASKS", "ConfigError",
            "load_yaml", "load_config", "from_dict", "require_device"]
 
 METHODS = ("dmd", "dmd_sgts", "phased", "phased_sgts")
@@ -192,6 +192,16 @@ class DistillConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     compile: bool = False  # torch.compile each repeated block (the whole module if it has none)
     compile_backend: str = "inductor"
+    # the fake score's gradient clipping: "global" (distill.grad_clip on the global norm, two-pass step) or "off";
+    # memory.recipe step_in_backward needs "off" (the global norm is known only after the last update)
+    fake_grad_clip: str = "global"
+
+
+@dataclass
+class MemoryConfig:
+    """Memory switches (pdmd/runtime/fp8.py, offload.py; docs/memory.md): a list of
+    ``pdmd.tools.recipe.SWITCHES``, "auto" (the planner's cheapest recipe that fits the GPU) or "none"."""
+    recipe: str | list[str] = "none"
 
 
 @dataclass
@@ -210,6 +220,7 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -223,11 +234,16 @@ class RunConfig:
 def _coerce(name: str, value, tp):
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):  # X | None
-        if value is None:
+    if origin in (typing.Union, types.UnionType):  # X | None, or str | list[str]
+        if value is None and type(None) in typing.get_args(tp):
             return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(name, value, inner)
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        for a in inner[:-1]:  # the alternatives in order; the last one's error is the one reported
+            try:
+                return _coerce(name, value, a)
+            except ConfigError:
+                pass
+        return _coerce(name, value, inner[-1])
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{name} must be a mapping, got {type(value).__name__}", name)
@@ -346,6 +362,11 @@ def validate(cfg: RunConfig) -> RunConfig:
            "rounding) or fake_dtype float32")
     _check(d.compile_backend in ("inductor", "aot_eager", "eager"), "distill.compile_backend",
            f"must be 'inductor', 'aot_eager' or 'eager', got {d.compile_backend!r}")
+    _check(d.fake_grad_clip in ("global", "off"), "distill.fake_grad_clip",
+           f"must be 'global' or 'off', got {d.fake_grad_clip!r}")
+    from pdmd.tools.recipe import check_recipe
+
+    check_recipe(cfg)
     lo_hi = d.dmd_t_range
     _check(lo_hi is None or (len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 1), "distill.dmd_t_range",
            f"must be null (all of (s, 1]) or [lo, hi] with 0 <= lo < hi <= 1, got {lo_hi}")

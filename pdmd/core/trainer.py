@@ -32,6 +32,7 @@ from pdmd.config import RunConfig, from_dict
 from pdmd.runtime.compile import StepClock
 from pdmd.core.experts import DenoiserView, Experts, base_state, cat_cond, expert_name, parts_above
 from pdmd.runtime.layout import apply_layout
+from pdmd.runtime.memory import fake_update_in_backward, grad_norm, resolve_recipe
 from pdmd.runtime.optim import build_optimizer
 from pdmd.runtime.parallel import DCP_DIR, MANIFEST, Parallel, gathered, load_checkpoint, save_checkpoint
 from pdmd.runtime.rundir import candidates, install, log_line, trim_log, warn
@@ -155,7 +156,8 @@ class PhasedDMDTrainer:
         self.experts = Experts(teacher, self.plan.n_phases, d.lora_rank, d.lora_alpha,
                                d.fake_lora_rank if d.fake_kind == "lora" else None, seed=cfg.seed,
                                autocast=self._autocast)
-        self.layout = apply_layout(self)  # dtype casts, checkpointing, compile: before FSDP2 sharding
+        self.memory = resolve_recipe(cfg, teacher, task, self.par)  # memory.recipe: the switches to apply
+        self.layout = apply_layout(self)  # dtype casts, FP8, offload, checkpointing, compile: before FSDP2 sharding
         self.par.shard_module(self.experts.module)  # after the adapters are injected
         if self.fake_module is not None:
             self.par.shard_module(self.fake_module)  # same sharding as the teacher: local copies at phase starts
@@ -256,7 +258,9 @@ class PhasedDMDTrainer:
             gen_params = [q for q in gen_params if all(q is not f for f in fake_params)]
             self.fake = self.experts.view("fake")
         else:
-            self.fake_module.load_state_dict(base_state(self.experts.module))
+            # with fp8_base the base holds FP8 copies: the fake score starts from the bf16 source weights instead
+            source = self.layout.get("fake_source")
+            self.fake_module.load_state_dict(source if source is not None else base_state(self.experts.module))
             self.fake_module.requires_grad_(False)
             fake_params = [q for part in parts_above(self.fake_module, s) for q in part.parameters()]
             for q in fake_params:
@@ -266,6 +270,10 @@ class PhasedDMDTrainer:
         self.gen_params, self.fake_params = gen_params, fake_params
         self.opt_gen = self._optimizer(d.optimizer_generator, gen_params, d.lr_generator, p)
         self.opt_fake = self._optimizer(d.optimizer_fake, fake_params, d.lr_fake, p)
+        if "step_in_backward" in self.memory:  # updates during backward (pdmd.runtime.memory)
+            for h in getattr(self, "_fake_hooks", []):
+                h.remove()
+            self._fake_hooks = self.opt_fake.step_in_backward(skip_nonfinite=True)
         self.pools = {}  # resolution index -> BoundaryPool, made when first drawn
         self.boundary = self.plan.boundaries[p + 1]
 
@@ -347,11 +355,17 @@ class PhasedDMDTrainer:
                 x = self._step(self.plan.phase_of_step(i), x, i, i + 1, cond)
 
     # ------------------------------------------------------------------ updates
-    def _apply(self, opt, params, ok: bool, what: str):
-        """Clip, check and step; a non-finite loss or gradient skips the update and is counted."""
-        norm = self.par.clip_grad_norm_(params, self.cfg.distill.grad_clip) if ok else torch.tensor(float("nan"))
+    def _apply(self, opt, params, ok: bool, what: str, in_backward: bool = False):
+        """Clip, check and step; a non-finite loss or gradient skips the update and is counted. ``in_backward``: the
+        optimizer already stepped during backward (``fake_update_in_backward`` gives its norm and whether all was finite)."""
+        if in_backward:
+            norm, ok = fake_update_in_backward(opt, self.par, ok)
+        elif self.cfg.distill.fake_grad_clip == "off" and opt is self.opt_fake:
+            norm = grad_norm(params) if ok else torch.tensor(float("nan"))
+        else:
+            norm = self.par.clip_grad_norm_(params, self.cfg.distill.grad_clip) if ok else torch.tensor(float("nan"))
         ok = ok and bool(torch.isfinite(norm))
-        if ok:
+        if ok and not in_backward:
             opt.step()
             self.nonfinite_run = 0
         else:
@@ -373,6 +387,9 @@ class PhasedDMDTrainer:
         d, B = self.cfg.distill, self.cfg.distill.batch_size
         b, s = self.par.local(B), self.boundary
         total, ok = 0.0, True
+        in_backward = "step_in_backward" in self.memory
+        if in_backward:
+            self.opt_fake.reset_backward_stats()
         for a in range(d.grad_accum):
             xs, c = x_s[a * b:(a + 1) * b], _index_cond(cond, slice(a * b, (a + 1) * b))
             t = (s + (1 - s) * (1 - self._rand(B))).clamp_min(s + 1e-4)
@@ -391,7 +408,7 @@ class PhasedDMDTrainer:
                 break
             (loss / d.grad_accum).backward()
             total += loss.item() / d.grad_accum
-        norm, ok = self._apply(self.opt_fake, self.fake_params, ok, "fake-score")
+        norm, ok = self._apply(self.opt_fake, self.fake_params, ok, "fake-score", in_backward)
         return total, norm, ok
 
     def dmd_band(self, s: float) -> tuple[float, float]:
