@@ -90,7 +90,7 @@ def _in_block(name: str) -> bool:
 
 def recipe_memory(model, switches=(), gpus: int = 1, gpu_mem: float = 80.0, **plan_kw) -> dict:
     """Modelled bytes per GPU of our layout under ``switches`` (checkpointing on): components, "total", "fits",
-    "host" (pinned host memory per GPU) and "traffic" (host<->GPU bytes per forward-and-backward pass)."""
+    "host" (host memory per GPU: offloaded tensors, and with fp8_base the fake score's bf16 source) and "traffic" (host<->GPU bytes per forward-and-backward pass)."""
     switches = set(switches)
     bad = switches - set(SWITCHES)
     if bad:
@@ -121,7 +121,9 @@ def recipe_memory(model, switches=(), gpus: int = 1, gpu_mem: float = 80.0, **pl
         host = base_total / n
     else:
         base_gpu, host = base_total / n, 0.0
-    fake_grads = 2 * (block_bf16 if "step_in_backward" in switches else P) / n
+    if "fp8_base" in switches:  # the bf16 source the fake score restarts from at each phase, kept on the host
+        host += 2 * P / n
+    fake_grads = (block_bf16 if "step_in_backward" in switches else 2 * P) / n  # block_bf16 is in bytes
     expert_grads = 4 * L / n
     fsdp = 3 * block_bf16 if n > 1 else 0
     comp = {
@@ -172,9 +174,9 @@ def format_recipes(model, gpus: int = 1, gpu_mem: float = 80.0, allowed=SWITCHES
     limit = (1 - HEADROOM) * gpu_mem
     lines = ["", f"memory recipes (ours, checkpointing; fits = total <= {limit:g} GiB, {int((1 - HEADROOM) * 100)} % of "
              f"{gpu_mem:g} GiB), cheapest first:",
-             f"  {'switches':<62}{'GiB':>8}{'fits':>6}{'host GiB':>10}{'traffic GiB':>13}"]
+             f"  {'switches':<66}{'GiB':>8}{'fits':>6}{'host GiB':>10}{'traffic GiB':>13}"]
     for r in every:
-        lines.append(f"  {name(r):<62}{g(r['total'])}{'yes' if r['fits'] else 'no':>6}{g(r['host']):>10}"
+        lines.append(f"  {name(r):<66}{g(r['total'])}{'yes' if r['fits'] else 'no':>6}{g(r['host']):>10}"
                      f"{g(r['traffic']):>13}")
     if best is None:
         lines.append(f"verdict: does not fit on {gpus} x {gpu_mem:g} GiB with any recipe (smallest: "
