@@ -149,3 +149,20 @@ def test_resolve_recipe_explicit_auto_on_cpu_and_the_models_arch(diffusers_model
     arch = arch_of(teacher)
     assert sum(math.prod(s) for _, s, _ in param_shapes(arch)) == sum(p.numel() for p in teacher.parameters())
     assert arch_of(tiny_teacher()) is None
+
+
+def test_real_model_config_takes_memory_recipe_and_fake_grad_clip():
+    from pdmd.pipeline.real import real_config
+
+    base = {"model": {"kind": "wan", "path": "/x"}, "data": {"prompts": "p.txt", "prompt_cache": "c",
+                                                            "resolutions": [[5, 32, 32]]},
+            "distill": {"steps": [1.0, 0.5], "phase_boundaries": [], "bf16": True},
+            "fake": {"optimizer": "adamw8bit-v", "betas": [0.0, 0.999], "grad_clip": "off"},
+            "generator": {"betas": [0.0, 0.999]}}
+    run = real_config({**base, "memory": {"recipe": "auto"}}).run
+    assert run.memory.recipe == "auto" and run.distill.fake_grad_clip == "off"
+    run = real_config({**base, "memory": {"recipe": ["step_in_backward", "fp8_base"]}}).run
+    assert run.memory.recipe == ["step_in_backward", "fp8_base"]
+    with pytest.raises(ConfigError) as e:
+        real_config({**base, "memory": {"recipe": ["swap"]}})
+    assert e.value.field == "memory.recipe"

@@ -40,7 +40,7 @@ _DIRECT = {
     "generator.lr": "distill.lr_generator", "generator.betas": "distill.betas",
     "generator.weight_decay": "distill.weight_decay", "fake.lr": "distill.lr_fake", "fake.lora_rank": "distill.fake_lora_rank",
     "generator.optimizer": "distill.optimizer_generator", "fake.optimizer": "distill.optimizer_fake",
-    "fake.dtype": "distill.fake_dtype",
+    "fake.dtype": "distill.fake_dtype", "fake.grad_clip": "distill.fake_grad_clip", "memory.recipe": "memory.recipe",
 }
 # fields that describe the model, the prompts and the export (typed here), and those translated by hand
 _OWN = {
@@ -105,7 +105,7 @@ def real_config(data: dict) -> RealConfig:
         if key not in _DIRECT and key not in _OWN:
             raise ConfigError(f"unknown config field {key!r} (known: {sorted(set(_DIRECT) | set(_OWN))})", key)
     hints = typing.get_type_hints(RunConfig)
-    sections = {k: typing.get_type_hints(hints[k]) for k in ("teacher", "distill")}
+    sections = {k: typing.get_type_hints(hints[k]) for k in ("teacher", "distill", "memory")}
     run: dict = {}
     back = {}  # RunConfig field -> real field, to name cross-field errors as the user wrote them
     for key, target in _DIRECT.items():
