@@ -86,7 +86,7 @@ def run(arch: Arch, device, args, recipe) -> dict:
         fake_updates=args.fake_updates, lr_generator=5e-5, lr_fake=4e-7, betas=[0.0, 0.999], bf16=True,
         optimizer_fake="adamw8bit-v", optimizer_generator="adamw", lora_rank=args.lora_rank, lora_alpha=8.0,
         pool_size=1, frozen_dtype="bfloat16", fake_dtype="bfloat16", activation_checkpointing=True,
-        fake_grad_clip="off" if "step_in_backward" in recipe else "global")))
+        fake_grad_clip="none" if "step_in_backward" in recipe else "global")))
     t0 = time.perf_counter()
     teacher = WanDenoiser(build_on_device(arch, device), ph.SHIFT)
     P = sum(p.numel() for p in teacher.parameters())

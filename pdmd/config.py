@@ -192,8 +192,8 @@ class DistillConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     compile: bool = False  # torch.compile each repeated block (the whole module if it has none)
     compile_backend: str = "inductor"
-    # the fake score's gradient clipping: "global" (distill.grad_clip on the global norm, two-pass step) or "off";
-    # memory.recipe step_in_backward needs "off" (the global norm is known only after the last update)
+    # the fake score's gradient clipping: "global" (distill.grad_clip on the global norm, two-pass step) or "none";
+    # memory.recipe step_in_backward needs "none" (the global norm is known only after the last update)
     fake_grad_clip: str = "global"
 
 
@@ -362,8 +362,8 @@ def validate(cfg: RunConfig) -> RunConfig:
            "rounding) or fake_dtype float32")
     _check(d.compile_backend in ("inductor", "aot_eager", "eager"), "distill.compile_backend",
            f"must be 'inductor', 'aot_eager' or 'eager', got {d.compile_backend!r}")
-    _check(d.fake_grad_clip in ("global", "off"), "distill.fake_grad_clip",
-           f"must be 'global' or 'off', got {d.fake_grad_clip!r}")
+    _check(d.fake_grad_clip in ("global", "none"), "distill.fake_grad_clip",
+           f"must be 'global' or 'none', got {d.fake_grad_clip!r}")
     from pdmd.tools.recipe import check_recipe
 
     check_recipe(cfg)

@@ -53,7 +53,7 @@ WAN = (lambda: WanDenoiser(tiny_wan(), shift=3.0), lambda: PromptTask((4, 1, 4, 
 # ---------------------------------------------------------------- step inside backward
 @pytest.mark.parametrize("kind", ["toy", "wan"])
 def test_step_in_backward_trajectory_is_bit_identical(tmp_path, kind):
-    """Without clipping (fake_grad_clip off) and with inactive global clipping (grad_clip 1e30 multiplies by
+    """Without clipping (fake_grad_clip none) and with inactive global clipping (grad_clip 1e30 multiplies by
     exactly 1.0), the two-pass step and the step inside backward take the same steps, bit for bit: each tensor's
     update reads only its own gradient, state and (seed, step, index) random bits."""
     make_model, make_task = TOY if kind == "toy" else WAN
@@ -61,8 +61,8 @@ def test_step_in_backward_trajectory_is_bit_identical(tmp_path, kind):
                     optimizer_fake="adamw8bit-v", betas=[0.0, 0.999])
     runs = {
         "global, inactive": with_recipe(base, "none", grad_clip=1e30),
-        "off": with_recipe(base, "none", fake_grad_clip="off", grad_clip=1e30),
-        "in backward": with_recipe(base, ["step_in_backward"], fake_grad_clip="off", grad_clip=1e30),
+        "off": with_recipe(base, "none", fake_grad_clip="none", grad_clip=1e30),
+        "in backward": with_recipe(base, ["step_in_backward"], fake_grad_clip="none", grad_clip=1e30),
     }
     out = {k: _run(tmp_path / k.replace(" ", "_").replace(",", ""), c, make_model, make_task, 2) for k, c in runs.items()}
     ref = out["global, inactive"][1]
@@ -82,12 +82,12 @@ def test_step_in_backward_trajectory_is_bit_identical(tmp_path, kind):
 
 def test_step_in_backward_refuses_global_clipping_and_accumulation():
     base = tiny_cfg(optimizer_fake="adamw8bit-v", betas=[0.0, 0.999])
-    for kw, word in ((dict(), "fake_grad_clip"), (dict(fake_grad_clip="off", grad_accum=2), "grad_accum")):
+    for kw, word in ((dict(), "fake_grad_clip"), (dict(fake_grad_clip="none", grad_accum=2), "grad_accum")):
         with pytest.raises(ConfigError, match=word) as e:
             with_recipe(base, ["step_in_backward"], **kw)
         assert e.value.field == "memory.recipe"
     with pytest.raises(ConfigError, match="optimizer_fake"):
-        with_recipe(tiny_cfg(), ["step_in_backward"], fake_grad_clip="off")
+        with_recipe(tiny_cfg(), ["step_in_backward"], fake_grad_clip="none")
     with pytest.raises(ConfigError, match="memory.recipe") as e:
         with_recipe(base, ["fp8", "step_in_backward"])
     assert e.value.field == "memory.recipe"
@@ -295,7 +295,7 @@ def test_weight_streaming_equal_results_and_weights_live_on_the_host_copy():
                                     ["step_in_backward", "activation_offload", "weight_offload"]])
 def test_trainer_iterations_equal_with_offload(tmp_path, recipe):
     base = tiny_cfg(max_steps=2, batch_size=4, fake_updates=2, pool_size=8, lr_generator=1e-2, lr_fake=1e-2,
-                    optimizer_fake="adamw8bit-v", betas=[0.0, 0.999], fake_grad_clip="off",
+                    optimizer_fake="adamw8bit-v", betas=[0.0, 0.999], fake_grad_clip="none",
                     activation_checkpointing=True)
     _, ref, _ = _run(tmp_path / "ref", with_recipe(base, "none"), *WAN, 1)
     tr, got, _ = _run(tmp_path / "off", with_recipe(base, recipe), *WAN, 1)

@@ -140,7 +140,7 @@ def test_resolve_recipe_explicit_auto_on_cpu_and_the_models_arch(diffusers_model
     from pdmd.models import WanDenoiser
     from tiny_models import tiny_wan
 
-    cfg = tiny_cfg(optimizer_fake="adamw8bit-v", betas=[0.0, 0.999], fake_grad_clip="off")
+    cfg = tiny_cfg(optimizer_fake="adamw8bit-v", betas=[0.0, 0.999], fake_grad_clip="none")
     cfg.memory.recipe = ["step_in_backward"]
     assert resolve_recipe(cfg, tiny_teacher(), None, Parallel()) == ("step_in_backward",)
     cfg.memory.recipe = "auto"
@@ -157,10 +157,10 @@ def test_real_model_config_takes_memory_recipe_and_fake_grad_clip():
     base = {"model": {"kind": "wan", "path": "/x"}, "data": {"prompts": "p.txt", "prompt_cache": "c",
                                                             "resolutions": [[5, 32, 32]]},
             "distill": {"steps": [1.0, 0.5], "phase_boundaries": [], "bf16": True},
-            "fake": {"optimizer": "adamw8bit-v", "betas": [0.0, 0.999], "grad_clip": "off"},
+            "fake": {"optimizer": "adamw8bit-v", "betas": [0.0, 0.999], "grad_clip": "none"},
             "generator": {"betas": [0.0, 0.999]}}
     run = real_config({**base, "memory": {"recipe": "auto"}}).run
-    assert run.memory.recipe == "auto" and run.distill.fake_grad_clip == "off"
+    assert run.memory.recipe == "auto" and run.distill.fake_grad_clip == "none"
     run = real_config({**base, "memory": {"recipe": ["step_in_backward", "fp8_base"]}}).run
     assert run.memory.recipe == ["step_in_backward", "fp8_base"]
     with pytest.raises(ConfigError) as e:

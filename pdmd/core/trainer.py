@@ -360,7 +360,7 @@ class PhasedDMDTrainer:
         optimizer already stepped during backward (``fake_update_in_backward`` gives its norm and whether all was finite)."""
         if in_backward:
             norm, ok = fake_update_in_backward(opt, self.par, ok)
-        elif self.cfg.distill.fake_grad_clip == "off" and opt is self.opt_fake:
+        elif self.cfg.distill.fake_grad_clip == "none" and opt is self.opt_fake:
             norm = grad_norm(params) if ok else torch.tensor(float("nan"))
         else:
             norm = self.par.clip_grad_norm_(params, self.cfg.distill.grad_clip) if ok else torch.tensor(float("nan"))

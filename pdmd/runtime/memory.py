@@ -3,12 +3,12 @@
 ``resolve_recipe`` turns the config's recipe into the switches ``pdmd.runtime.layout.apply_layout`` and the
 trainer apply: an explicit list as given; "auto" asks ``pdmd.tools.recipe.choose_recipe`` for the cheapest set
 that fits this GPU (its memory, the number of processes, the model's shape and the largest latent), among the
-switches this config allows (step_in_backward needs fake_grad_clip "off", grad_accum 1 and adamw8bit-v).
+switches this config allows (step_in_backward needs fake_grad_clip "none", grad_accum 1 and adamw8bit-v).
 
 Gradient clipping with ``step_in_backward``: off. Each tensor is updated as soon as its gradient is ready,
 before the global norm exists, so clipping by the global norm cannot be done; clipping each tensor by its own
 norm would be a different optimiser from the two-pass one and was not adopted. The config must say
-``distill.fake_grad_clip: off`` (``check_recipe`` refuses "global"), and then the two paths take bit-identical
+``distill.fake_grad_clip: none`` (``check_recipe`` refuses "global"), and then the two paths take bit-identical
 steps (tested). A non-finite gradient skips that tensor's update (the tensors already updated in the same
 backward stay updated) and counts the whole fake update as non-finite.
 """

@@ -51,9 +51,9 @@ def parse_recipe(recipe) -> tuple[str, ...] | str:
 def step_in_backward_blockers(cfg) -> list[str]:
     """Why ``step_in_backward`` cannot run with this config (empty: it can)."""
     d, out = cfg.distill, []
-    if d.fake_grad_clip != "off":
+    if d.fake_grad_clip != "none":
         out.append("distill.fake_grad_clip is 'global' (the global norm exists only after every tensor was "
-                   "updated); set it to 'off'")
+                   "updated); set it to 'none'")
     if d.grad_accum != 1:
         out.append(f"distill.grad_accum is {d.grad_accum} (each backward would update the fake score); set it to 1")
     if d.optimizer_fake != "adamw8bit-v":
