@@ -301,3 +301,20 @@ def test_trainer_iterations_equal_with_offload(tmp_path, recipe):
     tr, got, _ = _run(tmp_path / "off", with_recipe(base, recipe), *WAN, 1)
     assert tr.memory == tuple(recipe)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_activation_offload_prefetches_the_previous_block_input_not_the_shared_ones():
+    """Backward unpacks block inputs last to first: unpacking block i's starts the copy of block i-1's (skipping
+    tensors several blocks share, which are copied to the host once)."""
+    off = ActivationOffload("cpu")
+    shared = torch.randn(3, requires_grad=True)
+    xs = [torch.randn(3, requires_grad=True) for _ in range(4)]
+    with off.hooks():
+        ys = [shared * x for x in xs]  # each product saves its x, then the shared tensor
+    order = [r() for r in off._order]
+    assert off.packed == 5 and [h.shared for h in order] == [False, True, False, False, False]
+    ys[3].sum().backward()
+    assert order[3].back is not None and all(h.back is None for h in order[:3])  # x2 prefetched, nothing else
+    ys[1].sum().backward()
+    assert order[0].back is not None and order[1].back is None  # x0 (past the shared one), not the shared one
+    assert torch.equal(xs[3].grad, shared.detach()) and torch.equal(shared.grad, xs[3].detach() + xs[1].detach())

@@ -67,11 +67,12 @@ def _to_device(host: torch.Tensor, device: torch.device, stream, after=None) -> 
 class _Saved:
     """One offloaded tensor: its host copy, and its device copy while backward needs it."""
 
-    __slots__ = ("host", "device", "event", "back", "back_event", "__weakref__")
+    __slots__ = ("host", "device", "event", "back", "back_event", "shared", "__weakref__")
 
     def __init__(self, host, device, event):
         self.host, self.device, self.event = host, device, event
         self.back = self.back_event = None
+        self.shared = False  # saved by several blocks (text, time projection): never prefetched ahead
 
     def prefetch(self, stream) -> None:
         if self.back is None:
@@ -108,7 +109,9 @@ class ActivationOffload:
         refs = self._same.get(key)
         # the same live tensor object (not just the same address, which a freed tensor's successor may reuse)
         handle = refs[1]() if refs is not None and refs[0]() is t else None
-        if handle is None:
+        if handle is not None:
+            handle.shared = True
+        else:
             if len(self._order) > 4096:  # forget handles the graph has dropped (runs of many iterations)
                 self._prune()
             host, event = _to_host(t, self.stream)
@@ -135,10 +138,12 @@ class ActivationOffload:
         handle, _ = packed
         t = handle.get(self.stream)
         i = self._index.get(id(handle))
-        if i:  # start bringing back what the previous block saved: backward needs it next
-            prev = self._order[i - 1]()
-            if prev is not None and prev is not handle:
-                prev.prefetch(self.stream)
+        if i and not handle.shared:  # start bringing back the previous block's input: backward needs it next
+            for j in range(i - 1, max(-1, i - 9), -1):  # skipping the shared tensors packed in between
+                prev = self._order[j]()
+                if prev is not None and not prev.shared:
+                    prev.prefetch(self.stream)
+                    break
         return t
 
 
