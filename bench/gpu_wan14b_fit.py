@@ -5,12 +5,14 @@ in bf16, never in float32) is distilled by ``PhasedDMDTrainer.iteration`` with t
 bf16 fake score (AdamW8bitV), r = 5 fake updates per generator update, LoRA rank 64 experts, CFG teacher, phase 1
 of 2, batch 1, 512 text tokens, activation checkpointing, and ``memory.recipe`` from the planner
 (``pdmd.tools.recipe.choose_recipe`` for this GPU; ``--recipe`` overrides it). It runs ``--iters`` (>= 2) timed
-iterations after one untimed one and reports, beside the planner's figures for the same recipe and shape:
+iterations (no untimed one: each takes minutes) and reports, beside the planner's figures for the same recipe and shape:
   - peak ``torch.cuda.max_memory_allocated`` over the timed iterations (models resident) vs the planner's total
   - seconds per iteration, the iteration's model FLOPs (bench/gpu_wan_phased.py's formula, forwards counted) and
     the host<->GPU traffic the planner models per forward-and-backward pass, as context for the time.
-Expected time on an H100: setup ~1 min, one iteration ~2-3 min at 81 frames (about 37 transformer forwards of
-~1.7 PFLOP each); ``--frames 41`` halves the tokens if the 8-minute budget is short.
+Expected time on an H100 (not measured: no GPU was lent when this was written): setup ~1 min, one iteration
+~2.5 min at 81 frames (about 38 transformer forwards of ~1.7 PFLOP each at ~400 TFLOP/s), so 2 iterations in
+about 6 minutes; ``--budget`` (default 450 s) stops before an iteration that would pass it, the JSON is rewritten
+after each iteration, and ``--frames 41`` halves the tokens if the budget is short.
 
     python bench/gpu_wan14b_fit.py                 # CUDA; writes $OUT/gpu_wan14b_fit.{json,md}
     python bench/gpu_wan14b_fit.py --cpu-smoke     # tiny shape on CPU with all four switches: checks the script
@@ -48,31 +50,24 @@ def _phased():
 
 def build_on_device(arch: Arch, device) -> torch.nn.Module:
     """The diffusers Wan transformer of ``arch`` with random weights allocated on ``device`` directly in bf16
-    (float32 for diffusers' ``_keep_in_fp32_modules``): a float32 14B model would need 57 GB first."""
+    (float32 for diffusers' ``_keep_in_fp32_modules``): a float32 14B model would need 57 GB first. torch's default
+    initialisation runs in bf16 on the device; the rotary tables are made in float64 whatever the default dtype."""
     from pdmd.tools.planner import build_diffusers
 
-    model = build_diffusers(arch, "meta")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = build_diffusers(arch, device)
+    finally:
+        torch.set_default_dtype(old)
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for name, p in model.named_parameters():
-        if not any(k in name.split(".") for k in keep):
-            p.data = p.data.to(torch.bfloat16)
-    model = model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and "scale_shift_table" not in name:
-                fan_in = p[0].numel()
-                p.normal_(0.0, fan_in ** -0.5, generator=g)
-            elif name.endswith("bias"):
-                p.zero_()
-            elif "scale_shift_table" in name:
-                p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
-            else:  # norm weights
-                p.fill_(1.0)
+    for name, p in model.named_parameters():  # as diffusers loads them (and pdmd's cast_frozen leaves them)
+        if any(k in name.split(".") for k in keep):
+            p.data = p.data.float()
     return model.requires_grad_(False).eval()
 
 
-def run(arch: Arch, device, args, recipe) -> dict:
+def run(arch: Arch, device, args, recipe, start: float, partial) -> dict:
     from pdmd.config import DistillConfig, MemoryConfig, RunConfig, TeacherConfig, validate
     from pdmd.core.trainer import PhasedDMDTrainer
     from pdmd.models.wan import WanDenoiser
@@ -97,13 +92,37 @@ def run(arch: Arch, device, args, recipe) -> dict:
     log.watch(tr.experts.phase_module(1).transformer, "expert")
     log.watch(tr.fake_module.transformer, "full")
     ph._sync(device)
-    setup_s = time.perf_counter() - t0
-    res = ph.measure(tr.iteration, device, args.iters, warmup=1)
-    fwd = lambda b: ph.forward_flops(arch, b, S, args.text_tokens)  # noqa: E731
-    res = ph.finish(res, log, fwd, {"full": 2, "expert": 1}, P, args.iters + 1, device)
     layout = {k: v for k, v in tr.layout.items() if isinstance(v, (int, float, str))}
-    res.update(setup_s=setup_s, base_params=P, video_tokens=S, latent=[1, *latent], recipe=list(tr.memory),
-               layout=layout, nonfinite_skipped=tr.nonfinite_total)
+    res = {"setup_s": time.perf_counter() - t0, "base_params": P, "video_tokens": S, "latent": [1, *latent],
+           "recipe": list(tr.memory), "layout": layout, "iteration_times_s": []}
+    if device.type == "cuda":
+        res["setup_peak_GiB"] = torch.cuda.max_memory_allocated() / GiB
+        res["resident_GiB"] = torch.cuda.memory_allocated() / GiB
+        torch.cuda.reset_peak_memory_stats()  # the peak over the iterations, models resident
+    partial(res)
+    fwd = lambda b: ph.forward_flops(arch, b, S, args.text_tokens)  # noqa: E731
+    # no untimed warm-up: at 81 frames one iteration takes minutes; the first one's extra cost (optimizer state,
+    # kernel selection) is visible in iteration_times_s
+    for i in range(args.iters):
+        times = res["iteration_times_s"]
+        left = args.budget - (time.time() - start)
+        if times and left < times[-1] * 1.1:
+            res["stopped"] = f"{len(times)} iteration(s) done; the next would pass --budget {args.budget:.0f} s"
+            break
+        t = time.perf_counter()
+        tr.iteration()
+        ph._sync(device)
+        times.append(time.perf_counter() - t)
+        n = len(times)
+        flops = log.flops(fwd, {"full": 2, "expert": 1}) / n
+        res.update(iteration_s=sum(times) / n, model_flops_per_iteration=flops,
+                   tflops_per_s=flops / (sum(times) / n) / 1e12, nonfinite_skipped=tr.nonfinite_total)
+        if device.type == "cuda":
+            res["peak_GiB"] = torch.cuda.max_memory_allocated() / GiB
+            name = torch.cuda.get_device_name()
+            peak = next((v for k, v in ph.PEAK_TFLOPS if k in name), None)
+            res["mfu"] = res["tflops_per_s"] / peak if peak else None
+        partial(res)
     if device.type == "cuda":
         res["peak_reserved_GiB"] = torch.cuda.max_memory_reserved() / GiB
     del tr, teacher
@@ -139,7 +158,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--text-tokens", type=int, default=512)
     ap.add_argument("--fake-updates", type=int, default=5)
     ap.add_argument("--lora-rank", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=2, help="timed phased iterations (no untimed warm-up)")
+    ap.add_argument("--budget", type=float, default=450.0, help="seconds for everything; stops before an "
+                    "iteration that would pass it (bench/gpu_all.sh gives the script 480 s)")
     ap.add_argument("--recipe", default="auto", help=f"'auto' (the planner's choice) or a comma list of {SWITCHES}")
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     args = ap.parse_args(argv)
@@ -166,6 +187,12 @@ def main(argv=None) -> dict:
     pred = recipe_memory(arch, recipe, 1, gib, **plan_kw)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+
+    def partial(res):  # after each iteration: a timeout still leaves the figures so far
+        r["result"] = res
+        (out / "gpu_wan14b_fit.json").write_text(json.dumps(r, indent=2, default=str))
+
     r = {"model": arch.name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
          "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
          "command": "python bench/gpu_wan14b_fit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -175,11 +202,12 @@ def main(argv=None) -> dict:
                      "traffic_GiB": pred["traffic"] / GiB,
                      "components_GiB": {k: v / GiB for k, v in pred["components"].items()}}}
     try:
-        r["result"] = run(arch, device, args, recipe)
+        r["result"] = run(arch, device, args, recipe, start, partial)
     except BaseException as e:  # OOM included: the figures so far and the error are the result
         if isinstance(e, KeyboardInterrupt):
             raise
-        r["result"] = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-3000:]}
+        r["result"] = {**r.get("result", {}), "error": f"{type(e).__name__}: {e}"[:2000],
+                       "traceback": traceback.format_exc()[-3000:]}
         if device.type == "cuda":
             r["result"]["peak_GiB_at_error"] = torch.cuda.max_memory_allocated() / GiB
     gc.collect()
