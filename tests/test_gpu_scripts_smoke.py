@@ -89,5 +89,6 @@ def test_gpu_wan14b_fit_cpu_smoke(tmp_path):
     assert "error" not in res, res.get("traceback")
     assert res["recipe"] == ["fp8_base", "step_in_backward", "activation_offload", "weight_offload"]
     assert len(res["iteration_times_s"]) == 2 and res["model_flops_per_iteration"] > 0
+    assert res["nonfinite_skipped"] == 0
     assert res["layout"]["fp8_linears"] > 0 and res["layout"]["streamed_blocks"] == 2
     assert saved["planner"]["total_GiB"] > 0 and "| peak GiB" in (tmp_path / "gpu_wan14b_fit.md").read_text()

@@ -72,6 +72,7 @@ def test_step_in_backward_trajectory_is_bit_identical(tmp_path, kind):
         assert all(torch.equal(ref[n], st[n]) for n in ref), k
     tr = out["in backward"][0]
     assert all(p.grad is None for p in tr.fake_params)  # freed inside backward
+    assert all(o[0].nonfinite_total == 0 for o in out.values())  # an update made in backward is not a skipped one
     # the logged norm: the same sum of squares, summed per tensor instead of by torch's total norm. fp32 sums of
     # n squares differ by at most ~n * 2^-24 relative
     n = sum(p.numel() for p in tr.fake_params)

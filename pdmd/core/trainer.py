@@ -365,8 +365,9 @@ class PhasedDMDTrainer:
         else:
             norm = self.par.clip_grad_norm_(params, self.cfg.distill.grad_clip) if ok else torch.tensor(float("nan"))
         ok = ok and bool(torch.isfinite(norm))
-        if ok and not in_backward:
-            opt.step()
+        if ok:
+            if not in_backward:
+                opt.step()
             self.nonfinite_run = 0
         else:
             self.nonfinite_total += 1
