@@ -319,3 +319,20 @@ def test_activation_offload_prefetches_the_previous_block_input_not_the_shared_o
     ys[1].sum().backward()
     assert order[0].back is not None and order[1].back is None  # x0 (past the shared one), not the shared one
     assert torch.equal(xs[3].grad, shared.detach()) and torch.equal(shared.grad, xs[3].detach() + xs[1].detach())
+
+
+def test_step_in_backward_resume_is_bit_identical_across_the_phase_change(tmp_path):
+    cfg = with_recipe(tiny_cfg(max_steps=6, optimizer_fake="adamw8bit-v", betas=[0.0, 0.999]), ["step_in_backward"],
+                      fake_grad_clip="none")
+    straight = PhasedDMDTrainer(cfg, tiny_teacher(), ToyData(), tmp_path / "s", progress=False)
+    straight.train()
+    first = PhasedDMDTrainer(cfg, tiny_teacher(), ToyData(), tmp_path / "r", progress=False)
+    first.train(stop_at=2)  # phase 1; the resumed run crosses into phase 2 (new fake score, new hooks)
+    resumed = PhasedDMDTrainer(cfg, tiny_teacher(), ToyData(), tmp_path / "r", progress=False)
+    resumed.load()
+    resumed.train()
+    a, b = _state(straight), _state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.nonfinite_total == resumed.nonfinite_total == 0
+    hooked = [p for p in resumed.fake_params if p._post_accumulate_grad_hooks]
+    assert len(hooked) == len(resumed.fake_params) and all(len(p._post_accumulate_grad_hooks) == 1 for p in hooked)
