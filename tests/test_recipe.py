@@ -166,3 +166,34 @@ def test_real_model_config_takes_memory_recipe_and_fake_grad_clip():
     with pytest.raises(ConfigError) as e:
         real_config({**base, "memory": {"recipe": ["swap"]}})
     assert e.value.field == "memory.recipe"
+
+
+def test_auto_recipe_on_a_gpu_picks_among_the_allowed_switches(monkeypatch, diffusers_models):
+    """memory.recipe auto, with the GPU's memory faked: between the plain total and the step-in-backward total
+    it picks step_in_backward when the config allows it, and something else (or an error) when it does not."""
+    import dataclasses
+    import types
+
+    from pdmd.models import WanDenoiser
+    from tiny_models import tiny_wan
+
+    teacher = WanDenoiser(tiny_wan(), shift=3.0)
+    arch = arch_of(teacher)
+    task = types.SimpleNamespace(latent_shape=(4, 2, 8, 8))  # 2 x 4 x 4 = 32 tokens
+    kw = dict(lora_rank=2, experts=2, batch=4, frames=5, height=64, width=64)
+    plain, fp8 = (recipe_memory(arch, s, **kw)["total"] for s in ((), ("fp8_base",)))
+    mem = (plain + fp8) / 2 / 0.9  # bytes: the plain layout does not fit 90 % of it, fp8_base (and more) does
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=mem))
+    cfg = tiny_cfg(batch_size=4, lora_rank=2, optimizer_fake="adamw8bit-v", betas=[0.0, 0.999], fake_grad_clip="none", bf16=True,
+                   activation_checkpointing=True)
+    cfg = dataclasses.replace(cfg, device="cuda")
+    cfg.memory.recipe = "auto"
+    assert resolve_recipe(cfg, teacher, task, Parallel()) == ("step_in_backward",)
+    cfg.distill.fake_grad_clip = "global"  # step_in_backward not allowed: the next cheapest that fits
+    assert resolve_recipe(cfg, teacher, task, Parallel()) == ("fp8_base",)
+    cfg.distill.bf16 = False  # nor fp8_base (its matmuls run in bf16): the offloads save nothing on 2 blocks
+    with pytest.raises(ValueError, match=r"allowed switches \['activation_offload', 'weight_offload'\]"):
+        resolve_recipe(cfg, teacher, task, Parallel())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=1000))
+    with pytest.raises(ValueError, match="memory.recipe 'auto': no set"):
+        resolve_recipe(cfg, teacher, task, Parallel())

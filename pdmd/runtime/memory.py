@@ -96,6 +96,6 @@ def resolve_recipe(cfg, teacher, task, par) -> tuple[str, ...]:
                                 lora_rank=d.lora_rank, experts=len(d.phase_boundaries) + 1, **_pixels(arch, biggest))
     if best is None:
         raise ValueError(f"memory.recipe 'auto': no set of the allowed switches {allowed} fits {par.world} x "
-                         f"{gib:.0f} GiB (smallest {min(r['total'] for r in every) / 2**30:.1f} GiB per GPU; "
+                         f"{gib:.3g} GiB (smallest {min(r['total'] for r in every) / 2**30:.3g} GiB per GPU; "
                          "pdmd plan shows the details)")
     return best["switches"]
