@@ -259,7 +259,7 @@ class PhasedDMDTrainer:
             self.fake = self.experts.view("fake")
         else:
             # with fp8_base the base holds FP8 copies: the fake score starts from the bf16 source weights instead
-            source = self.layout.get("fake_source")
+            source = getattr(self, "fake_source", None)
             self.fake_module.load_state_dict(source if source is not None else base_state(self.experts.module))
             self.fake_module.requires_grad_(False)
             fake_params = [q for part in parts_above(self.fake_module, s) for q in part.parameters()]

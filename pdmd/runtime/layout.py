@@ -6,6 +6,9 @@
 - ``checkpoint_blocks`` recomputes each repeated block's activations during backward instead of
   keeping them (``torch.utils.checkpoint``, non-reentrant): one block's activations at a time plus
   each block's input. Gradients are unchanged (tested); the price is one more forward of the blocks.
+- ``memory.recipe``'s switches (resolved into ``trainer.memory``, docs/memory.md): ``fp8_base`` converts the frozen
+  Linear layers of the base's blocks (``pdmd.runtime.fp8``), ``weight_offload`` streams the base's blocks from host
+  memory and ``activation_offload`` moves the checkpointed inputs there (``pdmd.runtime.offload``).
 """
 from __future__ import annotations
 
@@ -71,8 +74,10 @@ def _checkpointed_offloaded(inner, offload):
 
 
 def apply_layout(trainer) -> dict:
-    """Apply ``distill.frozen_dtype``, ``fake_dtype``, ``activation_checkpointing`` and ``compile`` to a
-    ``PhasedDMDTrainer``'s models (the shared teacher module with its experts, and a full fake score)."""
+    """Apply ``distill.frozen_dtype``, ``fake_dtype``, ``activation_checkpointing``, ``compile`` and the memory
+    switches of ``trainer.memory`` to a ``PhasedDMDTrainer``'s models (the shared teacher module with its experts,
+    and a full fake score). Returns counts for the log; with fp8_base sets ``trainer.fake_source`` (the bf16 base
+    weights on the host), with activation_offload ``trainer.activation_offload`` (its hooks)."""
     from pdmd.runtime.compile import compile_regions
 
     d = trainer.cfg.distill
@@ -86,7 +91,8 @@ def apply_layout(trainer) -> dict:
         from pdmd.runtime.fp8 import convert_linears
 
         if fake is not None:  # phase starts reload the fake score from the bf16 source, not from the FP8 copy
-            info["fake_source"] = {k: v.detach().to("cpu", copy=True) for k, v in base_state(base).items()}
+            trainer.fake_source = {k: v.detach().to("cpu", copy=True) for k, v in base_state(base).items()}
+            info["fake_source_bytes"] = sum(v.numel() * v.element_size() for v in trainer.fake_source.values())
         info["fp8_linears"] = sum(convert_linears(b) for b in repeated_blocks(base) or [base])
     if "weight_offload" in switches:
         from pdmd.runtime.offload import stream_blocks
@@ -98,7 +104,8 @@ def apply_layout(trainer) -> dict:
         if "activation_offload" in switches:
             from pdmd.runtime.offload import ActivationOffload
 
-            offload = info["activation_offload"] = ActivationOffload(trainer.device)
+            offload = trainer.activation_offload = ActivationOffload(trainer.device)
+            info["activation_offload"] = True
         info["checkpointed_blocks"] = sum(len(checkpoint_blocks(m, offload)) for m in models)
     if d.compile:
         info["compiled_blocks"] = sum(len(compile_regions(m, backend=d.compile_backend)) for m in models)
