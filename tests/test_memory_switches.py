@@ -94,6 +94,10 @@ def test_step_in_backward_refuses_global_clipping_and_accumulation():
     assert e.value.field == "memory.recipe"
     with pytest.raises(ConfigError, match="activation_checkpointing"):
         with_recipe(base, ["activation_offload"])
+    with pytest.raises(ConfigError, match="distill.compile: false"):
+        with_recipe(base, ["weight_offload"], compile=True)
+    with pytest.raises(ConfigError, match="distill.bf16: true"):
+        with_recipe(base, ["fp8_base"])
     with pytest.raises(ConfigError, match="distill.fake_grad_clip"):
         with_recipe(base, "none", fake_grad_clip="per-block")
 

@@ -87,6 +87,7 @@ def resolve_recipe(cfg, teacher, task, par) -> tuple[str, ...]:
     allowed = [s for s in SWITCHES
                if not (s == "step_in_backward" and step_in_backward_blockers(cfg))
                and not (s == "activation_offload" and not d.activation_checkpointing)
+               and not (s in ("activation_offload", "weight_offload") and d.compile)
                and not (s == "fp8_base" and not d.bf16)
                and not (s in unsharded and par.distributed)]
     shapes = [tuple(s) for s in getattr(task, "latent_shapes", None) or [task.latent_shape]]

@@ -79,6 +79,10 @@ def check_recipe(cfg) -> None:
     if "activation_offload" in switches and not d.activation_checkpointing:
         raise ConfigError("memory.recipe has activation_offload, which moves the checkpointed blocks' inputs: set "
                           "distill.activation_checkpointing: true", "memory.recipe")
+    offloads = [s for s in ("activation_offload", "weight_offload") if s in switches]
+    if offloads and d.compile:  # their host copies and stream waits inside a compiled block: not supported yet
+        raise ConfigError(f"memory.recipe has {offloads}, which do not run inside torch.compile'd blocks yet: set "
+                          "distill.compile: false", "memory.recipe")
     if "fp8_base" in switches and not d.bf16:
         raise ConfigError("memory.recipe has fp8_base, whose matmuls run in bfloat16: set distill.bf16: true",
                           "memory.recipe")
