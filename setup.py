@@ -14,6 +14,7 @@ setup(
         "torch>=2.4",
         "numpy",
         "pyyaml",
+        "pydantic>=2",  # the config schema (pdmd/config.py)
         "safetensors",
         "tqdm",
         "matplotlib",

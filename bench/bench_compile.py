@@ -5,13 +5,12 @@ the benchmark times the steady state.
 
 Run: PYTHONPATH=.:kernels python -m pytest bench/bench_compile.py -o python_files='bench_*.py' --benchmark-enable -q
 """
-import dataclasses
 
 import pytest
 import torch
 
 from pdmd.runtime.compile import StepClock
-from pdmd.config import RunConfig, validate
+from pdmd.config import RunConfig, updated
 from pdmd.demos.toy import ToyData, ToyDenoiser
 from pdmd.core.trainer import PhasedDMDTrainer
 
@@ -26,7 +25,7 @@ def test_toy_iteration_compiled(benchmark, tmp_path, backend):
     torch.manual_seed(0)
     cfg = RunConfig()
     extra = {} if backend == "eager" else {"compile": True, "compile_backend": backend}
-    cfg = validate(dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, **extra)))
+    cfg = updated(cfg, {f"distill.{k}": v for k, v in extra.items()})
     data = ToyData()
     teacher = ToyDenoiser(data.n_prompts, cfg.teacher.width, cfg.teacher.depth).requires_grad_(False)
     tr = PhasedDMDTrainer(cfg, teacher, data, tmp_path, progress=False)

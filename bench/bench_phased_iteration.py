@@ -11,17 +11,16 @@ Run: PYTHONPATH=.:kernels python -m pytest bench/bench_phased_iteration.py --ben
 import pytest
 import torch
 
-from pdmd.config import RunConfig, validate
+from pdmd.config import RunConfig, updated
 from pdmd.demos.toy import ToyData, ToyDenoiser
 from pdmd.core.trainer import PhasedDMDTrainer
 
-from dataclasses import replace
 
 
 def _trainer(tmp_path, pool_size: int, phase: int) -> PhasedDMDTrainer:
     torch.manual_seed(0)
     cfg = RunConfig()  # the shipped defaults: 4 steps, 2 phases, batch 256, r = 5, width-128 teacher
-    cfg = validate(replace(cfg, distill=replace(cfg.distill, pool_size=pool_size)))
+    cfg = updated(cfg, {"distill.pool_size": pool_size})
     data = ToyData()
     teacher = ToyDenoiser(data.n_prompts, cfg.teacher.width, cfg.teacher.depth).requires_grad_(False)
     tr = PhasedDMDTrainer(cfg, teacher, data, tmp_path, progress=False)

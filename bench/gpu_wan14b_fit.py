@@ -68,7 +68,8 @@ def build_on_device(arch: Arch, device) -> torch.nn.Module:
 
 
 def run(arch: Arch, device, args, recipe, start: float, partial) -> dict:
-    from pdmd.config import DistillConfig, MemoryConfig, RunConfig, TeacherConfig, validate
+    from pdmd.config import (DistillConfig, FakeConfig, GeneratorConfig, MemoryConfig, RunConfig, TeacherConfig,
+                             validate)
     from pdmd.core.trainer import PhasedDMDTrainer
     from pdmd.models.wan import WanDenoiser
 
@@ -78,10 +79,12 @@ def run(arch: Arch, device, args, recipe, start: float, partial) -> dict:
     cfg = validate(RunConfig(seed=0, device=str(device), teacher=TeacherConfig(guidance_scale=ph.GUIDANCE),
                              memory=MemoryConfig(recipe=list(recipe)), distill=DistillConfig(
         method="phased_sgts", timesteps=ph.TIMESTEPS, phase_boundaries=[ph.BOUNDARY], max_steps=1000, batch_size=1,
-        fake_updates=args.fake_updates, lr_generator=5e-5, lr_fake=4e-7, betas=[0.0, 0.999], bf16=True,
-        optimizer_fake="adamw8bit-v", optimizer_generator="adamw", lora_rank=args.lora_rank, lora_alpha=8.0,
-        pool_size=1, frozen_dtype="bfloat16", fake_dtype="bfloat16", activation_checkpointing=True,
-        fake_grad_clip="none" if "step_in_backward" in recipe else "global")))
+        fake_updates_per_generator_update=args.fake_updates, bf16=True, pool_size=1, frozen_dtype="bfloat16",
+        activation_checkpointing=True),
+                             generator=GeneratorConfig(lr=5e-5, betas=[0.0, 0.999], optimizer="adamw",
+                                                       lora_rank=args.lora_rank, lora_alpha=8.0),
+                             fake=FakeConfig(lr=4e-7, optimizer="adamw8bit-v", dtype="bfloat16",
+                                             grad_clip="none" if "step_in_backward" in recipe else "global")))
     t0 = time.perf_counter()
     teacher = WanDenoiser(build_on_device(arch, device), ph.SHIFT)
     P = sum(p.numel() for p in teacher.parameters())

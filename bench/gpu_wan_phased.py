@@ -262,7 +262,7 @@ def run_reference(arch, device, latent, args, fwd) -> dict:
 def run_ours(arch, device, latent, args, fwd, compiled: bool, out_dir: Path, moe: bool = False) -> dict:
     """``moe``: a Wan 2.2 A14B-style teacher of two such transformers (switch at the phase boundary); phase 1
     (experts on the high-noise one) and phase 2 (the low-noise one, the teacher switching per sample)."""
-    from pdmd.config import DistillConfig, RunConfig, TeacherConfig, validate
+    from pdmd.config import DistillConfig, FakeConfig, GeneratorConfig, RunConfig, TeacherConfig, validate
     from pdmd.models.wan import WanDenoiser, WanMoEDenoiser
     from pdmd.runtime.optim import state_bytes
     from pdmd.core.trainer import PhasedDMDTrainer
@@ -271,10 +271,11 @@ def run_ours(arch, device, latent, args, fwd, compiled: bool, out_dir: Path, moe
     cfg = validate(RunConfig(seed=0, device=str(device), teacher=TeacherConfig(guidance_scale=GUIDANCE),
                              distill=DistillConfig(
         method="phased_sgts", timesteps=TIMESTEPS, phase_boundaries=[BOUNDARY], max_steps=1000, batch_size=1,
-        fake_updates=args.fake_updates, lr_generator=5e-5, lr_fake=4e-7, betas=[0.0, 0.999], bf16=True,
-        optimizer_fake="adamw8bit-v", optimizer_generator="adamw", lora_rank=args.lora_rank, lora_alpha=8.0,
-        pool_size=1, frozen_dtype="bfloat16", fake_dtype="bfloat16", activation_checkpointing=not args.no_checkpointing,
-        compile=compiled, compile_backend=args.compile_backend)))
+        fake_updates_per_generator_update=args.fake_updates, bf16=True, pool_size=1, frozen_dtype="bfloat16",
+        activation_checkpointing=not args.no_checkpointing, compile=compiled, compile_backend=args.compile_backend),
+                             generator=GeneratorConfig(lr=5e-5, betas=[0.0, 0.999], optimizer="adamw",
+                                                       lora_rank=args.lora_rank, lora_alpha=8.0),
+                             fake=FakeConfig(lr=4e-7, optimizer="adamw8bit-v", dtype="bfloat16")))
     transformer = build_diffusers(arch, device).requires_grad_(False)
     cast_frozen(transformer, torch.bfloat16)  # bf16 except diffusers' float32 modules (norms, time embedding)
     info = {}

@@ -1,23 +1,15 @@
-"""The ``pdmd`` command."""
+"""The ``pdmd`` command: its arguments. What each command does is in ``pdmd.commands`` (a run goes through
+``pdmd.pipeline.run``); ``entry`` turns user errors into one ``pdmd: error:`` line."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
-from pathlib import Path
+import warnings
 
+from pdmd import commands
+from pdmd.commands import check_out
 from pdmd.tools.planner import add_plan_parser
-
-
-def _toy1d(args) -> int:
-    from pdmd.demos import toy1d
-
-    metrics = toy1d.run(args.out, steps=args.steps, seed=args.seed, progress=not args.quiet, threads=args.threads)
-    print(json.dumps({k: metrics[k] for k in ("deviation_correct", "deviation_incorrect", "seconds")}, indent=2))
-    print(f"wrote {args.out}/figure2.png and {args.out}/metrics.json")
-    return 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,6 +29,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _config_args(p, config_required: bool = False) -> None:
+    """--config and --set, on every command that reads a config."""
+    p.add_argument("--config", required=config_required, default=None,
+                   help="YAML config (docs/config.md)" + ("" if config_required else "; default: the built-in defaults"))
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="overrides",
+                   help="override one config field (repeatable), e.g. --set generator.lr=1e-4 --set "
+                        "distill.timesteps=[1.0,0.5,0.0]; typed and checked by the schema")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pdmd", description="Phased DMD trainer")
     sub = p.add_subparsers(dest="command", required=True)
@@ -47,14 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default 1: the tensors are tiny, more threads only wait on each other)")
-    t.set_defaults(func=_toy1d)
-    from pdmd.demos.distill import add_commands
+    t.set_defaults(func=commands.toy1d)
+    d = sub.add_parser("distill", help="distil the embedded toy teacher (or, for a config with model:, a local Wan/Qwen-Image) into few-step experts")
+    _config_args(d)
+    d.add_argument("--out", required=True, help="run directory")
+    d.add_argument("--max-steps", type=int, default=None, help="generator updates in total (= --set distill.max_steps=N)")
+    d.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in OUT (checkpoint.safetensors, checkpoint.dcp under torchrun)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=commands.distill)
+    c = sub.add_parser("compare", help="DMD, DMD+SGTS, Phased DMD, Phased DMD+SGTS with the same budget")
+    _config_args(c)
+    c.add_argument("--out", required=True)
+    c.add_argument("--max-steps", type=int, default=None)
+    c.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="one number N: N distillation seeds from the config's seed on; several: those seeds. Each "
+                        "method runs once per seed (teacher of the config's seed); tables show mean ± std over seeds")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=commands.compare)
+    e = sub.add_parser("encode-prompts", help="encode a real-model config's prompts once into its prompt cache")
+    _config_args(e, config_required=True)
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=commands.encode)
     from pdmd.tools.diversity import add_cli as add_diversity
 
-    add_commands(sub)
-    from pdmd.pipeline.real import add_encode_command
-
-    add_encode_command(sub)
     add_diversity(sub)
     _add_sample(sub)
     add_plan_parser(sub)
@@ -65,7 +81,7 @@ def _add_sample(sub) -> None:
     """``pdmd sample``: a toy run (``--run``) or a diffusers pipeline with exported experts (``--pipeline``)."""
     s = sub.add_parser("sample", help="few-step samples from a toy run or from exported experts in a diffusers pipeline")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory of pdmd distill (embedded default)")
+    src.add_argument("--run", help="run directory of pdmd distill (embedded default); its config is the run's own")
     src.add_argument("--pipeline", help="local diffusers pipeline folder (model_index.json); needs --experts")
     s.add_argument("--experts", help="folder written by pdmd.pipeline.export.export_experts (manifest.json)")
     s.add_argument("--out", required=True, help="--run: .csv, .npy or .safetensors file; --pipeline: a folder")
@@ -80,52 +96,7 @@ def _add_sample(sub) -> None:
     s.add_argument("--frames", type=int, help="Wan: number of frames (1 for images)")
     s.add_argument("--dtype", default="bfloat16")
     s.add_argument("--device")
-    s.set_defaults(func=_sample)
-
-
-def _sample(args) -> int:
-    if args.run:
-        from pdmd.demos.distill import sample_run
-
-        if args.prompt and len(args.prompt) > 1:
-            raise ValueError("--prompt: pdmd sample --run takes at most one (a prompt name of the run)")
-        if not Path(args.run, "experts.safetensors").is_file():
-            raise ValueError(f"--run {args.run!r} holds no experts.safetensors (not a finished pdmd distill run)")
-        check_out(Path(args.out).parent, "--out")
-        path = sample_run(args.run, args.steps, args.n, args.out, args.prompt[0] if args.prompt else None, args.seed)
-        print(f"wrote {path}")
-        return 0
-    if not args.experts or not (args.prompt or args.prompts):
-        raise ValueError("pdmd sample --pipeline needs --experts and --prompt or --prompts")
-    if args.prompts and not Path(args.prompts).is_file():
-        raise ValueError(f"--prompts {args.prompts!r} is not a file (one prompt per line)")
-    if args.device is not None:
-        from pdmd.config import require_device
-
-        require_device(args.device, "--device")
-    check_out(args.out, "--out")
-    from pdmd.pipeline.export import sample
-
-    prompts = args.prompt or [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
-    out = sample(args.pipeline, args.experts, prompts, args.out, args.seeds, args.height, args.width, args.frames,
-                 args.dtype, args.device)
-    print(f"wrote {len(prompts) * len(args.seeds)} samples under {out}")
-    return 0
-
-
-def check_out(path, flag: str = "--out") -> None:
-    """ValueError naming ``flag`` unless ``path`` is a directory we may write into or can be made as one: checked
-    before any work, so a run does not train for an hour and then fail to write its first file."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ValueError(f"{flag} {str(p)!r} is a file, not a directory")
-    q = p.absolute()
-    while not q.exists():  # the first existing ancestor: mkdir -p makes the rest inside it
-        q = q.parent
-    if not q.is_dir():
-        raise ValueError(f"{flag} {str(p)!r}: {str(q)!r} is a file, so no directory can be made under it")
-    if not os.access(q, os.W_OK | os.X_OK):  # also False on a read-only file system, even for root
-        raise ValueError(f"{flag} {str(p)!r}: {str(q)!r} is not writable (permission denied)")
+    s.set_defaults(func=commands.sample)
 
 
 # commands whose --out is a directory they write into (sample checks its own --out)
@@ -186,6 +157,22 @@ def entry(argv=None) -> int:
     one ``pdmd: error: ...`` line and exits 2; Ctrl-C exits 130. Any other exception is a bug in pdmd and keeps
     its traceback."""
     args = build_parser().parse_args(argv)  # argparse's errors: one line and exit 2 (_Parser.error)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _entry(args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A config warning (an old field name) as one ``pdmd: warning:`` line; others as Python shows them."""
+    from pdmd.config import ConfigWarning
+
+    if issubclass(category, ConfigWarning):
+        print(f"pdmd: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _entry(args) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-import pdmd.core.trainer as trainer_mod
+import pdmd.core.phase as phase_mod
 from pdmd.runtime import parallel
 from pdmd.runtime.optim import AdamW8bitV
 from pdmd.demos.toy import ToyData
@@ -68,7 +68,7 @@ def run(par, out: Path, stop_at: int) -> None:
         ws[name] = weights(d)
     if par.is_main:
         torch.save(ws, out / "variants.pt")
-    trainer_mod.build_optimizer = lambda name, params, lr, betas, weight_decay: AdamW8bitV(
+    phase_mod.build_optimizer = lambda name, params, lr, betas, weight_decay: AdamW8bitV(
         params, lr=lr, betas=betas, weight_decay=weight_decay, seed=5)
     ws = {}
     for name, stop in (("straight", None), ("stopped", stop_at)):

@@ -3,7 +3,6 @@ expert starts from the high-noise transformer, phase 2's from the low-noise one 
 score starts as the switched pair on its (s, 1] and trains there; each transformer guided with its own scale.
 Also several resolutions in one run (one drawn per iteration)."""
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -29,9 +28,9 @@ def _moe():
 def _trainer(tmp_path, moe=None, teacher=None, device="cpu", **distill):
     cfg = tiny_cfg(**{"max_steps": 2, "batch_size": 4, "fake_updates": 2, "pool_size": 8, "lr_generator": 1e-2,
                       "lr_fake": 1e-2, **distill})
-    cfg = dataclasses.replace(cfg, device=device)
+    cfg = cfg.model_copy(update={"device": device})
     if teacher:
-        cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, **teacher))
+        cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update=teacher)})
     return PhasedDMDTrainer(cfg, moe or _moe(), PromptTask(SHAPE, 16), tmp_path, progress=False)
 
 

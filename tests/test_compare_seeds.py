@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pdmd.demos import distill as distill_mod
-from pdmd.demos.distill import _seeds, compare
+from pdmd.commands import seeds_of as _seeds
+from pdmd.demos.distill import compare
 from pdmd.demos.evaluate import expected_precision
 from tests.trainer_helpers import tiny_cfg
 

@@ -13,7 +13,8 @@ from pdmd.config import TeacherConfig, load_config
 TINY = {
     "task": "digits",
     "teacher": {"width": 16, "depth": 1, "steps": 6, "batch_size": 16, "sample_steps": 3, "guidance_scale": 2.0},
-    "distill": {"max_steps": 2, "batch_size": 4, "fake_updates": 2, "pool_size": 8, "lora_rank": 2,
+    "generator": {"lora_rank": 2},
+    "distill": {"max_steps": 2, "batch_size": 4, "fake_updates_per_generator_update": 2, "pool_size": 8,
                 "checkpoint_every": 1, "log_every": 1},
     "eval": {"samples_per_prompt": 3, "diversity_groups": 1, "diversity_seeds": 3},
 }

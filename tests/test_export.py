@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from pdmd.pipeline.export import activate_adapter, expert_sampling, export_experts, load_experts, read_manifest
-from pdmd.models import QwenImageDenoiser, WanDenoiser, WanMoEDenoiser
-from tiny_models import tiny_qwen, tiny_wan
+from pdmd.models import QwenImageDenoiser, SD3Denoiser, WanDenoiser, WanMoEDenoiser
+from tiny_models import tiny_qwen, tiny_sd3, tiny_wan
 
 
 
@@ -24,6 +24,7 @@ def _no_grad():
         yield
 WAN_TARGETS = list(WanDenoiser.lora_targets)
 QWEN_TARGETS = list(QwenImageDenoiser.lora_targets)
+SD3_TARGETS = list(SD3Denoiser.lora_targets)
 STEPS, BOUNDS = [1.0, 0.75, 0.5, 0.25], [0.5]
 
 
@@ -157,6 +158,45 @@ def test_qwen_export_reload_and_pipeline_sampling(tmp_path):
                    height=64, width=64, output_type="latent", **kw).images
     expect = QwenImagePipeline._pack_latents(_pdmd_sampling(lambda row: d, x, cond, m), 1, 4, 8, 8)
     torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "renoise"])
+def test_sd3_export_reload_and_pipeline_sampling(tmp_path, sampler):
+    """SD3: the experts load into StableDiffusion3Pipeline's transformer and give the in-memory outputs; the pipeline,
+    run with expert_sampling on the prompt and pooled embeddings, reproduces pdmd's few-step sampling."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from peft.tuners.lora import LoraLayer
+
+    base = tiny_sd3(3)
+    d = SD3Denoiser(copy.deepcopy(base), shift=3.0)
+    _add_experts(d, SD3_TARGETS, ["expert_1", "expert_2"], seed=4)
+    m = export_experts(d, tmp_path, STEPS, BOUNDS, sampler=sampler)
+    hit = {t for n, mod in d.named_modules() if isinstance(mod, LoraLayer) for t in SD3_TARGETS if n.endswith(t)}
+    assert hit == set(SD3_TARGETS)  # every target layer exists in the real class (attn2: SD3.5's dual attention)
+    assert m["model"] == "sd3" and m["pipeline"] == "StableDiffusion3Pipeline"
+    with safe_open(str(tmp_path / "expert_1.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("transformer.transformer_blocks.") and ".lora_" in k for k in keys)
+    assert any(".attn2." in k for k in keys) and any(".ff_context." in k for k in keys)
+
+    pipe = StableDiffusion3Pipeline(transformer=copy.deepcopy(base), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    load_experts(pipe, tmp_path)
+    x = torch.randn(1, 4, 8, 8)
+    cond = {"embeds": torch.randn(1, 5, 16), "pooled": torch.randn(1, 12)}
+    reloaded = SD3Denoiser(pipe.transformer, 3.0)
+    for name in ("expert_1", "expert_2"):
+        activate_adapter(reloaded, name)
+        activate_adapter(d, name)
+        torch.testing.assert_close(reloaded(x, 0.4, cond), d(x, 0.4, cond), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(d(x, 0.4, cond), SD3Denoiser(base, 3.0)(x, 0.4, cond), atol=1e-3)
+    with expert_sampling(pipe, m) as kw:
+        torch.manual_seed(7)
+        out = pipe(prompt_embeds=cond["embeds"], pooled_prompt_embeds=cond["pooled"], latents=x, height=64, width=64,
+                   output_type="latent", **kw).images
+    torch.manual_seed(7)
+    torch.testing.assert_close(out, _pdmd_sampling(lambda row: d, x, cond, m), atol=1e-5, rtol=1e-5)
 
 
 def test_export_input_errors(tmp_path):

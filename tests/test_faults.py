@@ -52,7 +52,8 @@ def strict(line: str) -> dict:
 
 
 TINY = {"teacher": {"width": 16, "depth": 2, "steps": 20, "batch_size": 64, "sample_steps": 4},
-        "distill": {"max_steps": 4, "batch_size": 8, "fake_updates": 2, "pool_size": 16, "lora_rank": 2,
+        "generator": {"lora_rank": 2},
+        "distill": {"max_steps": 4, "batch_size": 8, "fake_updates_per_generator_update": 2, "pool_size": 16,
                     "checkpoint_every": 2, "log_every": 1, "plot_every": 1000},
         "eval": {"samples_per_prompt": 40, "diversity_groups": 2}}
 

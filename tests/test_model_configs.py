@@ -11,15 +11,15 @@ from pdmd.models import qwen_image_shift
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["wan2.1-t2v-14b", "wan2.2-t2v-a14b", "qwen-image"])
+@pytest.mark.parametrize("name", ["wan2.1-t2v-14b", "wan2.2-t2v-a14b", "qwen-image", "sd3.5-medium"])
 def test_appendix_c_settings(name):
     c = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     assert c["distill"]["batch_size"] == 64 and c["distill"]["fake_updates_per_generator_update"] == 5
     assert (c["generator"]["lora_rank"], c["generator"]["lora_alpha"], c["generator"]["lr"]) == (64, 8, 5e-5)
-    assert c["fake"]["full_parameters"] is True and c["fake"]["lr"] == 4e-7
+    assert c["fake"]["kind"] == "full" and c["fake"]["lr"] == 4e-7
     assert c["generator"]["betas"] == c["fake"]["betas"] == [0.0, 0.999]
-    steps, bounds = c["distill"]["steps"], c["distill"]["phase_boundaries"]
-    assert len(steps) == 4 and len(bounds) == 1 and steps[0] == 1.0 and bounds[0] in steps
+    steps, bounds = c["distill"]["timesteps"][:-1], c["distill"]["phase_boundaries"]
+    assert c["distill"]["timesteps"][-1] == 0.0 and len(steps) == 4 and len(bounds) == 1 and steps[0] == 1.0 and bounds[0] in steps
     assert steps == sorted(steps, reverse=True)
     for f, h, w in c["data"]["resolutions"]:
         assert h % 16 == 0 and w % 16 == 0 and (f - 1) % 4 == 0
@@ -36,3 +36,16 @@ def test_qwen_shift_resolution_is_a_training_resolution():
     h, w = c["model"]["shift_resolution"]
     assert [1, h, w] in c["data"]["resolutions"]
     assert qwen_image_shift(h, w) == pytest.approx(2.3033, abs=1e-4)
+
+
+def test_sd3_config_is_a_valid_run_of_the_sd3_family():
+    """Maps onto the trainer's RunConfig; its shift is SD3.5's scheduler shift; its resolutions make latents; its
+    planner shape exists."""
+    from pdmd.config import load_config
+    from pdmd.models import get_spec
+    from pdmd.tools.planner import ARCHS
+
+    cfg = load_config(CONFIGS / "sd3.5-medium.yaml")
+    assert cfg.model.kind == "sd3" and cfg.model.shift == 3.0 and cfg.data.max_sequence_length == 256
+    assert cfg.distill.timesteps == [1.0, 0.75, 0.5, 0.25, 0.0] and cfg.distill.phase_boundaries == [0.5]
+    assert get_spec(cfg.model.kind).plan is not None and "sd3.5-medium" in ARCHS

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from pdmd.core.denoiser import check_denoiser
-from pdmd.models import (QwenImageDenoiser, WanDenoiser, WanMoEDenoiser, load_denoiser, null_cond, qwen_image_shift,
-                         time_of_sigma)
+from pdmd.models import (QwenImageDenoiser, SD3Denoiser, WanDenoiser, WanMoEDenoiser, load_denoiser, null_cond,
+                         qwen_image_shift, time_of_sigma)
 from pdmd.core.objectives import to_x0_eps
-from tiny_models import save_pipeline_dir, tiny_qwen, tiny_wan
+from tiny_models import save_pipeline_dir, tiny_qwen, tiny_sd3, tiny_wan
 
 
 
@@ -68,6 +68,50 @@ def test_qwen_adapter_matches_raw_model_with_pipeline_packing():
             return_dict=False)[0]
     expect = QwenImagePipeline._unpack_latents(raw, h * 8, w * 8, 8)[:, :, 0]
     torch.testing.assert_close(d(x, t, cond), expect)
+
+
+def test_sd3_adapter_matches_raw_model_and_scheduler_convention():
+    """SD3: the transformer gets 1000 sigma and the pooled embeddings; its output is the flow velocity, stepped by
+    diffusers' Euler scheduler exactly as pdmd moves (x0, eps) to the next time."""
+    m = tiny_sd3(0)
+    d = SD3Denoiser(m, shift=3.0)
+    check_denoiser(d)
+    x = torch.randn(2, 4, 8, 8)
+    cond = {"embeds": torch.randn(2, 6, 16), "mask": torch.ones(2, 6, dtype=torch.bool), "pooled": torch.randn(2, 12)}
+    t = torch.tensor([0.5, 0.25])
+    # shift 3: sigma(0.5) = 1.5 / 2 = 0.75, sigma(0.25) = 0.75 / 1.5 = 0.5
+    raw = m(hidden_states=x, encoder_hidden_states=cond["embeds"], pooled_projections=cond["pooled"],
+            timestep=torch.tensor([750.0, 500.0]), return_dict=False)[0]
+    torch.testing.assert_close(d(x, t, cond), raw)
+    v = d(x[:1], 0.5, {k: c[:1] for k, c in cond.items()})
+    x0, eps = to_x0_eps(v, x[:1], torch.tensor([0.5]), d.schedule)
+    s1 = 0.5  # sigma at t' = 0.25
+    torch.testing.assert_close(_euler_step([0.75, s1], v, x[:1], 0), (1 - s1) * x0 + s1 * eps, atol=1e-5, rtol=1e-5)
+    # the negative prompt's pooled embeddings come with its sequence
+    neg = null_cond({**cond, "neg_embeds": torch.zeros(2, 6, 16), "neg_mask": cond["mask"], "neg_pooled": torch.zeros(2, 12)})
+    assert torch.equal(neg["pooled"], torch.zeros(2, 12)) and torch.equal(neg["embeds"], torch.zeros(2, 6, 16))
+    with pytest.raises(ValueError, match="pooled"):
+        d(x, t, cond["embeds"])
+    assert d.latent_shape(1024, 1024) == (4, 128, 128)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        d.latent_shape(1000, 1024)
+
+
+def test_sd3_loads_from_a_local_folder_with_the_scheduler_shift(tmp_path):
+    m = tiny_sd3(1)
+    root = save_pipeline_dir(tmp_path / "sd3", "StableDiffusion3Pipeline", {"transformer": m},
+                             {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
+    d = load_denoiser("sd3", root)
+    assert isinstance(d, SD3Denoiser) and d.schedule.shift == 3.0
+    x, cond = torch.randn(1, 4, 4, 4), {"embeds": torch.randn(1, 3, 16), "pooled": torch.randn(1, 12)}
+    torch.testing.assert_close(d(x, 0.7, cond), SD3Denoiser(m, 3.0)(x, 0.7, cond))
+    assert load_denoiser("sd3", root, shift=1.5).schedule.shift == 1.5
+    dyn = save_pipeline_dir(tmp_path / "dyn", "StableDiffusion3Pipeline", {"transformer": m},
+                            {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True})
+    with pytest.raises(ValueError, match="shift"):
+        load_denoiser("sd3", dyn)
+    with pytest.raises(ValueError, match="not a SD3Transformer2DModel"):
+        load_denoiser("sd3", save_pipeline_dir(tmp_path / "w", "WanPipeline", {"transformer": tiny_wan()}, EULER))
 
 
 def test_qwen_padded_prompts_with_mask_equal_each_prompt_alone():

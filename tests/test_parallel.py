@@ -9,7 +9,6 @@ mean over B, the gradient norm summed shard-wise): 1e-8 to 2e-7 was measured. Ad
 divides by sqrt(v), which keeps relative gradient errors relative, and the weights move by 1e-4 or more
 in these steps (asserted), so 1e-6 is 100x above the observed error and 100x below the signal.
 """
-import dataclasses
 import json
 import os
 import signal
@@ -218,7 +217,7 @@ _CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reas
 def test_bf16_mixed_precision_trains_close_to_float32(tmp_path, device):
     """bf16 compute / fp32 reduction (the default on CUDA, forced on CPU): float32 sharded weights stay
     finite and every fake-score loss is within 2e-2 of the float32 run (1e-4 measured on CPU)."""
-    cfg = dataclasses.replace(tiny_cfg(**CFG), device=device)
+    cfg = tiny_cfg(**CFG).model_copy(update={"device": device})
     with _one_rank("nccl" if device == "cuda" else "gloo", device) as mesh:
         par = parallel.Parallel(mesh, mixed_precision=True if device == "cpu" else None)
         assert par.mixed_precision

@@ -18,11 +18,13 @@ TINY_WAN = Arch("tiny-wan", "wan", layers=3, heads=3, head_dim=32, ffn=160, text
                 out_channels=4, freq_dim=32)
 TINY_QWEN = Arch("tiny-qwen", "qwen", layers=3, heads=3, head_dim=32, ffn=384, text_dim=24, in_channels=16,
                  out_channels=4)
+TINY_SD3 = Arch("tiny-sd3", "sd3", layers=3, heads=3, head_dim=32, ffn=384, text_dim=24, in_channels=16, out_channels=16,
+                extra={"pooled_dim": 20, "dual_layers": 2, "qk_norm": True, "pos_embed_max_size": 64})
 
 
-@pytest.mark.parametrize("name", sorted(ARCHS) + ["tiny-wan", "tiny-qwen"])
+@pytest.mark.parametrize("name", sorted(ARCHS) + ["tiny-wan", "tiny-qwen", "tiny-sd3"])
 def test_param_shapes_are_the_diffusers_models(name, diffusers_models):
-    arch = {"tiny-wan": TINY_WAN, "tiny-qwen": TINY_QWEN}.get(name) or ARCHS[name]
+    arch = {"tiny-wan": TINY_WAN, "tiny-qwen": TINY_QWEN, "tiny-sd3": TINY_SD3}.get(name) or ARCHS[name]
     model = build_diffusers(arch, device="meta")
     ours = {n: tuple(s) for n, s, _ in param_shapes(arch)}
     theirs = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -36,6 +38,23 @@ def test_known_sizes():
     assert sizes["wan2.1-14b"] == pytest.approx(14.3, abs=0.05)
     assert sizes["wan2.2-a14b"] == pytest.approx(2 * sizes["wan2.1-14b"])
     assert sizes["qwen-image"] == pytest.approx(20.4, abs=0.05)
+
+
+def test_known_sizes_sd3():
+    """Stability's published sizes (2.5B Medium, 8.1B Large) count the position-embedding table, a buffer
+    (pos_embed_max_size^2 x dim values), which the planner (parameters only) does not."""
+    for name, published in (("sd3.5-medium", 2.47), ("sd3.5-large", 8.15)):
+        a = ARCHS[name]
+        table = a.extra["pos_embed_max_size"] ** 2 * a.dim
+        assert (make_plan(name).base_params + table) / 1e9 == pytest.approx(published, abs=0.01)
+
+
+def test_our_layout_bytes_match_measured_tiny_sd3(diffusers_models):
+    measured = measure_layout(TINY_SD3, lora_rank=4, experts=2, latent=(1, 8, 8))
+    plan = make_plan(TINY_SD3, lora_rank=4, experts=2, **_pixels(TINY_SD3, 1, 8))
+    predicted = {k.split(" (")[0]: v for k, v in plan.ours.items()}
+    assert predicted.pop("FSDP2 gather buffers") == 0
+    assert predicted == measured
 
 
 def _pixels(arch, latent_frames, latent_hw):
@@ -68,7 +87,8 @@ def test_our_layout_bytes_tiny_qwen_within_last_block_text_stream(diffusers_mode
         assert measured[key] < predicted[key] <= measured[key] + 4 * unused  # bf16 grad+1 B state, fp32 LoRA
 
 
-@pytest.mark.parametrize("arch,batch,hw,frames,text", [(TINY_WAN, 2, 16, 3, 8), (TINY_QWEN, 1, 64, 1, 16)])
+@pytest.mark.parametrize("arch,batch,hw,frames,text", [(TINY_WAN, 2, 16, 3, 8), (TINY_QWEN, 1, 64, 1, 16),
+                                                      (TINY_SD3, 1, 48, 1, 20)])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_estimate_vs_saved_tensors(arch, batch, hw, frames, text, checkpointing, diffusers_models):
     """Configs not in the calibration set (d = 96, 3 blocks, other token counts)."""

@@ -59,6 +59,64 @@ def _qwen_encoder(vocab):
     return Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 
+def _sd3_encoders(tmp_path, texts, clip_length=12):
+    """A local folder with SD3's three tokenizers and tiny encoders (CLIP-L, CLIP-G, T5), sized for ``tiny_sd3``:
+    CLIP widths 4 + 6 padded to T5's 16 (joint_attention_dim), pooled projections 5 + 7 = 12 (pooled_projection_dim)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    root = tmp_path / "sd3"
+    for k, (hidden, proj) in enumerate(((4, 5), (6, 7))):
+        tok = _tokenizer(texts)
+        tok.model_max_length = clip_length  # the pipeline pads CLIP prompts to the first tokenizer's limit
+        torch.manual_seed(k)
+        enc = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=8,
+                                                         num_hidden_layers=2, num_attention_heads=2, projection_dim=proj,
+                                                         max_position_embeddings=clip_length)).eval()
+        suffix = "" if k == 0 else "_2"
+        tok.save_pretrained(root / f"tokenizer{suffix}")
+        enc.save_pretrained(root / f"text_encoder{suffix}")
+    tok = _tokenizer(texts)
+    torch.manual_seed(2)
+    T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=4, num_heads=2, num_layers=1, d_ff=32,
+                            relative_attention_num_buckets=8)).eval().save_pretrained(root / "text_encoder_3")
+    tok.save_pretrained(root / "tokenizer_3")
+    return root
+
+
+def _sd3_pipeline(root, transformer=None, scheduler=None):
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+    parts = {f"tokenizer{s}": AutoTokenizer.from_pretrained(root / f"tokenizer{s}") for s in ("", "_2", "_3")}
+    parts.update({f"text_encoder{s}": CLIPTextModelWithProjection.from_pretrained(root / f"text_encoder{s}") for s in ("", "_2")})
+    parts["text_encoder_3"] = T5EncoderModel.from_pretrained(root / "text_encoder_3")
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=None, **parts)
+
+
+def test_sd3_cache_round_trip_matches_the_pipeline_encoding(tmp_path):
+    """Three text encoders, the joint sequence stored at its full length (CLIP 12 + T5 10 tokens) and the pooled
+    embeddings beside it: the cache's batch is the pipeline's own encode_prompt, negative prompt included."""
+    root = _sd3_encoders(tmp_path, PROMPTS + ["blurry"])
+    cache = PromptCache(encode_prompts("sd3", root, PROMPTS, tmp_path / "cache", negative_prompt="blurry",
+                                       max_sequence_length=10, shard_size=2, batch_size=2, progress=False))
+    assert len(cache) == 5 and cache.kind == "sd3" and cache[1].shape == (22, 16)
+    pos, neg, pooled, neg_pooled = _sd3_pipeline(root).encode_prompt(
+        PROMPTS[1:4], None, None, device="cpu", negative_prompt="blurry", max_sequence_length=10)
+    b = cache.batch([1, 2, 3])
+    torch.testing.assert_close(b["embeds"], pos)
+    torch.testing.assert_close(b["pooled"], pooled)
+    torch.testing.assert_close(b["neg_embeds"], neg)
+    torch.testing.assert_close(b["neg_pooled"], neg_pooled)
+    assert b["pooled"].shape == (3, 12) and bool(b["mask"].all())
+    from pdmd.models import get_spec
+
+    spec = get_spec("sd3").prompts  # the condition schema the family declares is what the cache builds
+    assert set(spec.cond_keys) <= set(b) and {f"neg_{k}" for k in spec.cond_keys} <= set(b)
+    with pytest.raises(ValueError, match="other prompts"):  # the token limit is part of the cache's identity
+        encode_prompts("sd3", root, PROMPTS, tmp_path / "cache", negative_prompt="blurry", max_sequence_length=12,
+                       shard_size=2, progress=False)
+
+
 def test_wan_cache_round_trip_matches_the_pipeline_encoding(tmp_path):
     from diffusers import WanPipeline
 

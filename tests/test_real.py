@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from pdmd.cli import main
 from pdmd.pipeline.export import activate_adapter, expert_sampling, load_experts
-from pdmd.pipeline.real import distill_real, real_config
+from pdmd.config import from_dict
+from pdmd.pipeline.real import distill_real
 from test_prompts import PROMPTS, QWEN_TEMPLATE, _qwen_encoder, _tokenizer, _wan_encoder
 from test_models import EULER
 from tiny_models import save_pipeline_dir, tiny_qwen, tiny_wan
@@ -26,10 +27,10 @@ def _config(tmp_path, kind, pipe_dir, resolution, **model):
         "data": {"prompts": str(tmp_path / "prompts.txt"), "prompt_cache": str(tmp_path / "cache"),
                  "resolutions": [resolution]},
         "teacher": {"guidance_scale": 4.0},
-        "distill": {"steps": STEPS, "phase_boundaries": [0.5], "sgts": True, "batch_size": 2,
+        "distill": {"timesteps": STEPS + [0.0], "phase_boundaries": [0.5], "method": "phased_sgts", "batch_size": 2,
                     "fake_updates_per_generator_update": 2, "pool_size": 4, "log_every": 1},
         "generator": {"lora_rank": 4, "lora_alpha": 8, "lr": 1e-2, "betas": [0.0, 0.999], "weight_decay": 0.0},
-        "fake": {"full_parameters": True, "lr": 1e-3, "betas": [0.0, 0.999], "weight_decay": 0.0},
+        "fake": {"kind": "full", "lr": 1e-3, "betas": [0.0, 0.999], "weight_decay": 0.0},
     }
     if kind == "wan":
         cfg["data"]["max_sequence_length"] = 16
@@ -128,19 +129,19 @@ def _base():
 
 
 def test_real_config_maps_the_paper_fields_and_names_bad_ones():
-    rc = real_config(yaml.safe_load(open("configs/wan2.1-t2v-14b.yaml")))
-    d = rc.run.distill
-    assert (d.timesteps, d.phase_boundaries, d.method, d.batch_size, d.fake_updates) == \
+    rc = from_dict(yaml.safe_load(open("configs/wan2.1-t2v-14b.yaml")))
+    d, g, f = rc.distill, rc.generator, rc.fake
+    assert (d.timesteps, d.phase_boundaries, d.method, d.batch_size, d.fake_updates_per_generator_update) == \
         ([1.0, 0.75, 0.5, 0.25, 0.0], [0.5], "phased_sgts", 64, 5)
-    assert (d.lr_generator, d.lr_fake, d.lora_rank, d.lora_alpha, d.fake_kind, d.betas) == \
+    assert (g.lr, f.lr, g.lora_rank, g.lora_alpha, f.kind, g.betas) == \
         (5e-5, 4e-7, 64, 8.0, "full", [0.0, 0.999])
-    assert rc.run.teacher.guidance_scale == 5.0 and rc.shift == 5.0 and rc.resolutions == [[1, 720, 1280]]
-    rq = real_config(yaml.safe_load(open("configs/qwen-image.yaml")))
-    assert rq.shift_resolution == [1328, 1328] and rq.run.teacher.guidance_scale == 4.0 and len(rq.resolutions) == 7
-    ra = real_config(yaml.safe_load(open("configs/wan2.2-t2v-a14b.yaml")))
-    assert (ra.boundary_sigma, ra.phase_transformers, ra.run.teacher.guidance_scale, ra.run.teacher.guidance_scale_low) == \
+    assert rc.teacher.guidance_scale == 5.0 and rc.model.shift == 5.0 and rc.data.resolutions == [[1, 720, 1280]]
+    rq = from_dict(yaml.safe_load(open("configs/qwen-image.yaml")))
+    assert rq.model.shift_resolution == [1328, 1328] and rq.teacher.guidance_scale == 4.0 and len(rq.data.resolutions) == 7
+    ra = from_dict(yaml.safe_load(open("configs/wan2.2-t2v-a14b.yaml")))
+    assert (ra.model.boundary_sigma, ra.model.phase_transformers, ra.teacher.guidance_scale, ra.teacher.guidance_scale_low) == \
         (0.875, ["high", "low"], 4.0, 3.0)
-    assert ra.run.distill.phase_boundaries == [0.368421] and len(ra.resolutions) == 4 and not ra.default_boundaries
+    assert ra.distill.phase_boundaries == [0.368421] and len(ra.data.resolutions) == 4 and not ra.default_boundaries
     cases = [({"generator": {"lr": "fast"}}, "generator.lr must be a finite number"),
              ({"generator": {"rank": 4}}, "unknown config field 'generator.rank'"),
              ({"distill": {"steps": [1.0, 0.3, 0.5], "phase_boundaries": [0.5]}}, "distill.steps .*strictly decreasing"),
@@ -156,15 +157,15 @@ def test_real_config_maps_the_paper_fields_and_names_bad_ones():
              ({"teacher": {"guidance_scale_low": 0}}, "teacher.guidance_scale_low must be > 0")]
     for change, msg in cases:
         with pytest.raises(ValueError, match=msg):
-            real_config(_base() | change)
+            from_dict(_base() | change)
 
 
 def test_half_precision_full_fake_score_is_refused(tmp_path):
     """A bf16 fake score with an optimizer that rounds to nearest would lose its lr-4e-7 steps."""
-    with pytest.raises(ValueError, match="fake.dtype is 'bfloat16' with optimizer_fake 'adamw'"):
-        real_config(_base() | {"fake": {"dtype": "bfloat16"}})
-    assert real_config(_base() | {"fake": {"dtype": "bfloat16", "optimizer": "adamw8bit-v"}})
-    rc = real_config(_base() | {"data": {"prompts": "p", "prompt_cache": str(tmp_path / "none"), "resolutions": [[1, 32, 32]]}})
+    with pytest.raises(ValueError, match="fake.dtype is 'bfloat16' with fake.optimizer 'adamw'"):
+        from_dict(_base() | {"fake": {"dtype": "bfloat16"}})
+    assert from_dict(_base() | {"fake": {"dtype": "bfloat16", "optimizer": "adamw8bit-v"}})
+    rc = from_dict(_base() | {"data": {"prompts": "p", "prompt_cache": str(tmp_path / "none"), "resolutions": [[1, 32, 32]]}})
     with pytest.raises(ValueError, match="data.prompt_cache: .* run pdmd encode-prompts first"):
         distill_real(rc, tmp_path)
 
@@ -205,7 +206,7 @@ def test_wan22_a14b_prompts_to_lora_files_for_both_transformers(tmp_path):
     cfg["teacher"]["guidance_scale_low"] = 3.0
     cfg["distill"].pop("phase_boundaries")  # defaults to the model's switch: t = 0.875 / (12 - 11 * 0.875)
     tb = 0.875 / (12 - 11 * 0.875)
-    cfg["distill"]["steps"] = [1.0, 0.7, round(tb, 6), 0.2]
+    cfg["distill"]["timesteps"] = [1.0, 0.7, round(tb, 6), 0.2, 0.0]
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["encode-prompts", "--config", str(cfg_path), "--quiet"]) == 0
     out = tmp_path / "run"
@@ -233,7 +234,7 @@ def test_wan22_a14b_prompts_to_lora_files_for_both_transformers(tmp_path):
     assert video.shape == x.shape and bool(torch.isfinite(video).all())
 
     # the default boundary must be a step; options that need two transformers are refused on one
-    cfg["distill"]["steps"] = STEPS
+    cfg["distill"]["timesteps"] = STEPS + [0.0]
     cfg_path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match=r"distill.phase_boundaries: not given, so it defaults to the model's switch"):
         main(["distill", "--config", str(cfg_path), "--out", str(tmp_path / "run2"), "--quiet"])
@@ -255,7 +256,7 @@ def test_wan22_a14b_under_torchrun_matches_one_process(tmp_path):
     pipe_dir = _a14b_dir(tmp_path)
     cfg_path, cfg = _config(tmp_path, "wan", pipe_dir, [1, 32, 32])
     tb = round(0.875 / (12 - 11 * 0.875), 6)
-    cfg["distill"].update(steps=[1.0, 0.7, tb, 0.2], phase_boundaries=[tb], batch_size=4, pool_size=8)
+    cfg["distill"].update(timesteps=[1.0, 0.7, tb, 0.2, 0.0], phase_boundaries=[tb], batch_size=4, pool_size=8)
     cfg["teacher"]["guidance_scale_low"] = 3.0
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["encode-prompts", "--config", str(cfg_path), "--quiet"]) == 0

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from pdmd.cli import main
-from pdmd.config import ConfigError, load_config
+from pdmd.config import ConfigError, from_dict, load_config, updated
 from pdmd.runtime.fp8 import FP8Linear, convert_linears
 from pdmd.runtime.layout import checkpoint_blocks
 from pdmd.runtime.memory import arch_of, resolve_recipe
 from pdmd.runtime.offload import ActivationOffload
 from pdmd.runtime.parallel import Parallel
-from pdmd.tools.planner import GiB, build_diffusers, make_plan, param_shapes
+from pdmd.tools.planner import ARCHS, GiB, build_diffusers, make_plan, param_shapes
 from pdmd.tools.recipe import SWITCHES, choose_recipe, recipe_memory
 
 from test_plan import TINY_WAN, _pixels
@@ -140,60 +140,67 @@ def test_resolve_recipe_explicit_auto_on_cpu_and_the_models_arch(diffusers_model
     from pdmd.models import WanDenoiser
     from tiny_models import tiny_wan
 
-    cfg = tiny_cfg(optimizer_fake="adamw8bit-v", betas=[0.0, 0.999], fake_grad_clip="none")
+    cfg = updated(tiny_cfg(optimizer_fake="adamw8bit-v", betas=[0.0, 0.999]), {"fake.grad_clip": "none"})
     cfg.memory.recipe = ["step_in_backward"]
     assert resolve_recipe(cfg, tiny_teacher(), None, Parallel()) == ("step_in_backward",)
     cfg.memory.recipe = "auto"
     assert resolve_recipe(cfg, tiny_teacher(), None, Parallel()) == ()  # CPU: nothing to fit
-    teacher = WanDenoiser(tiny_wan(), shift=3.0)
-    arch = arch_of(teacher)
-    assert sum(math.prod(s) for _, s, _ in param_shapes(arch)) == sum(p.numel() for p in teacher.parameters())
-    assert arch_of(tiny_teacher()) is None
+    from pdmd.models.wan import WanMoEDenoiser
+
+    one = WanDenoiser(build_diffusers(ARCHS["wan2.1-14b"], "meta"), shift=3.0)  # the real shape, no memory
+    assert arch_of(one) == ARCHS["wan2.1-14b"]
+    pair = WanMoEDenoiser(build_diffusers(ARCHS["wan2.1-14b"], "meta"), build_diffusers(ARCHS["wan2.1-14b"], "meta"),
+                          3.0, boundary_sigma=0.9)
+    assert arch_of(pair).copies == 2 and arch_of(pair).layers == 40
+    assert arch_of(WanDenoiser(tiny_wan(), shift=3.0)) is None and arch_of(tiny_teacher()) is None
 
 
 def test_real_model_config_takes_memory_recipe_and_fake_grad_clip():
-    from pdmd.pipeline.real import real_config
-
     base = {"model": {"kind": "wan", "path": "/x"}, "data": {"prompts": "p.txt", "prompt_cache": "c",
                                                             "resolutions": [[5, 32, 32]]},
-            "distill": {"steps": [1.0, 0.5], "phase_boundaries": [], "bf16": True},
-            "fake": {"optimizer": "adamw8bit-v", "betas": [0.0, 0.999], "grad_clip": "none"},
-            "generator": {"betas": [0.0, 0.999]}}
-    run = real_config({**base, "memory": {"recipe": "auto"}}).run
-    assert run.memory.recipe == "auto" and run.distill.fake_grad_clip == "none"
-    run = real_config({**base, "memory": {"recipe": ["step_in_backward", "fp8_base"]}}).run
+            "distill": {"timesteps": [1.0, 0.5, 0.0], "phase_boundaries": [], "bf16": True},
+            "fake": {"optimizer": "adamw8bit-v", "grad_clip": "none"}, "generator": {"betas": [0.0, 0.999]}}
+    run = from_dict({**base, "memory": {"recipe": "auto"}})
+    assert run.memory.recipe == "auto" and run.fake.grad_clip == "none"
+    run = from_dict({**base, "memory": {"recipe": ["step_in_backward", "fp8_base"]}})
     assert run.memory.recipe == ["step_in_backward", "fp8_base"]
     with pytest.raises(ConfigError) as e:
-        real_config({**base, "memory": {"recipe": ["swap"]}})
+        from_dict({**base, "memory": {"recipe": ["swap"]}})
     assert e.value.field == "memory.recipe"
 
 
 def test_auto_recipe_on_a_gpu_picks_among_the_allowed_switches(monkeypatch, diffusers_models):
     """memory.recipe auto, with the GPU's memory faked: between the plain total and the step-in-backward total
     it picks step_in_backward when the config allows it, and something else (or an error) when it does not."""
-    import dataclasses
     import types
 
     from pdmd.models import WanDenoiser
     from tiny_models import tiny_wan
 
+    from pdmd.tools.planner import Arch
+
     teacher = WanDenoiser(tiny_wan(), shift=3.0)
-    arch = arch_of(teacher)
-    task = types.SimpleNamespace(latent_shape=(4, 2, 8, 8))  # 2 x 4 x 4 = 32 tokens
+    c = teacher.transformer.config  # the tiny model's shape, given explicitly (auto plans published shapes)
+    arch = Arch("tiny", "wan", c.num_layers, c.num_attention_heads, c.attention_head_dim, c.ffn_dim, c.text_dim,
+                c.in_channels, c.out_channels, tuple(c.patch_size), c.freq_dim)
+    task = None
+    res = [[5, 64, 64]]  # 2 x 4 x 4 = 32 tokens
     kw = dict(lora_rank=2, experts=2, batch=4, frames=5, height=64, width=64)
     plain, fp8 = (recipe_memory(arch, s, **kw)["total"] for s in ((), ("fp8_base",)))
     mem = (plain + fp8) / 2 / 0.9  # bytes: the plain layout does not fit 90 % of it, fp8_base (and more) does
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=mem))
-    cfg = tiny_cfg(batch_size=4, lora_rank=2, optimizer_fake="adamw8bit-v", betas=[0.0, 0.999], fake_grad_clip="none", bf16=True,
+    cfg = tiny_cfg(batch_size=4, lora_rank=2, optimizer_fake="adamw8bit-v", betas=[0.0, 0.999], bf16=True,
                    activation_checkpointing=True)
-    cfg = dataclasses.replace(cfg, device="cuda")
+    cfg = updated(cfg, {"device": "cuda", "fake.grad_clip": "none"})
     cfg.memory.recipe = "auto"
-    assert resolve_recipe(cfg, teacher, task, Parallel()) == ("step_in_backward",)
-    cfg.distill.fake_grad_clip = "global"  # step_in_backward not allowed: the next cheapest that fits
-    assert resolve_recipe(cfg, teacher, task, Parallel()) == ("fp8_base",)
+    assert resolve_recipe(cfg, teacher, task, Parallel(), arch=arch, resolutions=res) == ("step_in_backward",)
+    cfg.fake.grad_clip = "global"  # step_in_backward not allowed: the next cheapest that fits
+    assert resolve_recipe(cfg, teacher, task, Parallel(), arch=arch, resolutions=res) == ("fp8_base",)
     cfg.distill.bf16 = False  # nor fp8_base (its matmuls run in bf16): the offloads save nothing on 2 blocks
     with pytest.raises(ValueError, match=r"allowed switches \['activation_offload', 'weight_offload'\]"):
-        resolve_recipe(cfg, teacher, task, Parallel())
+        resolve_recipe(cfg, teacher, task, Parallel(), arch=arch, resolutions=res)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=1000))
     with pytest.raises(ValueError, match="memory.recipe 'auto': no set"):
+        resolve_recipe(cfg, teacher, task, Parallel(), arch=arch, resolutions=res)
+    with pytest.raises(ValueError, match="published shapes"):  # without the override: the tiny shape is not one
         resolve_recipe(cfg, teacher, task, Parallel())

@@ -8,7 +8,7 @@ import pdmd.runtime.checkpoint as ckpt_mod
 import pdmd.core.trainer as trainer_mod
 from pdmd.runtime.checkpoint import load_tensors
 from pdmd.core.experts import Experts, base_state
-from pdmd.core.sampler import make_plan, sample_few_step
+from pdmd.core.sampler import make_step_plan, sample_few_step
 from pdmd.demos.toy import ToyData
 from pdmd.core.trainer import NonFiniteError, PhasedDMDTrainer, split_steps
 
@@ -34,15 +34,15 @@ def weights(tr: PhasedDMDTrainer) -> dict:
 # ---------------------------------------------------------------- plans and routing
 def test_plans_of_the_four_methods():
     ts = [1.0, 0.75, 0.5, 0.25, 0.0]
-    dmd, sgts = make_plan("dmd", ts), make_plan("dmd_sgts", ts)
+    dmd, sgts = make_step_plan("dmd", ts), make_step_plan("dmd_sgts", ts)
     assert dmd.n_phases == sgts.n_phases == 1 and dmd.grad_all_steps and sgts.sgts
-    phased = make_plan("phased", ts)
+    phased = make_step_plan("phased", ts)
     assert phased.n_phases == 4 and [list(phased.phase_steps(p)) for p in range(4)] == [[0], [1], [2], [3]]
-    p2 = make_plan("phased_sgts", ts, [0.5])
+    p2 = make_step_plan("phased_sgts", ts, [0.5])
     assert p2.boundaries == (1.0, 0.5, 0.0) and [list(p2.phase_steps(p)) for p in range(2)] == [[0, 1], [2, 3]]
     assert [p2.phase_of_step(i) for i in range(4)] == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="method"):
-        make_plan("gan", ts)
+        make_step_plan("gan", ts)
     assert split_steps(7, 2) == [4, 3] and split_steps(8, 4) == [2, 2, 2, 2]
 
 
@@ -55,7 +55,7 @@ def test_sampler_routes_each_step_to_its_phase_expert(monkeypatch):
         calls.append((name, round(float(t[0]), 4)))
         return orig(self, name, x, t, c, **kw)
     monkeypatch.setattr(Experts, "run", spy)
-    plan = make_plan("phased_sgts", [1.0, 0.75, 0.5, 0.25, 0.0], [0.5])
+    plan = make_step_plan("phased_sgts", [1.0, 0.75, 0.5, 0.25, 0.0], [0.5])
     sample_few_step(experts, plan, torch.randn(5, 2), torch.zeros(5, dtype=torch.long))
     assert calls == [("expert_1", 1.0), ("expert_1", 0.75), ("expert_2", 0.5), ("expert_2", 0.25)]
 
@@ -258,8 +258,7 @@ def test_bf16_autocast_runs_and_stays_finite(tmp_path):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_trainer_runs_on_cuda(tmp_path, bf16):
     cfg = tiny_cfg(bf16=bf16, max_steps=4)
-    import dataclasses
-    cfg = dataclasses.replace(cfg, device="cuda")
+    cfg = cfg.model_copy(update={"device": "cuda"})
     tr = PhasedDMDTrainer(cfg, tiny_teacher(), DATA, tmp_path, progress=False)
     tr.train()
     assert tr.step == 4 and tr.nonfinite_total == 0

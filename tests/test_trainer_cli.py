@@ -9,7 +9,8 @@ from trainer_helpers import config_file
 
 TINY = {
     "teacher": {"width": 16, "depth": 2, "steps": 30, "batch_size": 64, "sample_steps": 8},
-    "distill": {"max_steps": 4, "batch_size": 16, "fake_updates": 2, "pool_size": 64, "lora_rank": 2,
+    "generator": {"lora_rank": 2},
+    "distill": {"max_steps": 4, "batch_size": 16, "fake_updates_per_generator_update": 2, "pool_size": 64,
                 "checkpoint_every": 2, "log_every": 1, "plot_every": 2},
     "eval": {"samples_per_prompt": 60, "diversity_groups": 2},
 }

@@ -120,8 +120,8 @@ def lora_weight(tr, name):
     ps = tr.experts.adapter_params(name)
     a = next(p for n, p in ps.items() if "lora_A" in n).detach().double()
     b = next(p for n, p in ps.items() if "lora_B" in n).detach().double()
-    d = tr.cfg.distill
-    return b @ a * (d.lora_alpha / d.lora_rank if name != "fake" else 1.0)
+    g = tr.cfg.generator
+    return b @ a * (g.lora_alpha / g.lora_rank if name != "fake" else 1.0)
 
 
 def set_lora(tr, name, seed, scale=0.3):
@@ -370,14 +370,14 @@ def test_sgts_exit_is_validated_and_read_from_real_configs():
     with pytest.raises(ValueError, match="distill.sgts_exit"):
         validate(RunConfig(distill=DistillConfig(sgts_exit="step")))
     import yaml
-    from pdmd.pipeline.real import real_config
+    from pdmd.config import from_dict
 
     data = yaml.safe_load(open("configs/wan2.1-t2v-14b.yaml"))
     data["distill"]["sgts_exit"] = "iteration"
-    assert real_config(data).run.distill.sgts_exit == "iteration"
+    assert from_dict(data).distill.sgts_exit == "iteration"
     data["distill"]["sgts_exit"] = "step"
     with pytest.raises(ValueError, match="distill.sgts_exit"):
-        real_config(data)
+        from_dict(data)
 
 
 # ---------------------------------------------------------------- r fake updates per generator update
@@ -451,7 +451,7 @@ def test_optimizers_fresh_each_phase_with_configured_lr_betas_wd_and_earlier_exp
                 [q.detach().clone() for q in o.param_groups[0]["params"]]))
         for _ in range(3):
             tr.iteration()
-        assert len(record["gen"]) == 3 and len(record["fake"]) == 3 * tr.cfg.distill.fake_updates
+        assert len(record["gen"]) == 3 and len(record["fake"]) == 3 * tr.cfg.distill.fake_updates_per_generator_update
         for name, lr in (("gen", lr_g), ("fake", lr_f)):
             steps = record[name]
             for i in range(len(steps[0]) - 1):

@@ -89,7 +89,7 @@ def test_yaml_12_floats(tmp_path, text, value):
 
 def test_a_config_with_1e_minus_4_loads(tmp_path):
     cfg = load_config(write(tmp_path, "teacher: {lr: 2E-3}\ndistill:\n  lr_generator: 1e-4\n  max_steps: 1e3\n"))
-    assert cfg.distill.lr_generator == 1e-4 and cfg.teacher.lr == 2e-3
+    assert cfg.generator.lr == 1e-4 and cfg.teacher.lr == 2e-3
     assert cfg.distill.max_steps == 1000 and type(cfg.distill.max_steps) is int  # an integral float is an int
 
 
@@ -211,10 +211,10 @@ def test_real_configs_use_the_same_loader(tmp_path, capsys):
     user_error(capsys, ["encode-prompts", "--config", p], f"{p}:{n}: teacher.guidance_scale is given twice")
     p = _real(tmp_path, lambda t: t.replace("  lr: 5.0e-5", "  lr: 5e-5").replace("  lr: 4.0e-7", "  lr: 4E-7"))
     rc = load_real_config(p)  # YAML 1.2 floats: PyYAML alone reads both as strings
-    assert (rc.run.distill.lr_generator, rc.run.distill.lr_fake) == (5e-5, 4e-7)
+    assert (rc.generator.lr, rc.fake.lr) == (5e-5, 4e-7)
     p = _real(tmp_path, lambda t: t.replace("  batch_size: 64", "  batch_size: lots"))
     user_error(capsys, distill(tmp_path, p), f"{p}:{_line(p, '  batch_size: lots')}: distill.batch_size")
-    p = _real(tmp_path, lambda t: t.replace("  sgts: true", "  sgts: true\n  sgst: false"))
+    p = _real(tmp_path, lambda t: t.replace("  method: phased_sgts", "  method: phased_sgts\n  sgst: false"))
     user_error(capsys, distill(tmp_path, p), f"{p}:{_line(p, '  sgst')}: unknown config field 'distill.sgst'")
     p = _real(tmp_path, lambda t: t.replace("  kind: qwen-image", "  kind: sdxl"))
     user_error(capsys, distill(tmp_path, p), f"{p}:{_line(p, '  kind: sdxl')}: model.kind")

@@ -12,6 +12,12 @@ WAN_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_di
 QWEN_CONFIG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
                    num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
 
+# SD3.5's structure (a dual-attention block, rms qk-norm, the last block context_pre_only) at diffusers-test sizes;
+# joint_attention_dim = the tiny T5's width, pooled_projection_dim = the two tiny CLIPs' projections side by side
+SD3_CONFIG = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                  caption_projection_dim=16, joint_attention_dim=16, pooled_projection_dim=12, out_channels=4,
+                  pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")
+
 
 def _randomise(model, seed):
     """diffusers zero-initialises some output layers; random values everywhere make every path visible."""
@@ -32,6 +38,12 @@ def tiny_qwen(seed=0):
     from diffusers import QwenImageTransformer2DModel
 
     return _randomise(QwenImageTransformer2DModel(**QWEN_CONFIG), seed)
+
+
+def tiny_sd3(seed=0):
+    from diffusers import SD3Transformer2DModel
+
+    return _randomise(SD3Transformer2DModel(**SD3_CONFIG), seed)
 
 
 def save_pipeline_dir(root: Path, pipeline: str, transformers: dict, scheduler: dict, **index_extra) -> Path:

@@ -2,6 +2,12 @@
 
 These wrap the coefficient-level semantics of ``pdmd_kernels`` (one definition in the project),
 adding schedule lookups and input checks. Arithmetic is float32 at least, float64 for float64 input.
+
+Every function takes ``check`` (default True): with it, the values of its inputs are checked too (finite, times in
+[0, 1], s before t), which reads them on the host and so waits for the device, once per check. A caller that
+validated its inputs once at its own boundary (the trainer: config and times drawn inside validated bounds)
+passes ``check=False``: then nothing here reads a tensor on the host. Type, shape and option checks always run
+(they read nothing of the device).
 """
 from __future__ import annotations
 
@@ -42,26 +48,29 @@ def _schedule(schedule) -> Schedule:
     return schedule
 
 
-def _times(x, s, t, strict):
-    s = per_sample("s", as_time("s", s, x), x)
-    t = per_sample("t", as_time("t", t, x), x)
-    s_before_t(s, t, strict=strict)
-    if bool((s >= 1).any()):
+def _times(x, s, t, strict, check):
+    s = per_sample("s", as_time("s", s, x, check=check), x)
+    t = per_sample("t", as_time("t", t, x, check=check), x)
+    s_before_t(s, t, strict=strict, check=check)
+    if check and bool((s >= 1).any()):
         raise ValueError("s must be < 1 (alpha_s = 0 at s = 1)")
     return s, t
 
 
 def _coefs(schedule, s, t):
-    return schedule.alpha(s), schedule.sigma(s), schedule.alpha(t), schedule.sigma(t)
+    # s and t were converted (and, with check, checked) by _times: the schedule need not look again
+    return (schedule.alpha(s, check=False), schedule.sigma(s, check=False), schedule.alpha(t, check=False),
+            schedule.sigma(t, check=False))
 
 
-def to_x0_eps(pred, x_t, t, schedule, prediction="flow"):
+def to_x0_eps(pred, x_t, t, schedule, prediction="flow", check=True):
     """(x0_hat, eps_hat) from a model prediction at x_t. psi = eps - x0 on every schedule."""
     _prediction(prediction)
-    t = per_sample("t", as_time("t", t, x_t), x_t)
+    t = per_sample("t", as_time("t", t, x_t, check=check), x_t)
     dt = ref.compute_dtype(pred, x_t)
     pred, x_t = pred.to(dt), x_t.to(dt)
-    a, s = (ref.bcast(c.to(dt), x_t) for c in (_schedule(schedule).alpha(t), schedule.sigma(t)))
+    a, s = (ref.bcast(c.to(dt), x_t) for c in (_schedule(schedule).alpha(t, check=False),
+                                               schedule.sigma(t, check=False)))
     if prediction == "flow":
         return (x_t - s * pred) / (a + s), (x_t + a * pred) / (a + s)
     if prediction == "x0":
@@ -75,25 +84,26 @@ def from_x0_eps(x0, eps, prediction="flow"):
     return {"flow": lambda: eps - x0, "x0": lambda: x0, "eps": lambda: eps}[prediction]()
 
 
-def subinterval_target(x_s, noise, s, t, schedule, prediction="flow"):
+def subinterval_target(x_s, noise, s, t, schedule, prediction="flow", check=True):
     """(x_t, target) for s < t: the unbiased regression target of Eq. 12 (and its x0/eps forms).
 
     x_s ~ p(x_s), noise ~ N(0, I); x_t = alpha_{t|s} x_s + sigma_{t|s} noise. At s = 0 these are
     the usual targets eps - x0, x0, eps.
     """
     _prediction(prediction)
-    finite("x_s", x_s), finite("noise", noise)
+    finite("x_s", x_s, check), finite("noise", noise, check)
     same_shape("x_s", x_s, noise=noise)
-    s, t = _times(x_s, s, t, strict=True)
+    s, t = _times(x_s, s, t, strict=True, check=check)
     return ref.subinterval_target(x_s, noise, *_coefs(_schedule(schedule), s, t), prediction=prediction)
 
 
-def full_interval_target(x0, noise, t, schedule, prediction="flow"):
+def full_interval_target(x0, noise, t, schedule, prediction="flow", check=True):
     """(x_t, target) of the standard objective (Eq. 4): the subinterval target with s = 0."""
-    return subinterval_target(x0, noise, torch.zeros_like(as_time("t", t, x0)), t, schedule, prediction)
+    return subinterval_target(x0, noise, torch.zeros_like(as_time("t", t, x0, check=False)), t, schedule, prediction,
+                              check)
 
 
-def subinterval_loss(pred, x_s, noise, s, t, schedule, prediction="flow", clamp_max=100.0):
+def subinterval_loss(pred, x_s, noise, s, t, schedule, prediction="flow", clamp_max=100.0, check=True):
     """Clamped subinterval loss (Eq. 13) per sample, ``[B]``; finite at t = s.
 
     Equals mean((pred - target)^2) over non-batch dims wherever 1 / sigma_{t|s}^2 <= clamp_max.
@@ -102,9 +112,9 @@ def subinterval_loss(pred, x_s, noise, s, t, schedule, prediction="flow", clamp_
     if not (isinstance(clamp_max, (int, float)) and clamp_max > 0):
         raise ValueError(f"clamp_max must be a number > 0, got {clamp_max!r}")
     for name, x in (("pred", pred), ("x_s", x_s), ("noise", noise)):
-        finite(name, x)
+        finite(name, x, check)
     same_shape("x_s", x_s, pred=pred, noise=noise)
-    s, t = _times(x_s, s, t, strict=False)
+    s, t = _times(x_s, s, t, strict=False, check=check)
     pred, x_s, noise = _common_dtype(pred, x_s, noise)
     return pdmd_kernels.subinterval_loss(pred, x_s, noise, *_coefs(_schedule(schedule), s, t), clamp_max, prediction)
 
@@ -124,7 +134,7 @@ def guided(cond, uncond=None, scale=1.0):
     return ref.guided(cond, uncond, scale)
 
 
-def dmd_gradient(real, fake, x_t, x_gen, s, t, schedule, weighting="theory", min_norm=1e-6):
+def dmd_gradient(real, fake, x_t, x_gen, s, t, schedule, weighting="theory", min_norm=1e-6, check=True):
     """The DMD gradient g with respect to the generator output x_gen (= x_s), per Eq. 11.
 
     real, fake: flow (psi) predictions of the guided teacher and the fake score at x_t.
@@ -133,16 +143,16 @@ def dmd_gradient(real, fake, x_t, x_gen, s, t, schedule, weighting="theory", min
     mu the x0 predictions; non-finite entries zeroed.
     """
     for name, x in (("real", real), ("fake", fake), ("x_t", x_t), ("x_gen", x_gen)):
-        finite(name, x)
+        finite(name, x, check)
     same_shape("x_gen", x_gen, real=real, fake=fake, x_t=x_t)
-    s, t = _times(x_gen, s, t, strict=True)
+    s, t = _times(x_gen, s, t, strict=True, check=check)
     schedule = _schedule(schedule)
     if weighting == "theory":
-        alpha_ts, _ = schedule.transition(s, t)
-        return ref.dmd_grad_theory(real, fake, schedule.lam(t) * alpha_ts)
+        alpha_ts, _ = schedule.transition(s, t, check=False)
+        return ref.dmd_grad_theory(real, fake, schedule.lam(t, check=False) * alpha_ts)
     if weighting == "normalized":
-        real_x0, _ = to_x0_eps(real, x_t, t, schedule)
-        fake_x0, _ = to_x0_eps(fake, x_t, t, schedule)
+        real_x0, _ = to_x0_eps(real, x_t, t, schedule, check=False)
+        fake_x0, _ = to_x0_eps(fake, x_t, t, schedule, check=False)
         return ref.dmd_grad_normalized(x_gen, real_x0, fake_x0, min_norm)
     raise ValueError(f"weighting must be 'theory' or 'normalized', got {weighting!r}")
 
@@ -154,25 +164,26 @@ def dmd_surrogate(x_gen, g):
 
 
 def dmd_loss(x_gen, real, fake, x_t, s, t, schedule, real_uncond=None, guidance_scale=1.0, weighting="theory",
-             min_norm=1e-6):
+             min_norm=1e-6, check=True):
     """Per-sample generator loss ``[B]`` whose gradient in x_gen is the DMD gradient (``dmd_gradient``
     of the guided teacher), computed by the fused op ``pdmd_kernels.dmd_loss``; value 0.5 * ||g||^2.
 
     real, real_uncond, fake: flow (psi) predictions at x_t; the teacher is guided inside the op,
     real_uncond + guidance_scale * (real - real_uncond). Only x_gen gets a gradient.
+    With ``check``, also that the times are valid (s < t, both in [0, 1], s < 1).
     """
     same_shape("x_gen", x_gen, real=real, fake=fake, x_t=x_t)
     if real_uncond is not None:
         same_shape("x_gen", x_gen, real_uncond=real_uncond)
-    s, t = _times(x_gen, s, t, strict=True)
+    s, t = _times(x_gen, s, t, strict=True, check=check)
     schedule = _schedule(schedule)
     if weighting == "theory":
-        alpha_ts, _ = schedule.transition(s, t)
-        weight, form = schedule.lam(t) * alpha_ts, "theory"
+        alpha_ts, _ = schedule.transition(s, t, check=False)
+        weight, form = schedule.lam(t, check=False) * alpha_ts, "theory"
     elif weighting == "normalized":
         # x0 space (eager conversion): the guided x0 is the guided combination of the x0 predictions.
-        real, fake = (to_x0_eps(p, x_t, t, schedule)[0] for p in (real, fake))
-        real_uncond = None if real_uncond is None else to_x0_eps(real_uncond, x_t, t, schedule)[0]
+        real, fake = (to_x0_eps(p, x_t, t, schedule, check=False)[0] for p in (real, fake))
+        real_uncond = None if real_uncond is None else to_x0_eps(real_uncond, x_t, t, schedule, check=False)[0]
         weight, form = None, "normalized"
     else:
         raise ValueError(f"weighting must be 'theory' or 'normalized', got {weighting!r}")
@@ -181,11 +192,11 @@ def dmd_loss(x_gen, real, fake, x_t, s, t, schedule, real_uncond=None, guidance_
     return pdmd_kernels.dmd_loss(x_gen, real, fake, real_uncond, guidance_scale, weight, form, min_norm)
 
 
-def ablation_biased_target(x_s, noise, s, t, schedule):
+def ablation_biased_target(x_s, noise, s, t, schedule, check=True):
     """ABLATION ONLY (paper Fig. 2c): the biased flow target eps' - x_s on (s, 1). Do not train with it."""
-    finite("x_s", x_s), finite("noise", noise)
+    finite("x_s", x_s, check), finite("noise", noise, check)
     same_shape("x_s", x_s, noise=noise)
-    s, t = _times(x_s, s, t, strict=True)
+    s, t = _times(x_s, s, t, strict=True, check=check)
     x_t, _ = ref.subinterval_target(x_s, noise, *_coefs(_schedule(schedule), s, t))
     dt = x_t.dtype
     return x_t, noise.to(dt) - x_s.to(dt)

@@ -1,7 +1,7 @@
 """Steps, phases and the few-step sampler: expert k serves the sampling steps of phase k.
 
-A plan splits the N sampling steps t_0 = 1 > t_1 > ... > t_N = 0 into K phases at boundaries
-b_0 = 1 > b_1 > ... > b_K = 0 (each b a timestep). The paper's four methods are plans:
+A step plan splits the N sampling steps t_0 = 1 > t_1 > ... > t_N = 0 into K phases at boundaries
+b_0 = 1 > b_1 > ... > b_K = 0 (each b a timestep). The paper's four methods are step plans:
 ``dmd`` and ``dmd_sgts`` have one phase (one generator), ``phased`` one phase per step (Fig. 1c),
 ``phased_sgts`` the configured boundaries (Fig. 1d: 4 steps, 2 phases).
 """
@@ -14,11 +14,11 @@ import torch
 from pdmd.core.experts import expert_name
 from pdmd.core.objectives import to_x0_eps
 
-__all__ = ["Plan", "make_plan", "ddim_step", "sample_few_step"]
+__all__ = ["StepPlan", "make_step_plan", "ddim_step", "sample_few_step"]
 
 
 @dataclass(frozen=True)
-class Plan:
+class StepPlan:
     timesteps: tuple[float, ...]
     boundaries: tuple[float, ...]
     sgts: bool  # random exit step inside a phase (stochastic gradient truncation)
@@ -44,30 +44,32 @@ class Plan:
         raise ValueError(f"step index must be in [0, {self.n_steps}), got {i}")
 
 
-def make_plan(method: str, timesteps, phase_boundaries=()) -> Plan:
+def make_step_plan(method: str, timesteps, phase_boundaries=()) -> StepPlan:
     ts = tuple(float(t) for t in timesteps)
     if method == "dmd":
-        return Plan(ts, (1.0, 0.0), sgts=False, grad_all_steps=True)
+        return StepPlan(ts, (1.0, 0.0), sgts=False, grad_all_steps=True)
     if method == "dmd_sgts":
-        return Plan(ts, (1.0, 0.0), sgts=True, grad_all_steps=False)
+        return StepPlan(ts, (1.0, 0.0), sgts=True, grad_all_steps=False)
     if method == "phased":
-        return Plan(ts, ts, sgts=False, grad_all_steps=False)
+        return StepPlan(ts, ts, sgts=False, grad_all_steps=False)
     if method == "phased_sgts":
-        return Plan(ts, (1.0, *(float(b) for b in phase_boundaries), 0.0), sgts=True, grad_all_steps=False)
+        return StepPlan(ts, (1.0, *(float(b) for b in phase_boundaries), 0.0), sgts=True, grad_all_steps=False)
     raise ValueError(f"method must be one of dmd, dmd_sgts, phased, phased_sgts; got {method!r}")
 
 
 def ddim_step(model, x, t, t_next, cond):
     """Deterministic DDIM from t to t_next ([B] times): x_next = alpha_next x0_hat + sigma_next eps_hat."""
     sched = model.schedule
-    x0, eps = to_x0_eps(model(x, t, cond), x, t, sched, model.prediction)
+    # times from a plan (validated with the config): no value check, which would wait for the device
+    x0, eps = to_x0_eps(model(x, t, cond), x, t, sched, model.prediction, check=False)
     shape = (-1,) + (1,) * (x.dim() - 1)
-    a, s = sched.alpha(t_next).to(x0.dtype).reshape(shape), sched.sigma(t_next).to(x0.dtype).reshape(shape)
+    a, s = (sched.alpha(t_next, check=False).to(x0.dtype).reshape(shape),
+            sched.sigma(t_next, check=False).to(x0.dtype).reshape(shape))
     return (a.reshape(shape) * x0 + s.reshape(shape) * eps).to(x.dtype)
 
 
 @torch.no_grad()
-def sample_few_step(experts, plan: Plan, noise: torch.Tensor, cond) -> torch.Tensor:
+def sample_few_step(experts, plan: StepPlan, noise: torch.Tensor, cond) -> torch.Tensor:
     """Run the N-step sampler: step i uses the expert of the phase holding it."""
     x = noise
     for i in range(plan.n_steps):

@@ -31,28 +31,31 @@ class Schedule:
             return t
         return self.shift * t / (1.0 + (self.shift - 1.0) * t)
 
-    def alpha(self, t) -> torch.Tensor:
-        return self._alpha(self.warp(as_time("t", t)))
+    # ``check=False``: t is known to be in [0, 1] (a sampler plan, a draw inside validated bounds); the value
+    # check reads t on the host and so waits for the device (pdmd.core._checks)
+    def alpha(self, t, check: bool = True) -> torch.Tensor:
+        return self._alpha(self.warp(as_time("t", t, check=check)))
 
-    def sigma(self, t) -> torch.Tensor:
-        return self._sigma(self.warp(as_time("t", t)))
+    def sigma(self, t, check: bool = True) -> torch.Tensor:
+        return self._sigma(self.warp(as_time("t", t, check=check)))
 
-    def snr(self, t) -> torch.Tensor:
-        return self.alpha(t) ** 2 / self.sigma(t) ** 2
+    def snr(self, t, check: bool = True) -> torch.Tensor:
+        return self.alpha(t, check) ** 2 / self.sigma(t, check) ** 2
 
-    def lam(self, t) -> torch.Tensor:
+    def lam(self, t, check: bool = True) -> torch.Tensor:
         """lambda_t = 1 / (sigma_t + sigma_t^2 / alpha_t), written to stay finite at alpha_t = 0."""
-        a, s = self.alpha(t), self.sigma(t)
+        a, s = self.alpha(t, check), self.sigma(t, check)
         return a / (s * (a + s))
 
-    def transition(self, s, t):
+    def transition(self, s, t, check: bool = True):
         """(alpha_{t|s}, sigma_{t|s}) for 0 <= s <= t <= 1 with alpha_s > 0."""
-        s, t = as_time("s", s), as_time("t", t)
-        s_before_t(s, t, strict=False)
-        alpha_s = self.alpha(s)
-        if bool((alpha_s <= 0).any()):
+        s, t = as_time("s", s, check=check), as_time("t", t, check=check)
+        s_before_t(s, t, strict=False, check=check)
+        alpha_s = self.alpha(s, check=False)
+        if check and bool((alpha_s <= 0).any()):
             raise ValueError("s must be < 1: alpha_s is 0 at s = 1 and the transition is undefined")
-        return subinterval_coefficients(alpha_s, self.sigma(s), self.alpha(t), self.sigma(t))
+        return subinterval_coefficients(alpha_s, self.sigma(s, check=False), self.alpha(t, check=False),
+                                        self.sigma(t, check=False))
 
 
 class FlowSchedule(Schedule):

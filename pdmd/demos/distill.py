@@ -1,28 +1,27 @@
-"""The embedded default end to end: ``pdmd distill``, ``pdmd compare`` and ``pdmd sample``.
+"""The embedded toy default: its hooks of the run path (``ToyHooks``), ``pdmd compare`` and ``pdmd sample --run``.
 
 distill: teacher (trained once, cached) -> Phased DMD -> exact evaluation -> report.json/.md + pictures.
 compare: the four methods of Fig. 1 with the same budget -> a Table-2-style table and a Fig.-3-style panel.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from pdmd.config import METHODS, RunConfig, load_config
-from pdmd.runtime.parallel import Parallel, from_env
+from pdmd.config import METHODS, RunConfig, updated
+from pdmd.runtime.parallel import Parallel
 from pdmd.demos.evaluate import PRECISION_K, energy_distance, evaluate_prompt, expected_precision, over_seeds, pairwise_diversity
 from pdmd.core.sampler import sample_few_step
 from pdmd.demos.toy import ToyData, load_or_train_teacher, sample_teacher
 from pdmd.runtime.rundir import candidates, hold, read_log
-from pdmd.core.trainer import CHECKPOINT, Interrupted, NonFiniteError, PhasedDMDTrainer, resume_point
+from pdmd.core.trainer import CHECKPOINT, PhasedDMDTrainer
+from pdmd.pipeline.run import Hooks, run
 
-__all__ = ["distill", "compare", "sample_run", "add_commands"]
+__all__ = ["distill", "ToyHooks", "compare", "sample_run", "load_generator", "evaluate_run"]
 
 LABELS = {"teacher": "Teacher ({steps} steps, CFG {cfg})", "dmd": "DMD", "dmd_sgts": "DMD with SGTS",
           "phased": "Phased DMD", "phased_sgts": "Phased DMD with SGTS", "data": "Exact data"}
@@ -183,63 +182,61 @@ def distill(cfg: RunConfig, out: str | Path, resume: bool = False, progress: boo
             teacher_dir: str | Path | None = None, parallel: Parallel | None = None) -> dict:
     """Train (or reuse) the teacher, distil, evaluate; writes report.json, report.md and pictures to ``out``.
 
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank trains its share of each batch (``pdmd.runtime.parallel``);
-    rank 0 trains the teacher once and writes the log, checkpoint metadata, reports and pictures.
+    The run path is ``pdmd.pipeline.run.run`` with ``ToyHooks``. Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank
+    trains its share of each batch; rank 0 trains the teacher once and writes the log, reports and pictures.
     """
-    par = parallel or from_env(cfg.device)
-    with hold(out, par):  # the lock on --out for the whole run; temp files of a crash removed
-        return _distill(cfg, Path(out), resume, progress, teacher_dir, par)
+    return run(cfg, out, ToyHooks(teacher_dir), resume, progress, parallel)
 
 
-def _distill(cfg: RunConfig, out: Path, resume: bool, progress: bool, teacher_dir, par: Parallel) -> dict:
-    ckpt = resume_point(cfg, out, resume, par)  # every check before any work: the cached teacher is untouched
-    torch.manual_seed(cfg.seed)
-    start = time.time()
-    data = ToyData()
-    teacher_dir = Path(teacher_dir or out)
-    if not par.is_main:
-        par.barrier()  # wait for rank 0 to train or load the cached teacher, then load it
-    teacher, teacher_seconds = load_or_train_teacher(teacher_dir, data, cfg.teacher, cfg.teacher_seed,
-                                                     progress and par.is_main)
-    if par.is_main:
-        if teacher_dir != out and not (out / "teacher.safetensors").exists():
-            shutil.copyfile(teacher_dir / "teacher.safetensors", out / "teacher.safetensors")
-        par.barrier()
-    par.barrier()  # every rank checked before rank 0 clears the log
-    if par.is_main and ckpt is None and (out / "log.jsonl").exists():
-        (out / "log.jsonl").unlink()
-    trainer = PhasedDMDTrainer(cfg, teacher, data, out, progress, plot_fn=_progress_plot(data), parallel=par)
-    if ckpt is not None:
-        trainer.load(ckpt)
-    t0 = time.time()
-    trainer.train()
-    distill_seconds = time.time() - t0
-    trainer.export_experts(out / "experts.safetensors")
-    t0 = time.time()
-    ev = evaluate_run(cfg, data, _generators(cfg, data, teacher_dir, trainer))  # on every rank: lockstep
-    seeds = _noise(range(cfg.eval.diversity_seeds), data.dim)
-    seed_x = {name: {k: fn(seeds, torch.full((len(seeds),), k, dtype=torch.long)) for k in range(data.n_prompts)}
-              for name, fn in (("teacher", _generators(cfg, data, teacher_dir, None)["teacher"]),
-                               ("generator", _trained(trainer)))}
-    t_label = LABELS["teacher"].format(steps=cfg.teacher.sample_steps, cfg=cfg.teacher.guidance_scale)
-    g_label = f"{LABELS[cfg.distill.method]}, {trainer.plan.n_steps} steps"
-    if not par.is_main:
-        return {}
-    _plot_panel(out / "samples.png", data, {t_label: ev["_samples"]["teacher"], g_label: ev["_samples"]["generator"]},
-                ev["_exact"], {t_label: seed_x["teacher"], g_label: seed_x["generator"]})
-    _plot_losses(out / "losses.png", out / "log.jsonl")
-    report = {
-        "method": cfg.distill.method, "steps": trainer.plan.n_steps, "phases": trainer.plan.n_phases,
-        "boundaries": list(trainer.plan.boundaries), "generator_updates": trainer.step,
-        "nonfinite_skipped": trainer.nonfinite_total,
-        "teacher": ev["teacher"], "generator": ev["generator"], "data": ev["data"],
-        "seconds": {"teacher_training": round(teacher_seconds, 1), "distillation": round(distill_seconds, 1),
-                    "evaluation": round(time.time() - t0, 1), "total": round(time.time() - start, 1)},
-        "config": cfg.to_dict(),
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(_report_md(report, t_label, g_label))
-    return report
+class ToyHooks(Hooks):
+    """The toy's pieces of the run path: the cached teacher of the 2-D mixtures, the exact evaluation, the report."""
+
+    def __init__(self, teacher_dir: str | Path | None = None):
+        self.teacher_dir, self.plot_fn, self.teacher_seconds = teacher_dir, None, 0.0
+
+    def setup(self, cfg: RunConfig, out: Path, par: Parallel, progress: bool):
+        data = ToyData()
+        self.teacher_dir = Path(self.teacher_dir or out)
+        if not par.is_main:
+            par.barrier()  # wait for rank 0 to train or load the cached teacher, then load it
+        teacher, self.teacher_seconds = load_or_train_teacher(self.teacher_dir, data, cfg.teacher, cfg.teacher_seed,
+                                                              progress and par.is_main)
+        if par.is_main:
+            if self.teacher_dir != out and not (out / "teacher.safetensors").exists():
+                shutil.copyfile(self.teacher_dir / "teacher.safetensors", out / "teacher.safetensors")
+            par.barrier()
+        self.plot_fn = _progress_plot(data)
+        return cfg, teacher, data
+
+    def finish(self, cfg: RunConfig, trainer: PhasedDMDTrainer, out: Path, par: Parallel, seconds: dict) -> dict:
+        data, teacher_dir = trainer.task, self.teacher_dir
+        trainer.export_experts(out / "experts.safetensors")
+        t0 = time.time()
+        ev = evaluate_run(cfg, data, _generators(cfg, data, teacher_dir, trainer))  # on every rank: lockstep
+        seeds = _noise(range(cfg.eval.diversity_seeds), data.dim)
+        seed_x = {name: {k: fn(seeds, torch.full((len(seeds),), k, dtype=torch.long)) for k in range(data.n_prompts)}
+                  for name, fn in (("teacher", _generators(cfg, data, teacher_dir, None)["teacher"]),
+                                   ("generator", _trained(trainer)))}
+        t_label = LABELS["teacher"].format(steps=cfg.teacher.sample_steps, cfg=cfg.teacher.guidance_scale)
+        g_label = f"{LABELS[cfg.distill.method]}, {trainer.plan.n_steps} steps"
+        if not par.is_main:
+            return {}
+        _plot_panel(out / "samples.png", data, {t_label: ev["_samples"]["teacher"], g_label: ev["_samples"]["generator"]},
+                    ev["_exact"], {t_label: seed_x["teacher"], g_label: seed_x["generator"]})
+        _plot_losses(out / "losses.png", out / "log.jsonl")
+        report = {
+            "method": cfg.distill.method, "steps": trainer.plan.n_steps, "phases": trainer.plan.n_phases,
+            "boundaries": list(trainer.plan.boundaries), "generator_updates": trainer.step,
+            "nonfinite_skipped": trainer.nonfinite_total,
+            "teacher": ev["teacher"], "generator": ev["generator"], "data": ev["data"],
+            "seconds": {"teacher_training": round(self.teacher_seconds, 1),
+                        "distillation": round(seconds["distillation"], 1),
+                        "evaluation": round(time.time() - t0, 1), "total": round(time.time() - seconds["start"], 1)},
+            "config": cfg.to_dict(),
+        }
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "report.md").write_text(_report_md(report, t_label, g_label))
+        return report
 
 
 PRECISION_NOTE = (f"Precision: share of samples within {PRECISION_K:g} std of a mode (min over modes of distance / "
@@ -294,7 +291,7 @@ def _compare(cfg: RunConfig, out: Path, progress: bool, methods, seeds: list[int
     t_label = LABELS["teacher"].format(steps=t.sample_steps, cfg=t.guidance_scale)
     per_seed, seconds = {}, {}
     for s in seeds:
-        scfg = dataclasses.replace(cfg, seed=s, teacher=dataclasses.replace(cfg.teacher, seed=cfg.teacher_seed))
+        scfg = updated(cfg, {"seed": s, "teacher.seed": cfg.teacher_seed})
         reports = {m: _run_method(scfg, m, out / f"seed_{s}" / m, out, progress) for m in methods}
         first = reports[methods[0]]
         per_seed[s] = {t_label: first["teacher"]["mean"], **{LABELS[m]: reports[m]["generator"]["mean"] for m in methods},
@@ -302,7 +299,7 @@ def _compare(cfg: RunConfig, out: Path, progress: bool, methods, seeds: list[int
         seconds[s] = {m: reports[m]["seconds"]["total"] for m in methods}
     rows = over_seeds(list(per_seed.values()))
     table = {"budget": {"generator_updates": cfg.distill.max_steps, "batch_size": cfg.distill.batch_size,
-                        "fake_updates": cfg.distill.fake_updates},
+                        "fake_updates": cfg.distill.fake_updates_per_generator_update},
              "seeds": seeds, "teacher_seed": cfg.teacher_seed,
              "spread": "mean and sample std (n - 1) over seeds; min, max and the per-seed values alongside",
              "rows": rows, "per_seed": {str(s): r for s, r in per_seed.items()},
@@ -310,7 +307,7 @@ def _compare(cfg: RunConfig, out: Path, progress: bool, methods, seeds: list[int
     (out / "table.json").write_text(json.dumps(table, indent=2))
     md = ["# pdmd compare: the four methods of Fig. 1 with the same budget", "",
           f"{cfg.distill.max_steps} generator updates each (split evenly over a method's phases), batch "
-          f"{cfg.distill.batch_size}, {cfg.distill.fake_updates} fake updates per generator update; "
+          f"{cfg.distill.batch_size}, {cfg.distill.fake_updates_per_generator_update} fake updates per generator update; "
           f"{len(cfg.distill.timesteps) - 1} sampling steps; teacher sampled with {t.sample_steps} steps and CFG "
           f"{t.guidance_scale}, distilled generators with CFG 1.", "",
           (f"Seeds {seeds} (distillation and evaluation noise; the teacher is the one of seed {cfg.teacher_seed}): "
@@ -329,7 +326,7 @@ def _compare(cfg: RunConfig, out: Path, progress: bool, methods, seeds: list[int
 def _run_method(cfg: RunConfig, method: str, run: Path, teacher_dir: Path, progress: bool) -> dict:
     """One method of ``compare``: its finished report when ``run`` already holds one for this config, else
     distil (resuming from the run's checkpoint if an earlier call was interrupted)."""
-    mcfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, method=method))
+    mcfg = updated(cfg, {"distill.method": method})
     done = run / "report.json"
     if done.exists() and (run / "experts.safetensors").exists():
         report = json.loads(done.read_text())
@@ -357,15 +354,15 @@ def load_generator(run: str | Path):
     from pdmd.runtime.checkpoint import load_tensors
     from pdmd.config import from_dict
     from pdmd.core.experts import Experts
-    from pdmd.core.sampler import make_plan
+    from pdmd.core.sampler import make_step_plan
 
     run = Path(run)
     tensors, meta = load_tensors(run / "experts.safetensors")
     cfg = from_dict(json.loads(meta["config"]))
     d = cfg.distill
     teacher, _ = load_or_train_teacher(run, ToyData(), cfg.teacher, cfg.teacher_seed, progress=False)
-    plan = make_plan(d.method, d.timesteps, d.phase_boundaries)
-    experts = Experts(teacher, plan.n_phases, d.lora_rank, d.lora_alpha)
+    plan = make_step_plan(d.method, d.timesteps, d.phase_boundaries)
+    experts = Experts(teacher, plan.n_phases, cfg.generator.lora_rank, cfg.generator.lora_alpha)
     params = {n: p for name in experts.adapters for n, p in experts.adapter_params(name).items()}
     with torch.no_grad():
         for n, p in params.items():
@@ -410,114 +407,3 @@ def sample_run(run: str | Path, steps: int, n: int, out: str | Path, prompt: str
 
         save_tensors(out, {"samples": x, "prompts": cond}, {"prompt_names": json.dumps(data.names)})
     return out
-
-
-# ---------------------------------------------------------------------- CLI
-def _config(args) -> RunConfig:
-    cfg = load_config(args.config, for_run=True)
-    torch.set_num_threads(cfg.threads)
-    if getattr(args, "max_steps", None) is not None:
-        if args.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
-        cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, max_steps=args.max_steps))
-    return cfg
-
-
-def _cmd_distill(args) -> int:
-    from pdmd.pipeline.real import cmd_distill, is_real
-
-    real = is_real(args.config)  # a config with a model: section distils a local diffusers model
-    cfg = None if real else _config(args)
-    try:
-        if real:
-            return cmd_distill(args)
-        if cfg.task == "digits":
-            from pdmd.demos.digits import distill_digits
-
-            return _digits_done(args, distill_digits(cfg, args.out, args.resume, not args.quiet))
-        r = distill(cfg, args.out, resume=args.resume, progress=not args.quiet)
-    except NonFiniteError as e:
-        print(f"pdmd distill: {e}", file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        return _interrupted("distill", e)
-    if not r:  # a rank other than 0 under torchrun: rank 0 reports
-        return 0
-    g, t = r["generator"]["mean"], r["teacher"]["mean"]
-    print(f"{r['method']}: modes {g['covered']}/{g['modes']} (teacher {t['covered']}), mass TV {g['mass_tv']:.3f} "
-          f"(teacher {t['mass_tv']:.3f}), energy to data {g['energy_to_data']:.4f} (teacher {t['energy_to_data']:.4f}), "
-          f"diversity {g['diversity']:.3f} (teacher {t['diversity']:.3f}), precision {g['precision']:.3f} "
-          f"(teacher {t['precision']:.3f}, data {r['data']['mean']['precision']:.3f}); {r['seconds']['total']} s")
-    print(f"wrote {args.out}/report.md, report.json, samples.png, experts.safetensors")
-    return 0
-
-
-def _digits_done(args, result: dict) -> int:
-    print(Path(args.out, "diversity.md").read_text())
-    print(f"wrote {args.out}/grid.png, diversity.md, diversity.json, experts.safetensors; {result['seconds']['total']} s")
-    return 0
-
-
-def _interrupted(cmd: str, e: Interrupted) -> int:
-    """SIGTERM/SIGINT: the checkpoint is saved; exit 128 + the signal's number (143, 130), as a shell reports a
-    process stopped by that signal, so a scheduler sees a preempted run, not a finished one."""
-    print(f"pdmd {cmd}: {e}", file=sys.stderr)
-    return 128 + e.signum
-
-
-def _seeds(args, cfg: RunConfig) -> list[int]:
-    """--seeds N: N seeds from the config's seed on; --seeds A B C: those seeds; absent: the config's seed."""
-    s = getattr(args, "seeds", None)
-    if not s:
-        return [cfg.seed]
-    if len(s) == 1:
-        if s[0] < 1:
-            raise ValueError(f"--seeds N must be >= 1 (the number of seeds), got {s[0]}")
-        return list(range(cfg.seed, cfg.seed + s[0]))
-    if len(set(s)) != len(s):
-        raise ValueError(f"--seeds must name distinct seeds, got {s}")
-    return list(s)
-
-
-def _cmd_compare(args) -> int:
-    from pdmd.pipeline.real import is_real
-
-    if is_real(args.config):
-        raise ValueError(f"{args.config}: pdmd compare runs the toy and digits tasks; a config with a model: section "
-                         "is for pdmd distill")
-    cfg = _config(args)
-    try:
-        if cfg.task == "digits":
-            from pdmd.demos.digits import compare_digits
-
-            return _digits_done(args, compare_digits(cfg, args.out, not args.quiet, seeds=_seeds(args, cfg)))
-        compare(cfg, args.out, progress=not args.quiet, seeds=_seeds(args, cfg))
-    except NonFiniteError as e:
-        print(f"pdmd compare: {e}", file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        return _interrupted("compare", e)
-    print(Path(args.out, "table.md").read_text())
-    print(f"wrote {args.out}/table.md, table.json, panel.png")
-    return 0
-
-
-def add_commands(sub) -> None:
-    """Register distill and compare on the ``pdmd`` argument parser."""
-    d = sub.add_parser("distill", help="distil the embedded toy teacher (or, for a config with model:, a local Wan/Qwen-Image) into few-step experts")
-    d.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    d.add_argument("--out", required=True, help="run directory")
-    d.add_argument("--max-steps", type=int, default=None, help="generator updates in total (overrides the config)")
-    d.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in OUT (checkpoint.safetensors, checkpoint.dcp under torchrun)")
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.set_defaults(func=_cmd_distill)
-    c = sub.add_parser("compare", help="DMD, DMD+SGTS, Phased DMD, Phased DMD+SGTS with the same budget")
-    c.add_argument("--config", default=None)
-    c.add_argument("--out", required=True)
-    c.add_argument("--max-steps", type=int, default=None)
-    c.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
-                   help="one number N: N distillation seeds from the config's seed on; several: those seeds. Each "
-                        "method runs once per seed (teacher of the config's seed); tables show mean ± std over seeds")
-    c.add_argument("--quiet", action="store_true")
-    c.set_defaults(func=_cmd_compare)
-

@@ -7,9 +7,6 @@ from torch import nn
 from pdmd.core._checks import as_time, per_sample
 from pdmd.core.schedules import Schedule
 
-COND_KEYS = ("embeds", "mask", "neg_embeds", "neg_mask")
-
-
 def split_cond(cond) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(embeds [B, L, D], mask [B, L] or None) from a tensor or a ``pdmd.pipeline.prompts`` batch dict."""
     if torch.is_tensor(cond):
@@ -32,13 +29,17 @@ def null_cond(cond):
     neg = cond["neg_embeds"]
     if neg.shape[0] != embeds.shape[0]:
         raise ValueError(f"cond['neg_embeds'] has batch {neg.shape[0]} but cond['embeds'] has batch {embeds.shape[0]}")
-    return {"embeds": neg, "mask": cond.get("neg_mask"), "neg_embeds": neg, "neg_mask": cond.get("neg_mask")}
+    out = {"embeds": neg, "mask": cond.get("neg_mask")}
+    # every other part of the condition (e.g. SD3's pooled embeddings) has its negative under neg_<key>
+    out.update({k: cond[f"neg_{k}"] for k in cond if not k.startswith("neg_") and k not in out and f"neg_{k}" in cond})
+    return {**out, **{f"neg_{k}": v for k, v in out.items()}}
 
 
 def sigma_of(schedule: Schedule, t, x: torch.Tensor) -> torch.Tensor:
     """Per-sample model sigma [B] (float32) for pdmd time t (scalar or [B]) on a flow schedule."""
-    t = per_sample("t", as_time("t", t), x)
-    return schedule.sigma(t.to(torch.float64)).to(torch.float32)
+    # no value check: it runs in every model call, and its callers (trainer, sampler) pass validated times
+    t = per_sample("t", as_time("t", t, check=False), x)
+    return schedule.sigma(t.to(torch.float64), check=False).to(torch.float32)
 
 
 def time_of_sigma(schedule: Schedule, sigma: float) -> float:
@@ -68,3 +69,7 @@ class DiffusersDenoiser(nn.Module):
         if not isinstance(phase, int) or phase < 1:
             raise ValueError(f"phase must be an integer >= 1, got {phase!r}")
         return self
+
+    def component_of(self, sub: "DiffusersDenoiser") -> str:
+        """The diffusers pipeline component that ``sub`` (``self`` or one of ``sub_denoisers()``) is."""
+        return "transformer"

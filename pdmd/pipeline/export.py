@@ -2,14 +2,15 @@
 
 ``export_experts`` writes, for phase k, ``expert_k.safetensors`` in diffusers' LoRA layout (keys
 ``transformer.<module>.lora_A.weight``/``lora_B.weight``, the LoRA config in the safetensors metadata, so rank
-and alpha load exactly) and ``manifest.json``: each expert's phase, diffusers component (``transformer`` or, for
-Wan 2.2 A14B's low-noise experts, ``transformer_2``), its time and sigma range, and the sampling steps (pdmd time,
+and alpha load exactly) and ``manifest.json``: each expert's phase, diffusers component (``model.component_of``: ``transformer``, or
+e.g. Wan 2.2 A14B's ``transformer_2`` for its low-noise experts), its time and sigma range, and the sampling steps (pdmd time,
 sigma, diffusers timestep, expert, sampler).
 
 On the diffusers side, ``load_experts(pipe, folder)`` loads the files (``load_lora_weights``, into
 ``transformer_2`` where the manifest says so) and ``expert_sampling(pipe, manifest)`` is a context manager that
 runs the manifest's sigmas and switches adapters by timestep while the pipeline runs (needed when several
-experts share one transformer, as Wan 2.1 and Qwen-Image do). ``sample`` (``pdmd sample``) does all of this
+experts share one transformer). The pipeline class, its timestep convention and its guidance switches come
+from the family's ``ModelSpec`` (``pdmd/models/<family>/``). ``sample`` (``pdmd sample``) does all of this
 from a local pipeline folder and writes the images in the layout ``pdmd eval diversity`` reads.
 """
 from __future__ import annotations
@@ -23,8 +24,7 @@ from typing import Sequence
 import torch
 
 from pdmd.models.base import DiffusersDenoiser
-from pdmd.models.qwen_image import QwenImageDenoiser
-from pdmd.models.wan import WanDenoiser, WanMoEDenoiser
+from pdmd.models.registry import spec_for_pipeline, spec_of
 from pdmd.runtime.parallel import gathered
 
 __all__ = ["lora_state_dict", "activate_adapter", "export_experts", "read_manifest", "load_experts", "expert_sampling", "sample",
@@ -35,35 +35,40 @@ FORMAT = "pdmd-experts/1"
 SAMPLERS = ("euler", "renoise")  # deterministic flow ODE step, or x0 then fresh noise (diffusers stochastic_sampling)
 
 
-def _lora_layers(module: torch.nn.Module, adapter: str):
-    from peft.tuners.lora import LoraLayer
+def _config_holder(modules, adapter: str):
+    """The first of ``modules`` whose ``peft_config`` has ``adapter`` (peft puts it on the module it was injected
+    into: the denoiser for the trainer's ``get_peft_model``, the transformer for diffusers' ``add_adapter``)."""
+    for m in modules:
+        if adapter in (getattr(m, "peft_config", None) or {}):
+            return m
+    return None
 
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
 
-
-def lora_state_dict(transformer: torch.nn.Module, adapter: str) -> tuple[dict, dict]:
+def lora_state_dict(transformer: torch.nn.Module, adapter: str, owners=()) -> tuple[dict, dict]:
     """(weights keyed ``<module>.lora_A.weight`` etc. relative to ``transformer``, LoraConfig as a dict) of one adapter.
 
-    Read from the LoRA layers themselves, so it works however the adapter was added (peft's
-    ``inject_adapter_in_model`` on a wrapper, or diffusers' ``add_adapter``).
+    peft's ``get_peft_model_state_dict`` on the transformer's own state dict, with the adapter's config from
+    whichever of ``transformer`` and ``owners`` (the modules it sits in) peft injected the adapter into.
     """
-    from peft import LoraConfig
+    from peft import LoraConfig, get_peft_model_state_dict
 
-    layers = _lora_layers(transformer, adapter)
-    if not layers:
+    holder = _config_holder([transformer, *owners], adapter)
+    if holder is None:
         raise ValueError(f"adapter: no LoRA layers named {adapter!r} in {type(transformer).__name__}")
-    ranks = {m.r[adapter] for _, m in layers}
-    alphas = {m.lora_alpha[adapter] for _, m in layers}
-    rslora = {m.use_rslora[adapter] for _, m in layers}
-    if len(ranks) != 1 or len(alphas) != 1 or len(rslora) != 1:
-        raise ValueError(f"adapter {adapter!r} mixes ranks {ranks} / alphas {alphas}: export supports one rank and alpha")
-    sd = {}
-    for name, m in layers:
-        for part in ("lora_A", "lora_B"):
-            for pname, p in getattr(m, part)[adapter].named_parameters():
-                sd[f"{name}.{part}.{pname}"] = gathered(p.detach()).cpu().contiguous()
-    config = LoraConfig(r=ranks.pop(), lora_alpha=alphas.pop(), use_rslora=rslora.pop(),
-                        target_modules=sorted(n for n, _ in layers)).to_dict()
+    cfg = holder.peft_config[adapter]
+    if getattr(cfg, "rank_pattern", None) or getattr(cfg, "alpha_pattern", None):
+        raise ValueError(f"adapter {adapter!r} mixes ranks or alphas (rank_pattern/alpha_pattern): export supports one "
+                         "rank and alpha")
+    # peft finds the adapter's tensors from the LoRA layers under ``holder``: keys relative to it, cut to the transformer's
+    prefix = next(n for n, m in holder.named_modules() if m is transformer)
+    prefix = prefix + "." if prefix else ""
+    sd = {k[len(prefix):]: v for k, v in get_peft_model_state_dict(holder, adapter_name=adapter).items()
+          if k.startswith(prefix)}
+    if not sd:
+        raise ValueError(f"adapter: no LoRA layers named {adapter!r} in {type(transformer).__name__}")
+    sd = {k: gathered(v.detach()).cpu().contiguous() for k, v in sd.items()}  # sharded (FSDP2): whole tensors
+    targets = sorted({k.split(".lora_")[0] for k in sd})
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, target_modules=targets).to_dict()
     return sd, config
 
 
@@ -78,18 +83,6 @@ def activate_adapter(module: torch.nn.Module, adapter: str) -> None:
             found = True
     if not found:
         raise ValueError(f"adapter: no LoRA layers named {adapter!r}")
-
-
-def _pipeline_class(model: DiffusersDenoiser):
-    if isinstance(model, (WanDenoiser, WanMoEDenoiser)):
-        from diffusers import WanPipeline
-
-        return WanPipeline, "wan-a14b" if isinstance(model, WanMoEDenoiser) else "wan"
-    if isinstance(model, QwenImageDenoiser):
-        from diffusers import QwenImagePipeline
-
-        return QwenImagePipeline, "qwen-image"
-    raise ValueError(f"model must be a pdmd.models adapter (Wan or Qwen-Image), got {type(model).__name__}")
 
 
 def _check_times(name: str, values: Sequence[float], first_is_one: bool) -> list[float]:
@@ -119,7 +112,10 @@ def export_experts(model: DiffusersDenoiser, out_dir, steps: Sequence[float], ph
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    pipe_cls, kind = _pipeline_class(model)
+    import diffusers
+
+    spec = spec_of(model)
+    pipe_cls = getattr(diffusers, spec.pipeline_class)
     steps = _check_times("steps", steps, first_is_one=True)
     bounds = _check_times("phase_boundaries", phase_boundaries, first_is_one=False) if phase_boundaries else []
     missing = [b for b in bounds if b not in steps]
@@ -140,28 +136,21 @@ def export_experts(model: DiffusersDenoiser, out_dir, steps: Sequence[float], ph
     experts = []
     for k, name in enumerate(adapters, start=1):
         sub = model.for_phase(k)
-        component = "transformer_2" if isinstance(model, WanMoEDenoiser) and sub is model.low else "transformer"
-        sd, config = lora_state_dict(sub.transformer, name)
+        component = model.component_of(sub)
+        sd, config = lora_state_dict(sub.transformer, name, owners=(sub, model))
         if write:
             pipe_cls.save_lora_weights(out, transformer_lora_layers=sd, transformer_lora_adapter_metadata=config,
                                        weight_name=f"{name}.safetensors")
         experts.append({"name": name, "phase": k, "file": f"{name}.safetensors", "component": component,
                         "t_range": [edges[k], edges[k - 1]], "sigma_range": [sig(edges[k]), sig(edges[k - 1])],
                         "rank": config["r"], "alpha": config["lora_alpha"]})
-    step_rows = [{"t": t, "sigma": sig(t), "timestep": 1000.0 * sig(t), "expert": adapters[_phase_of(t, bounds) - 1]}
-                 for t in steps]
-    manifest = {"format": FORMAT, "model": kind, "pipeline": pipe_cls.__name__, "shift": model.schedule.shift,
+    step_rows = [{"t": t, "sigma": sig(t), "timestep": 1000.0 * sig(t),  # the scheduler's timesteps
+                  "expert": adapters[_phase_of(t, bounds) - 1]} for t in steps]
+    manifest = {"format": FORMAT, "model": spec.name, "pipeline": pipe_cls.__name__, "shift": model.schedule.shift,
                 "sampler": sampler, "guidance_scale": 1.0, "phase_boundaries": bounds,
                 "phase_boundary_sigmas": [sig(b) for b in bounds], "experts": experts, "steps": step_rows}
-    if kind == "wan-a14b":
-        # WanPipeline sends timesteps >= boundary_ratio * 1000 to `transformer`: put the switch between the
-        # last high-noise step and the first low-noise one (0: all steps high; above 1: all low)
-        comp = {e["name"]: e["component"] for e in experts}
-        hi = [r["sigma"] for r in step_rows if comp[r["expert"]] == "transformer"]
-        lo = [r["sigma"] for r in step_rows if comp[r["expert"]] == "transformer_2"]
-        if hi and lo and min(hi) <= max(lo):
-            raise ValueError("phase_transformers interleave high and low transformers across steps: WanPipeline cannot run that")
-        manifest["boundary_ratio"] = 0.5 * (min(hi) + max(lo)) if hi and lo else (0.0 if hi else 1.5)
+    if spec.finish_manifest is not None:
+        spec.finish_manifest(model, manifest)
     if write:
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -208,7 +197,8 @@ def expert_sampling(pipe, manifest: dict):
     each step run by its expert. Yields the keyword arguments to pass to the pipeline call."""
     steps = manifest["steps"]
     sigmas = [r["sigma"] for r in steps]
-    per_sigma = {"QwenImagePipeline": 1.0}.get(manifest["pipeline"], 1000.0)  # what the transformer gets as timestep
+    spec = spec_for_pipeline(manifest["pipeline"])
+    per_sigma = spec.timestep_scale  # what the transformer gets as timestep, per unit of sigma
     components = {e["component"] for e in manifest["experts"]}
     comp_of = {e["name"]: e["component"] for e in manifest["experts"]}
     old_scheduler, patched = pipe.scheduler, []
@@ -231,9 +221,7 @@ def expert_sampling(pipe, manifest: dict):
         pipe.scheduler = _fixed_sigmas_scheduler(sigmas, stochastic=manifest["sampler"] == "renoise")
         for c in components:
             switching(getattr(pipe, c), [r for r in steps if comp_of[r["expert"]] == c])
-        kwargs = {"num_inference_steps": len(steps)}
-        kwargs.update({"true_cfg_scale": 1.0} if manifest["pipeline"] == "QwenImagePipeline"
-                      else {"guidance_scale": 1.0, **({"guidance_scale_2": 1.0} if "boundary_ratio" in manifest else {})})
+        kwargs = {"num_inference_steps": len(steps), **spec.sampling_kwargs(manifest)}
         yield kwargs
     finally:
         pipe.scheduler = old_scheduler
@@ -272,7 +260,7 @@ def sample(pipeline_dir, experts_dir, prompts, out_dir, seeds=range(8), height=N
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.json").write_text(json.dumps({f"{i:03d}": p for i, p in enumerate(prompts)}, indent=1))
     size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
-    video = manifest["pipeline"] == "WanPipeline"
+    video = spec_for_pipeline(manifest["pipeline"]).video
     if video and frames is not None:
         size["num_frames"] = frames
     jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]

@@ -1,22 +1,20 @@
 """Prompts encoded once: training is data-free, so it needs only prompt embeddings, cached on disk.
 
-``encode_prompts(kind, path, prompts, out_dir)`` loads the model's text encoder and tokenizer from a local
-diffusers folder (``text_encoder/``, ``tokenizer/``), encodes every prompt and the negative (or empty) prompt
-exactly as the diffusers pipeline does (it calls the pipeline's own encoding method), writes them in
-safetensors shards, then frees the encoder. ``PromptCache(out_dir)`` reads the cache during training and
-builds the ``cond`` batches the adapters take: ``{"embeds", "mask", "neg_embeds", "neg_mask"}``.
+``encode_prompts(kind, path, prompts, out_dir)`` loads the family's text encoders and tokenizers from a local
+diffusers folder (``text_encoder/``, ``tokenizer/``, ...; the family's ``ModelSpec.prompts`` names them),
+encodes every prompt and the negative (or empty) prompt exactly as the diffusers pipeline does (the family's
+``encode`` calls the pipeline's own encoding method), writes them in safetensors shards, then frees the
+encoders. ``PromptCache(out_dir)`` reads the cache during training and builds the ``cond`` batches the
+adapters take: ``{"embeds", "mask", "neg_embeds", "neg_mask"}``, plus ``pooled``/``neg_pooled`` for a family
+with pooled embeddings. How each family pads and trims is in its folder (``pdmd/models/<family>/``).
 
-- Wan (UMT5): the pipeline pads every prompt with zeros to ``max_sequence_length`` (512 in ``WanPipeline.__call__``)
-  and the transformer attends to that padding, so batches are padded to that length again.
-- Qwen-Image (Qwen2.5-VL): last hidden state of the chat template, template tokens dropped; batches are padded
-  to their longest prompt with a mask, as the pipeline does.
-
-Each prompt is stored trimmed to its tokens; shards already written are kept when the same job reruns.
+Each prompt is stored as the family's encoder gives it; shards already written are kept when the same job reruns.
 """
 from __future__ import annotations
 
 import gc
 import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -28,116 +26,115 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pdmd.models._local import component_dir, read_json
+from pdmd.models.registry import KINDS, get_spec
 
-__all__ = ["encode_prompts", "encode_with", "PromptCache", "KINDS", "DEFAULT_NEGATIVE"]
+__all__ = ["encode_prompts", "encode_with", "PromptCache", "KINDS"]
 
-KINDS = ("wan", "qwen-image")
-DEFAULT_NEGATIVE = {"wan": "", "qwen-image": " "}  # WanPipeline's default; QwenImagePipeline's documented " "
-PAD_TO = {"wan": 512, "qwen-image": None}
 META = "meta.json"
 
 
-def _check_kind(kind):
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+def _encoder_pipeline(spec, components: dict):
+    """The family's diffusers pipeline holding only the tokenizers and text encoders, to call its own encoding."""
+    import diffusers
+
+    cls = getattr(diffusers, spec.pipeline_class)
+    params = inspect.signature(cls.__init__).parameters
+    missing = [name for enc, _, tok in spec.prompts.encoders for name in (enc, tok) if name not in components]
+    if missing:
+        raise ValueError(f"components: {spec.name} needs {missing}")
+    none = {n: None for n, p in params.items() if n != "self" and p.default is inspect.Parameter.empty}
+    return cls(**{**none, **components})
 
 
-def _encoder_pipeline(kind, tokenizer, text_encoder):
-    """A diffusers pipeline holding only the tokenizer and text encoder, to call its own encoding method."""
-    if kind == "wan":
-        from diffusers import WanPipeline
-
-        return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=None, transformer=None)
-    from diffusers import QwenImagePipeline
-
-    return QwenImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None)
-
-
-def _encode_batch(kind, pipe, prompts: list[str], pad_to, device) -> list[torch.Tensor]:
-    """Each prompt's embeddings [L_i, D], trimmed to its own tokens."""
+def _encode_batch(spec, pipe, prompts: list[str], max_sequence_length, device):
+    """Each prompt's embeddings [L_i, D] as the cache stores them, and the pooled embeddings [B, P] (or None)."""
     with torch.no_grad():
-        if kind == "wan":
-            from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-
-            embeds = pipe._get_t5_prompt_embeds(prompts, max_sequence_length=pad_to, device=device)
-            mask = pipe.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=pad_to,
-                                  truncation=True, add_special_tokens=True, return_attention_mask=True,
-                                  return_tensors="pt").attention_mask
-        else:
-            embeds, mask = pipe._get_qwen_prompt_embeds(prompts, device=device)
-    lengths = mask.gt(0).sum(1).tolist()
-    return [e[:n].cpu().contiguous() for e, n in zip(embeds, lengths)]
+        rows, pooled = spec.prompts.encode(pipe, prompts, max_sequence_length, device)
+    return [r.cpu().contiguous() for r in rows], (None if pooled is None else pooled.cpu().contiguous())
 
 
 def _digest(kind, prompts, negative, pad_to) -> str:
     return hashlib.sha256(json.dumps([kind, list(prompts), negative, pad_to]).encode()).hexdigest()[:16]
 
 
-def encode_with(kind: str, tokenizer, text_encoder, prompts: Sequence[str], out_dir, negative_prompt: str | None = None,
+def encode_with(kind: str, components: dict, prompts: Sequence[str], out_dir, negative_prompt: str | None = None,
                 batch_size: int = 8, shard_size: int = 256, max_sequence_length: int | None = None,
                 device="cpu", progress: bool = True) -> Path:
-    """Encode ``prompts`` and the negative prompt with an already loaded tokenizer and text encoder."""
-    _check_kind(kind)
+    """Encode ``prompts`` and the negative prompt with already loaded tokenizers and text encoders, given as the
+    family's pipeline arguments (``{"tokenizer": ..., "text_encoder": ...}``)."""
+    spec = get_spec(kind)
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty list of strings")
     for name, v in (("batch_size", batch_size), ("shard_size", shard_size)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    negative = DEFAULT_NEGATIVE[kind] if negative_prompt is None else negative_prompt
-    pad_to = max_sequence_length or PAD_TO[kind]
+    if max_sequence_length is not None and spec.prompts.max_sequence_length is None:
+        raise ValueError(f"max_sequence_length: {spec.title} takes none (it pads per batch with a mask)")
+    negative = spec.prompts.default_negative if negative_prompt is None else negative_prompt
+    max_len = max_sequence_length or spec.prompts.max_sequence_length
+    pad_to = spec.prompts.padded_length(max_len)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"kind": kind, "count": len(prompts), "negative_prompt": negative, "pad_to": pad_to, "shard_size": shard_size,
-            "digest": _digest(kind, prompts, negative, pad_to), "prompts": prompts}
+            "digest": _digest(kind, prompts, negative, pad_to if pad_to is not None else max_len), "prompts": prompts}
     old = read_json(out / META) if (out / META).is_file() else None
     if old is not None and (old.get("digest") != meta["digest"] or old.get("shard_size") != shard_size):
         raise ValueError(f"out_dir {str(out)!r} holds a cache of other prompts or settings; use a new folder")
     (out / META).write_text(json.dumps(meta, indent=1))
-    pipe = _encoder_pipeline(kind, tokenizer, text_encoder)
+    pipe = _encoder_pipeline(spec, components)
 
     def write(path: Path, tensors: dict):
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, path)  # a shard exists only once complete
 
+    def pooled_part(pooled):
+        return {} if pooled is None else {"pooled": pooled}
+
     if not (out / "negative.safetensors").is_file():
-        write(out / "negative.safetensors", {"embeds": _encode_batch(kind, pipe, [negative], pad_to, device)[0]})
+        rows, pooled = _encode_batch(spec, pipe, [negative], max_len, device)
+        write(out / "negative.safetensors", {"embeds": rows[0], **pooled_part(pooled)})
     shards = range(0, len(prompts), shard_size)
     for s in tqdm(shards, desc="encoding prompts", unit="shard", disable=not progress):
         path = out / f"shard_{s // shard_size:05d}.safetensors"
         if path.is_file():
             continue
         chunk = prompts[s:s + shard_size]
-        embeds = []
+        embeds, pooled = [], []
         for b in range(0, len(chunk), batch_size):
-            embeds += _encode_batch(kind, pipe, chunk[b:b + batch_size], pad_to, device)
-        write(path, {"embeds": torch.cat(embeds), "lengths": torch.tensor([len(e) for e in embeds])})
+            rows, p = _encode_batch(spec, pipe, chunk[b:b + batch_size], max_len, device)
+            embeds += rows
+            pooled += [] if p is None else [p]
+        write(path, {"embeds": torch.cat(embeds), "lengths": torch.tensor([len(e) for e in embeds]),
+                     **pooled_part(torch.cat(pooled) if pooled else None)})
     return out
 
 
 def encode_prompts(kind: str, path, prompts: Sequence[str], out_dir, negative_prompt: str | None = None,
                    dtype: torch.dtype | None = None, device="cpu", **kwargs) -> Path:
-    """Load the text encoder and tokenizer from the local folder ``path``, encode, write the cache, free the encoder."""
-    _check_kind(kind)
+    """Load the family's text encoders and tokenizers from the local folder ``path``, encode, write the cache,
+    free the encoders."""
+    spec = get_spec(kind)
+    import transformers
     from transformers import AutoTokenizer
 
-    if kind == "wan":
-        from transformers import UMT5EncoderModel as Encoder
-    else:
-        from transformers import Qwen2_5_VLForConditionalGeneration as Encoder
-    enc_dir = component_dir(path, "text_encoder", f"{kind} text encoder")
-    archs = read_json(enc_dir / "config.json").get("architectures") or []
-    if Encoder.__name__ not in archs:
-        raise ValueError(f"{kind} text encoder: {str(enc_dir)!r} holds {archs or 'no architectures'}, not a {Encoder.__name__}")
-    tok_dir = component_dir(path, "tokenizer", f"{kind} tokenizer", config_name="tokenizer_config.json")
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    encoder = Encoder.from_pretrained(str(enc_dir), local_files_only=True, **({"dtype": dtype} if dtype else {}))
-    encoder = encoder.to(device).eval()
+    components = {}
+    for enc_name, cls_name, tok_name in spec.prompts.encoders:
+        enc_dir = component_dir(path, enc_name, f"{kind} {enc_name.replace('_', ' ')}")
+        archs = read_json(enc_dir / "config.json").get("architectures") or []
+        if cls_name not in archs:
+            raise ValueError(f"{kind} {enc_name.replace('_', ' ')}: {str(enc_dir)!r} holds {archs or 'no architectures'}, "
+                             f"not a {cls_name}")
+        tok_dir = component_dir(path, tok_name, f"{kind} {tok_name}", config_name="tokenizer_config.json")
+        components[tok_name] = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        encoder = getattr(transformers, cls_name).from_pretrained(str(enc_dir), local_files_only=True,
+                                                                  **({"dtype": dtype} if dtype else {}))
+        components[enc_name] = encoder.to(device).eval()
     try:
-        return encode_with(kind, tokenizer, encoder, prompts, out_dir, negative_prompt, device=device, **kwargs)
+        return encode_with(kind, components, prompts, out_dir, negative_prompt, device=device, **kwargs)
     finally:
-        del encoder
+        components.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -159,6 +156,8 @@ class PromptCache:
         self._lengths = [self._read(self._shard(i), "lengths") for i in range(n_shards)]
         self._offsets = [torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]) for lens in self._lengths]
         self.negative = self._read(self.folder / "negative.safetensors", "embeds")
+        with safe_open(str(self.folder / "negative.safetensors"), "pt") as f:
+            self.negative_pooled = f.get_tensor("pooled") if "pooled" in f.keys() else None  # [1, P] or None
 
     def _shard(self, i: int) -> Path:
         return self.folder / f"shard_{i:05d}.safetensors"
@@ -206,16 +205,24 @@ class PromptCache:
             s, j = divmod(i, self.meta["shard_size"])
             by_shard.setdefault(s, []).append((k, j))
         rows: list = [None] * len(indices)
+        pooled: list = [None] * len(indices)
         for s, items in by_shard.items():  # one file open per shard
             with safe_open(str(self._shard(s)), "pt") as f:
                 part, off = f.get_slice("embeds"), self._offsets[s]
+                pool = f.get_slice("pooled") if self.negative_pooled is not None else None
                 for k, j in items:
                     rows[k] = part[int(off[j]):int(off[j + 1])]
+                    if pool is not None:
+                        pooled[k] = pool[j:j + 1]
         n = length or self.pad_to or max(len(r) for r in rows)
         n_neg = length or self.pad_to or len(self.negative)
         embeds, mask = self._pad(rows, n)
         neg, neg_mask = self._pad([self.negative] * len(rows), n_neg)
-        return {"embeds": embeds, "mask": mask, "neg_embeds": neg, "neg_mask": neg_mask}
+        out = {"embeds": embeds, "mask": mask, "neg_embeds": neg, "neg_mask": neg_mask}
+        if self.negative_pooled is not None:  # the family's pooled embeddings, beside the sequence
+            out["pooled"] = torch.cat(pooled)
+            out["neg_pooled"] = self.negative_pooled.expand(len(rows), -1).clone()
+        return out
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None, length: int | None = None) -> dict:
         """A batch of prompts drawn uniformly with replacement (``length``: as in ``batch``)."""

@@ -13,21 +13,22 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["BLOCK_LISTS", "repeated_blocks", "compile_regions", "compile_seconds", "StepClock"]
-
-# attribute names of the repeated-block lists of the supported models (diffusers' Wan, Qwen-Image, Flux-like)
-BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks")
+__all__ = ["repeated_blocks", "compile_regions", "compile_seconds", "StepClock"]
 
 
 def repeated_blocks(module: nn.Module) -> list[nn.Module]:
-    """The blocks of every ``nn.ModuleList`` named in ``BLOCK_LISTS`` anywhere in ``module`` (outermost first)."""
-    out, seen = [], set()
-    for name, m in module.named_modules():
-        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LISTS:
-            if any(name.startswith(s + ".") for s in seen):
-                continue  # a block list nested inside a block is compiled with its block
-            seen.add(name)
-            out.extend(m)
+    """The repeated blocks of every diffusers model in ``module`` (outermost first), as the model class declares
+    them: the block classes in its ``_repeated_blocks``, else in its ``_no_split_modules``. A module declaring
+    neither (the toy MLP) has none. The one definition of "block" for compile, FSDP2 and checkpointing."""
+    out, inside = [], set()
+    for m in module.modules():
+        names = set(getattr(m, "_repeated_blocks", None) or getattr(m, "_no_split_modules", None) or ())
+        if not names or id(m) in inside:
+            continue
+        for b in m.modules():
+            if b is not m and type(b).__name__ in names and id(b) not in inside:
+                out.append(b)
+                inside.update(id(x) for x in b.modules())  # a block nested in a block goes with it
     return out
 
 

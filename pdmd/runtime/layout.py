@@ -74,7 +74,7 @@ def _checkpointed_offloaded(inner, offload):
 
 
 def apply_layout(trainer) -> dict:
-    """Apply ``distill.frozen_dtype``, ``fake_dtype``, ``activation_checkpointing``, ``compile`` and the memory
+    """Apply ``distill.frozen_dtype``, ``fake.dtype``, ``activation_checkpointing``, ``compile`` and the memory
     switches of ``trainer.memory`` to a ``PhasedDMDTrainer``'s models (the shared teacher module with its experts,
     and a full fake score). Returns counts for the log; with fp8_base sets ``trainer.fake_source`` (the bf16 base
     weights on the host), with activation_offload ``trainer.activation_offload`` (its hooks)."""
@@ -85,7 +85,7 @@ def apply_layout(trainer) -> dict:
     base, fake = trainer.experts.module, trainer.fake_module
     info = {"frozen_cast": cast_frozen(base, TORCH_DTYPES[d.frozen_dtype])}
     if fake is not None:
-        fake.to(TORCH_DTYPES[d.fake_dtype])
+        fake.to(TORCH_DTYPES[trainer.cfg.fake.dtype])
     if "fp8_base" in switches:
         from pdmd.core.experts import base_state
         from pdmd.runtime.fp8 import convert_linears

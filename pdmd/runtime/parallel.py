@@ -1,9 +1,10 @@
-"""More than one GPU: FSDP2 sharding, rank slices of the global batch, sharded (DCP) checkpoints.
+"""More than one GPU: FSDP2 sharding, rank slices of the global batch, state dicts of sharded modules.
 
 Kept apart from the model and the loop, as torchtitan does: ``Parallel.shard_module`` is applied to a
 module before training (after the LoRA adapters are injected, so adapters are sharded with their base
 layer), and the trainer only calls a few hooks (``shard``, ``local``, ``all_finite``, ``clip_grad_norm_``,
-``average``). ``Parallel()`` is the single-process identity.
+``average``, and the state-dict hooks ``model_state``/``optim_state``, which ``pdmd.runtime.checkpoint`` writes as
+sharded DCP checkpoints). ``Parallel()`` is the single-process identity.
 
 Data parallelism is exact by construction: every rank holds the same random generators and draws the
 *global* batch (noise, prompts, timesteps, SGTS exits), then keeps its rows. Gradients are averaged over
@@ -19,30 +20,26 @@ Launch (one node, 8 GPUs; several nodes: same on every node with its ``--node_ra
 from __future__ import annotations
 
 import atexit
-import json
 import os
-import shutil
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["Parallel", "from_env", "shutdown", "timeout_s", "DCP_DIR", "MANIFEST", "save_checkpoint", "load_checkpoint",
-           "verify_checkpoint", "gathered", "full_state"]
+from pdmd.runtime.checkpoint import DCP_DIR, MANIFEST  # noqa: F401  (re-exported: the sharded checkpoint's names)
 
-DCP_DIR = "checkpoint.dcp"
-# pdmd's manifest of a sharded checkpoint: step and the SHA-256 of every file. DCP unpickles its ``.metadata``
-# on load, so a directory is loaded only once its manifest is present and every file matches it.
-MANIFEST = "pdmd.manifest.json"
-MANIFEST_FORMAT = "pdmd-dcp-1"
+__all__ = ["Parallel", "from_env", "shutdown", "timeout_s", "gathered", "full_state"]
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:
-    """The repeated blocks each getting their own FSDP unit: ``fsdp_blocks()`` if the model lists them,
-    else the children of every ``nn.ModuleList`` (transformer blocks), else of the top ``nn.Sequential``s."""
-    if hasattr(module, "fsdp_blocks"):
-        return list(module.fsdp_blocks())
+    """The repeated blocks each getting their own FSDP unit: the diffusers models' own (``repeated_blocks``),
+    else the children of every ``nn.ModuleList``, else of the top ``nn.Sequential``s (the toy models)."""
+    from pdmd.runtime.compile import repeated_blocks
+
+    blocks = repeated_blocks(module)
+    if blocks:
+        return blocks
     lists = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
         lists = [m for m in module.modules() if isinstance(m, nn.Sequential)]
@@ -116,6 +113,42 @@ class Parallel:
                 setattr(mod, attr, p)
                 with torch.no_grad():
                     p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
+
+    # ---------------------------------------------------------------- state dicts
+    # Under FSDP2 a module's and an optimiser's state are DTensor shards keyed by parameter name (what DCP
+    # reshards); one process has the plain ``state_dict`` of each (an optimiser's keyed by parameter index).
+    def model_state(self, module: nn.Module) -> dict:
+        """``module``'s state dict (references, nothing gathered)."""
+        if not self.distributed:
+            return module.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(module)
+
+    def load_model_state(self, module: nn.Module, state: dict, strict: bool = True) -> None:
+        if not self.distributed:
+            module.load_state_dict(state, strict=strict)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, state, options=StateDictOptions(strict=strict))
+
+    def optim_state(self, module: nn.Module, opt: torch.optim.Optimizer) -> dict:
+        """``opt``'s state dict (``module`` holds its parameters). Under FSDP2 torch initialises an empty state
+        first (a step with zero gradients and lr 0), so that a template to load into has every tensor."""
+        if not self.distributed:
+            return opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(module, opt)
+
+    def load_optim_state(self, module: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+        if not self.distributed:
+            opt.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, opt, state)
 
     # ---------------------------------------------------------------- data
     def local(self, n: int) -> int:
@@ -233,206 +266,11 @@ def shutdown(barrier: bool = True) -> None:
         dist.destroy_process_group()
 
 
-# -------------------------------------------------------------------- checkpoints
-def _lora(sd: dict) -> dict:
-    return {k: v for k, v in sd.items() if "lora_" in k}
-
-
-def _split_local(osd: dict) -> dict:
-    """Move optimiser state held as plain per-rank tensors (e.g. the 8-bit codes and scales of
-    ``pdmd.runtime.optim.AdamW8bitV``, made for the local shard) out of ``osd``: DCP would take same-named plain
-    tensors on every rank for replicated copies and keep one. They are saved under per-rank keys."""
-    from torch.distributed.tensor import DTensor
-
-    local = {}
-    for fqn, st in list(osd["state"].items()):
-        mine = {k: v for k, v in st.items() if torch.is_tensor(v) and not isinstance(v, DTensor) and v.dim() > 0}
-        if mine:  # a new dict: ``st`` may be the optimiser's live state
-            local[fqn] = mine
-            osd["state"][fqn] = {k: v for k, v in st.items() if k not in mine}
-    return local
-
-
-def _state(trainer) -> tuple[dict, dict]:
-    """The sharded tensors of a checkpoint (adapters, fake score, both optimisers, keyed by FQN) and
-    the optimisers' dicts, whose per-rank state ``_state`` moved to ``rank<r>.<name>``."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    mod = trainer.experts.module
-    state, opts = {"adapters": _lora(get_model_state_dict(mod))}, {}
-    if trainer.phase >= 0:
-        fake_mod = trainer.fake_module if trainer.fake_module is not None else mod
-        if trainer.fake_module is not None:
-            state["fake"] = get_model_state_dict(trainer.fake_module)
-        opts["opt_gen"] = get_optimizer_state_dict(mod, trainer.opt_gen)
-        opts["opt_fake"] = get_optimizer_state_dict(fake_mod, trainer.opt_fake)
-        for name, osd in opts.items():
-            state[name] = osd
-            state[f"rank{trainer.par.rank}.{name}"] = _split_local(osd)
-    return state, opts
-
-
-def _meta(trainer) -> dict:
-    meta = {"step": trainer.step, "phase": trainer.phase, "config": trainer.cfg.to_dict(),
-            "nonfinite_total": trainer.nonfinite_total, "nonfinite_run": trainer.nonfinite_run,
-            "rng": {k: g.get_state() for k, g in trainer.gens.items()}, "rng_torch": torch.get_rng_state(),
-            "world": trainer.par.world}
-    if trainer.phase >= 0:
-        meta["pools"] = trainer.pool_states()
-    return meta
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_manifest(path: Path, step: int) -> None:
-    from pdmd.runtime.checkpoint import umask_mode
-
-    files = {p.name: _sha256(p) for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST}
-    target = path / MANIFEST
-    with open(target, "w") as f:
-        json.dump({"format": MANIFEST_FORMAT, "step": step, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    for p in path.iterdir():  # DCP's writer, like safetensors, does not follow the umask everywhere
-        if p.is_file():
-            os.chmod(p, umask_mode())
-
-
-def verify_checkpoint(path: str | Path) -> dict:
-    """The manifest of the sharded checkpoint ``path`` once every file matches it; ``CheckpointError`` for a
-    directory pdmd did not write (no manifest), a missing, extra or altered file. Nothing is unpickled."""
-    from pdmd.runtime.checkpoint import CheckpointError
-
-    path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        files = manifest["files"]
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
-            raise ValueError
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} has no {MANIFEST}: not a checkpoint written by pdmd, refusing to load it "
-                              "(DCP unpickles its .metadata)") from None
-    except (ValueError, KeyError, TypeError, OSError):
-        raise CheckpointError(f"{path}: its {MANIFEST} is unreadable or corrupt") from None
-    present = {p.name for p in path.iterdir() if p.name != MANIFEST}
-    if present != set(files):
-        raise CheckpointError(f"{path}: files {sorted(present ^ set(files))} differ from its {MANIFEST}")
-    for name, digest in files.items():
-        if _sha256(path / name) != digest:
-            raise CheckpointError(f"{path}: {name} fails its SHA-256 check (the checkpoint is corrupt)")
-    return manifest
-
-
-def _all_finite(state) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(state, dict):
-        return all(_all_finite(v) for v in state.values())
-    if isinstance(state, DTensor):
-        state = state.to_local()
-    return not (torch.is_tensor(state) and state.is_floating_point()) or bool(torch.isfinite(state).all())
-
-
-def save_checkpoint(trainer, path: str | Path) -> Path:
-    """Sharded checkpoint (torch.distributed.checkpoint) in directory ``path``, written atomically:
-    every rank writes its shards into ``path.tmp``; after a barrier rank 0 adds the metadata (step, phase,
-    RNG states, pool position, config) and the manifest (``MANIFEST``) and moves it to ``path``; the one it
-    replaces is kept as ``checkpoint.step_<step>.dcp`` (``pdmd.runtime.rundir.install``, ``distill.keep_checkpoints``).
-    Refuses (ValueError on every rank) to save non-finite values."""
-    import torch.distributed.checkpoint as dcp
-
-    from pdmd.runtime.rundir import install
-    from pdmd.core.trainer import stored_step
-
-    par, path = trainer.par, Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    state = _state(trainer)[0]
-    if not par.all_finite(_all_finite(state)):
-        raise ValueError(f"refusing to save {path.name}: the weights or optimiser states hold non-finite values")
-    if par.is_main and tmp.exists():
-        shutil.rmtree(tmp)
-    par.barrier()
-    dcp.save(state, checkpoint_id=str(tmp))
-    par.barrier()
-    if par.is_main:
-        with open(tmp / "meta.pt", "wb") as f:
-            torch.save(_meta(trainer), f)
-            f.flush()
-            os.fsync(f.fileno())
-        _write_manifest(tmp, trainer.step)
-        install(tmp, path, trainer.cfg.distill.keep_checkpoints, stored_step(path), trainer.step)
-    par.barrier()
-    return path
-
-
-def load_checkpoint(trainer, path: str | Path) -> None:
-    """Restore a ``save_checkpoint`` directory into ``trainer`` (same config, see ``check_config``); rank 0 checks
-    its manifest first (``CheckpointError`` on every rank if it fails)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
-    from pdmd.runtime.checkpoint import CheckpointError
-
-    path = Path(path)
-    if not path.exists() and path.with_name(path.name + ".old").exists():
-        path = path.with_name(path.name + ".old")  # a crash between the two renames of a save
-    err = None
-    if trainer.par.is_main:
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as e:
-            err = e
-    if not trainer.par.all_finite(err is None):
-        raise err or CheckpointError(f"{path} failed its manifest check on rank 0")
-    meta = torch.load(path / "meta.pt", weights_only=True)
-    trainer.check_config(meta["config"], path, meta["step"])
-    if meta["phase"] >= 0:
-        trainer.start_phase(meta["phase"])
-    if meta["world"] != trainer.par.world and _has_local_state(path):
-        raise ValueError(f"the checkpoint {path} holds per-rank optimiser state of {meta['world']} processes; "
-                         f"resume it with {meta['world']} processes, not {trainer.par.world}")
-    state, opts = _state(trainer)
-    dcp.load(state, checkpoint_id=str(path))
-    for name, osd in opts.items():
-        for fqn, st in state[f"rank{trainer.par.rank}.{name}"].items():
-            osd["state"][fqn] = {**osd["state"][fqn], **st}
-    mod = trainer.experts.module
-    set_model_state_dict(mod, state["adapters"], options=StateDictOptions(strict=False))
-    if meta["phase"] >= 0:
-        fake_mod = trainer.fake_module if trainer.fake_module is not None else mod
-        if trainer.fake_module is not None:
-            set_model_state_dict(trainer.fake_module, state["fake"])
-        set_optimizer_state_dict(mod, trainer.opt_gen, opts["opt_gen"])
-        set_optimizer_state_dict(fake_mod, trainer.opt_fake, opts["opt_fake"])
-        trainer.restore_pools(meta["pools"])
-    for k, g in trainer.gens.items():
-        g.set_state(meta["rng"][k])
-    torch.set_rng_state(meta["rng_torch"])
-    trainer.step, trainer.phase = meta["step"], meta["phase"]
-    trainer.nonfinite_total, trainer.nonfinite_run = meta["nonfinite_total"], meta["nonfinite_run"]
-
-
 def gathered(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded (DTensor) one (a collective: call on every rank), else ``t``."""
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _has_local_state(path: Path) -> bool:
-    import torch.distributed.checkpoint as dcp
-
-    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    return any(k.startswith("rank") for k in keys)
 
 
 def full_state(module: nn.Module) -> dict[str, torch.Tensor]:

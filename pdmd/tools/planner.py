@@ -1,6 +1,7 @@
 """Memory planner: bytes per base parameter and per-GPU memory of a Phased DMD run, ours vs the reference recipe.
 
-Parameter shapes are written out per architecture, named as diffusers names them (the tests compare
+Parameter shapes are written out per architecture in each family's folder (``pdmd/models/<family>/plan.py``),
+named as diffusers names them (the tests compare
 them with the diffusers classes built on the meta device), so counts are exact. Activation memory
 is an estimate: bytes saved for backward per token and block, calibrated on diffusers 0.42's bf16
 implementation (saved-tensor accounting on CPU, see ``saved_activation_bytes``) and checked in the
@@ -10,7 +11,7 @@ Layouts (all sharded over N GPUs with FSDP2, frozen weights in bf16):
   ours       base bf16 weights shared by the teacher and the K generator experts (LoRA, fp32,
              AdamW fp32 state for the expert in training; an expert lives on one transformer); fake score
              a full bf16 copy of the teacher with bf16 gradients and AdamW8bitV (1.03 B/param, stochastic
-             rounding, no fp32 master). Wan 2.2 A14B's last phase (s = 0) trains the fake on both
+             rounding, no fp32 master). A two-transformer base's last phase (s = 0; Wan 2.2 A14B) trains the fake on both
              transformers, since it must equal and then track the switched teacher on all of (0, 1]: the
              peak counts two.
   reference  frozen bf16 teacher; full-parameter generator and fake score, each with an fp32
@@ -21,111 +22,33 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pdmd.models.registry import SPECS, get_spec
+from pdmd.models.spec import Arch
+
 __all__ = ["Arch", "ARCHS", "param_shapes", "Plan", "make_plan", "format_plan", "saved_activation_bytes",
            "optimizer_state_bytes", "add_plan_parser", "build_diffusers", "measure_layout", "measure_activations",
-           "activation_bytes", "tokens", "LORA_TARGETS"]
+           "activation_bytes", "tokens"]
 
 GiB = 1024**3
 OPT_BLOCK = 256  # AdamW8bitV: uint8 codes per value + 2 float32 scales per block of 256 values
 HEADROOM = 0.10  # fraction of GPU memory kept free for the CUDA context, allocator fragmentation, buffers
 
 
-@dataclass(frozen=True)
-class Arch:
-    """A transformer's shape. ``copies``: transformers in the base (2 for Wan 2.2 A14B: high/low-noise experts)."""
-
-    name: str
-    family: str  # "wan" or "qwen"
-    layers: int
-    heads: int
-    head_dim: int
-    ffn: int
-    text_dim: int
-    in_channels: int = 16
-    out_channels: int = 16
-    patch: tuple = (1, 2, 2)
-    freq_dim: int = 256
-    copies: int = 1
-    defaults: dict = field(default_factory=dict)  # default frames, height, width
-
-    @property
-    def dim(self) -> int:
-        return self.heads * self.head_dim
+def _plan(arch: Arch):
+    """The planner's numbers of ``arch``'s family (its ``ModelSpec.plan``, in ``pdmd/models/<family>/plan.py``)."""
+    spec = get_spec(arch.family, "arch.family")
+    if spec.plan is None:
+        raise ValueError(f"arch.family {arch.family!r} has no planner numbers")
+    return spec.plan
 
 
-# Wan 2.1 shapes: Wan-Video/Wan2.1 wan/configs/wan_t2v_1_3B.py (dim 1536, ffn_dim 8960, 12 heads, 30 layers)
-# and wan_t2v_14B.py (dim 5120, ffn_dim 13824, 40 heads, 40 layers); patch (1, 2, 2), freq_dim 256,
-# text_dim 4096 (umT5-XXL), VAE stride (4, 8, 8) with z_dim 16 (wan/configs/shared_config.py);
-# diffusers' WanTransformer3DModel defaults are the 14B shape. Wan 2.2 T2V-A14B: two 14B-shaped
-# transformers (transformer, transformer_2 in Wan-AI/Wan2.2-T2V-A14B-Diffusers), same Wan 2.1 VAE.
-# Qwen-Image: diffusers QwenImageTransformer2DModel defaults = Qwen/Qwen-Image transformer/config.json:
-# 60 layers, 24 heads x 128, joint_attention_dim 3584 (Qwen2.5-VL-7B), in_channels 64 = 16 latent
-# channels packed 2x2, out_channels 16, MLP 4 x dim; VAE 8x spatial, 16 channels.
-_WAN_VIDEO = {"frames": 81, "height": 480, "width": 832}
-ARCHS = {
-    "wan2.1-1.3b": Arch("wan2.1-1.3b", "wan", 30, 12, 128, 8960, 4096, defaults=_WAN_VIDEO),
-    "wan2.1-14b": Arch("wan2.1-14b", "wan", 40, 40, 128, 13824, 4096, defaults=_WAN_VIDEO),
-    "wan2.2-a14b": Arch("wan2.2-a14b", "wan", 40, 40, 128, 13824, 4096, copies=2, defaults=_WAN_VIDEO),
-    "qwen-image": Arch("qwen-image", "qwen", 60, 24, 128, 4 * 3072, 3584, in_channels=64, patch=(1, 2, 2),
-                       defaults={"frames": 1, "height": 1024, "width": 1024}),
-}
-
-# Activation bytes saved for backward, per token, fitted on diffusers 0.42 in bf16 (max error 1 % on the
-# calibration set, tiny configs with d in {64, 128}, ffn in {128, 256}, 2-4 blocks, 192-1280 tokens):
-# Wan: per block 69 d + 4 ffn (fp32 norm/modulation intermediates make up much of the 69), outside the blocks 10 d;
-# Qwen-Image: per block 56 d per image-or-text token (MLP 4 d included), outside the blocks 8 d per image token.
-ACT = {"wan": (69.0, 4.0, 10.0), "qwen": (56.0, 0.0, 8.0)}
-
-
-def _linear(name, d_out, d_in, bias=True, lora=False):
-    out = [(f"{name}.weight", (d_out, d_in), lora)]
-    return out + [(f"{name}.bias", (d_out,), False)] if bias else out
+# every published shape of every family (pdmd/models/<family>/plan.py), by name
+ARCHS = {a.name: a for spec in SPECS.values() if spec.plan is not None for a in spec.plan.archs}
 
 
 def param_shapes(arch: Arch) -> list[tuple[str, tuple, bool]]:
     """(name, shape, is_lora_target) for every parameter of one transformer, named as in diffusers."""
-    d, f = arch.dim, arch.ffn
-    p = []
-    if arch.family == "wan":
-        pt, ph, pw = arch.patch
-        p += [("scale_shift_table", (1, 2, d), False),
-              ("patch_embedding.weight", (d, arch.in_channels, pt, ph, pw), False), ("patch_embedding.bias", (d,), False)]
-        p += _linear("condition_embedder.time_embedder.linear_1", d, arch.freq_dim)
-        p += _linear("condition_embedder.time_embedder.linear_2", d, d)
-        p += _linear("condition_embedder.time_proj", 6 * d, d)
-        p += _linear("condition_embedder.text_embedder.linear_1", d, arch.text_dim)
-        p += _linear("condition_embedder.text_embedder.linear_2", d, d)
-        for i in range(arch.layers):
-            b = f"blocks.{i}"
-            p.append((f"{b}.scale_shift_table", (1, 6, d), False))
-            for a in ("attn1", "attn2"):
-                for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-                    p += _linear(f"{b}.{a}.{proj}", d, d, lora=True)
-                p += [(f"{b}.{a}.norm_q.weight", (d,), False), (f"{b}.{a}.norm_k.weight", (d,), False)]
-            p += [(f"{b}.norm2.weight", (d,), False), (f"{b}.norm2.bias", (d,), False)]
-            p += _linear(f"{b}.ffn.net.0.proj", f, d, lora=True) + _linear(f"{b}.ffn.net.2", d, f, lora=True)
-        p += _linear("proj_out", arch.out_channels * pt * ph * pw, d)
-    elif arch.family == "qwen":
-        hd, patch = arch.head_dim, arch.patch[1]
-        p += _linear("time_text_embed.timestep_embedder.linear_1", d, 256)
-        p += _linear("time_text_embed.timestep_embedder.linear_2", d, d)
-        p += [("txt_norm.weight", (arch.text_dim,), False)]
-        p += _linear("img_in", d, arch.in_channels) + _linear("txt_in", d, arch.text_dim)
-        for i in range(arch.layers):
-            b = f"transformer_blocks.{i}"
-            p += _linear(f"{b}.img_mod.1", 6 * d, d)
-            p += [(f"{b}.attn.norm_q.weight", (hd,), False), (f"{b}.attn.norm_k.weight", (hd,), False)]
-            for proj in ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj", "add_q_proj", "to_out.0", "to_add_out"):
-                p += _linear(f"{b}.attn.{proj}", d, d, lora=True)
-            p += [(f"{b}.attn.norm_added_q.weight", (hd,), False), (f"{b}.attn.norm_added_k.weight", (hd,), False)]
-            p += _linear(f"{b}.img_mlp.net.0.proj", f, d, lora=True) + _linear(f"{b}.img_mlp.net.2", d, f, lora=True)
-            p += _linear(f"{b}.txt_mod.1", 6 * d, d)
-            p += _linear(f"{b}.txt_mlp.net.0.proj", f, d, lora=True) + _linear(f"{b}.txt_mlp.net.2", d, f, lora=True)
-        p += _linear("norm_out.linear", 2 * d, d)
-        p += _linear("proj_out", patch * patch * arch.out_channels, d)
-    else:
-        raise ValueError(f"arch.family must be 'wan' or 'qwen', got {arch.family!r}")
-    return p
+    return _plan(arch).param_shapes(arch)
 
 
 def optimizer_state_bytes(shapes) -> int:
@@ -135,28 +58,29 @@ def optimizer_state_bytes(shapes) -> int:
 
 def tokens(arch: Arch, frames: int, height: int, width: int) -> int:
     """Transformer sequence length of one sample (without text tokens)."""
-    if height % 16 or width % 16:
-        raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
-    if arch.family == "wan":
-        if frames < 1 or (frames - 1) % 4:
-            raise ValueError(f"frames must be 4k + 1 for Wan's 4x temporal VAE compression, got {frames}")
-        return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)  # VAE 4x8x8, then patch 1x2x2
-    if frames != 1:
-        raise ValueError(f"frames must be 1 for an image model, got {frames}")
-    return (height // 16) * (width // 16)  # VAE 8x, then 2x2 packing
+    return _plan(arch).tokens(arch, frames, height, width)
+
+
+def _block_bytes(arch: Arch, batch: int, n_tokens: int, text_tokens: int) -> list[float]:
+    """Estimated bytes each block saves for backward (the family's ``per_block``, else ``act`` per token)."""
+    plan = _plan(arch)
+    if plan.per_block is not None:
+        return plan.per_block(arch, batch, n_tokens, text_tokens)
+    c_d, c_f, _ = plan.act
+    seq = n_tokens + (text_tokens if plan.text_in_blocks else 0)  # joint attention: the blocks carry the text too
+    return [batch * seq * (c_d * arch.dim + c_f * arch.ffn)] * arch.layers
 
 
 def activation_bytes(arch: Arch, batch: int, n_tokens: int, text_tokens: int, checkpointing: bool) -> int:
     """Estimated bytes saved for backward by one forward with grad (one transformer, micro-batch ``batch``)."""
-    c_d, c_f, c_out = ACT[arch.family]
-    d = arch.dim
-    seq = n_tokens + (text_tokens if arch.family == "qwen" else 0)  # Qwen's blocks carry the text tokens too
-    per_block = batch * seq * (c_d * d + c_f * arch.ffn)
-    outside = batch * n_tokens * c_out * d
+    plan = _plan(arch)
+    blocks = _block_bytes(arch, batch, n_tokens, text_tokens)
+    outside = batch * n_tokens * plan.act[2] * arch.dim
     if not checkpointing:
-        return int(arch.layers * per_block + outside)
+        return int(sum(blocks) + outside)
     # checkpointing keeps each block's bf16 input, and one block's activations while it is recomputed
-    return int(arch.layers * batch * seq * d * 2 + per_block + outside)
+    seq = n_tokens + (text_tokens if plan.text_in_blocks else 0)
+    return int(arch.layers * batch * seq * arch.dim * 2 + max(blocks) + outside)
 
 
 @dataclass
@@ -336,31 +260,12 @@ def add_plan_parser(sub) -> None:
     p.set_defaults(func=_plan_cmd)
 
 
-LORA_TARGETS = {
-    "wan": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
-    "qwen": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-             "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"],
-}
-
-
 def build_diffusers(arch: Arch, device="cpu"):
     """The diffusers transformer of ``arch`` (random weights); on device "meta" it allocates nothing."""
     import torch
-    import diffusers
 
     with torch.device(device):
-        if arch.family == "wan":
-            return diffusers.WanTransformer3DModel(
-                patch_size=arch.patch, num_attention_heads=arch.heads, attention_head_dim=arch.head_dim,
-                in_channels=arch.in_channels, out_channels=arch.out_channels, text_dim=arch.text_dim,
-                freq_dim=arch.freq_dim, ffn_dim=arch.ffn, num_layers=arch.layers, rope_max_seq_len=1024)
-        if arch.ffn != 4 * arch.dim:
-            raise ValueError("Qwen-Image's MLP is 4 x dim: arch.ffn must equal 4 * heads * head_dim")
-        rope = (arch.head_dim // 8, 7 * arch.head_dim // 16, 7 * arch.head_dim // 16)  # (16, 56, 56) at 128
-        return diffusers.QwenImageTransformer2DModel(
-            patch_size=arch.patch[1], in_channels=arch.in_channels, out_channels=arch.out_channels,
-            num_layers=arch.layers, attention_head_dim=arch.head_dim, num_attention_heads=arch.heads,
-            joint_attention_dim=arch.text_dim, axes_dims_rope=rope)
+        return _plan(arch).build(arch)
 
 
 def measure_layout(arch: Arch, lora_rank: int = 4, experts: int = 2, seed: int = 0, device: str = "cpu",
@@ -383,7 +288,7 @@ def measure_layout(arch: Arch, lora_rank: int = 4, experts: int = 2, seed: int =
     torch.manual_seed(seed)
     base = build_diffusers(arch, device).to(torch.bfloat16).requires_grad_(False)
     fake = copy.deepcopy(base).requires_grad_(True)
-    _add_lora(base, LORA_TARGETS[arch.family], lora_rank, experts)
+    _add_lora(base, get_spec(arch.family).lora_targets, lora_rank, experts)
     lora = [p for n, p in base.named_parameters() if "lora_" in n]
     train = [p for n, p in base.named_parameters() if "lora_" in n and n.endswith(f".{experts - 1}")]
     for p in train:
@@ -448,19 +353,7 @@ def _add_lora(model, targets, rank: int, experts: int) -> None:
 
 def _forward(arch: Arch, model, batch: int, frames: int, height: int, width: int, text_tokens: int = 8):
     """One forward of a diffusers transformer on random inputs of the given latent size; returns the output."""
-    import torch
-
-    p = next(model.parameters())
-    txt = torch.randn(batch, text_tokens, arch.text_dim, dtype=p.dtype, device=p.device)
-    t = torch.full((batch,), 500, device=p.device)
-    if arch.family == "wan":
-        x = torch.randn(batch, arch.in_channels, frames, height, width, dtype=p.dtype, device=p.device)
-        return model(x, t, txt).sample
-    h, w = height // 2, width // 2  # 2x2 packing
-    x = torch.randn(batch, h * w, arch.in_channels, dtype=p.dtype, device=p.device)
-    mask = torch.ones(batch, text_tokens, dtype=torch.bool, device=p.device)
-    return model(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=mask,
-                 timestep=t / 1000, img_shapes=[(1, h, w)] * batch).sample
+    return _plan(arch).forward(arch, model, batch, frames, height, width, text_tokens)
 
 
 def measure_activations(arch: Arch, batch: int, latent_hw: int, latent_frames: int = 2, text_tokens: int = 8,
@@ -479,12 +372,8 @@ def measure_activations(arch: Arch, batch: int, latent_hw: int, latent_frames: i
     model.train()
     measured = saved_activation_bytes(
         model, lambda: _forward(arch, model, batch, latent_frames, latent_hw, latent_hw, text_tokens))
-    if arch.family == "wan":
-        n_tok = latent_frames * (latent_hw // arch.patch[1]) * (latent_hw // arch.patch[2])
-    else:
-        n_tok = (latent_hw // 2) ** 2
+    n_tok = _plan(arch).latent_tokens(arch, latent_frames, latent_hw)
     est = activation_bytes(arch, batch, n_tok, text_tokens, checkpointing)
     if checkpointing:
-        est -= activation_bytes(arch, batch, n_tok, text_tokens, False) - activation_bytes(
-            Arch(**{**arch.__dict__, "layers": arch.layers - 1}), batch, n_tok, text_tokens, False)
+        est -= max(_block_bytes(arch, batch, n_tok, text_tokens))
     return measured, est

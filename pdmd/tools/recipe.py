@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from pdmd.tools.planner import GiB, HEADROOM, activation_bytes, make_plan, optimizer_state_bytes, param_shapes
+from pdmd.tools.planner import GiB, HEADROOM, _plan, activation_bytes, make_plan, optimizer_state_bytes, param_shapes
 
 __all__ = ["SWITCHES", "check_recipe", "recipe_memory", "choose_recipe", "format_recipes", "parse_recipe"]
 
@@ -50,14 +50,14 @@ def parse_recipe(recipe) -> tuple[str, ...] | str:
 
 def step_in_backward_blockers(cfg) -> list[str]:
     """Why ``step_in_backward`` cannot run with this config (empty: it can)."""
-    d, out = cfg.distill, []
-    if d.fake_grad_clip != "none":
-        out.append("distill.fake_grad_clip is 'global' (the global norm exists only after every tensor was "
+    d, f, out = cfg.distill, cfg.fake, []
+    if f.grad_clip != "none":
+        out.append("fake.grad_clip is 'global' (the global norm exists only after every tensor was "
                    "updated); set it to 'none'")
     if d.grad_accum != 1:
         out.append(f"distill.grad_accum is {d.grad_accum} (each backward would update the fake score); set it to 1")
-    if d.optimizer_fake != "adamw8bit-v":
-        out.append(f"distill.optimizer_fake is {d.optimizer_fake!r}; the update inside backward is AdamW8bitV's")
+    if f.optimizer != "adamw8bit-v":
+        out.append(f"fake.optimizer is {f.optimizer!r}; the update inside backward is AdamW8bitV's")
     return out
 
 
@@ -140,7 +140,7 @@ def recipe_memory(model, switches=(), gpus: int = 1, gpu_mem: float = 80.0, **pl
     }
     text = s["text_tokens"]
     act = activation_bytes(arch, s["batch"], plan.tokens, text, True)
-    seq = plan.tokens + (text if arch.family == "qwen" else 0)
+    seq = plan.tokens + (text if _plan(arch).text_in_blocks else 0)  # joint attention: blocks carry the text
     inputs = arch.layers * s["batch"] * seq * arch.dim * 2  # the checkpointed blocks' bf16 inputs
     traffic = 0.0
     if "activation_offload" in switches:

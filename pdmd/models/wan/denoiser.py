@@ -149,6 +149,10 @@ class WanMoEDenoiser(DiffusersDenoiser):
             out = out + 0.0 * y.sum()
         return out
 
+    def component_of(self, sub) -> str:
+        """WanPipeline's name of ``sub``: ``transformer`` (high noise) or ``transformer_2`` (low noise)."""
+        return "transformer_2" if sub is self.low else "transformer"
+
     def for_phase(self, phase: int) -> WanDenoiser:
         super().for_phase(phase)
         which = self.phase_transformers[min(phase, len(self.phase_transformers)) - 1]

@@ -1,0 +1,43 @@
+"""Qwen-Image (diffusers ``QwenImageTransformer2DModel``, ``QwenImagePipeline``): the family's spec.
+
+Prompts (Qwen2.5-VL): last hidden state of the chat template, template tokens dropped; batches are padded to
+their longest prompt with a mask, as the pipeline does. The flow shift depends on the resolution (see
+``denoiser``), hence ``model.shift_resolution``.
+"""
+from __future__ import annotations
+
+from pdmd.models.qwen_image.denoiser import (QwenImageDenoiser, load_qwen_image, pack_latents, qwen_image_shift,
+                                             unpack_latents)
+from pdmd.models.qwen_image.plan import PLAN
+from pdmd.models.spec import ModelSpec, PromptSpec, trim_to_mask
+
+__all__ = ["SPEC", "QwenImageDenoiser", "load_qwen_image", "qwen_image_shift", "pack_latents", "unpack_latents"]
+
+
+def _load(path, *, dtype=None, shift=None, resolution=None):
+    return load_qwen_image(path, resolution=None if resolution is None else tuple(resolution), shift=shift, dtype=dtype)
+
+
+def _latent_shape(d, frames, height, width):
+    if frames != 1:
+        raise ValueError(f"frames must be 1 for Qwen-Image (it makes images), got {frames}")
+    return d.latent_shape(height, width)
+
+
+def _encode(pipe, prompts, max_sequence_length, device):
+    embeds, mask = pipe._get_qwen_prompt_embeds(prompts, device=device)
+    return trim_to_mask(embeds, mask), None
+
+
+SPEC = ModelSpec(
+    name="qwen-image", title="Qwen-Image", transformer_class="QwenImageTransformer2DModel",
+    pipeline_class="QwenImagePipeline", denoisers=(QwenImageDenoiser,), load=_load, latent_shape=_latent_shape,
+    lora_targets=QwenImageDenoiser.lora_targets,
+    prompts=PromptSpec(encoders=(("text_encoder", "Qwen2_5_VLForConditionalGeneration", "tokenizer"),), encode=_encode,
+                       default_negative=" ",  # QwenImagePipeline's documented empty negative prompt
+                       padded_length=lambda n: None),
+    timestep_scale=1.0, shift_by_resolution=True,
+    sampling_kwargs=lambda m: {"true_cfg_scale": 1.0},
+    options={"model.shift_resolution": "Qwen-Image (its shift depends on the resolution)"},
+    plan=PLAN, aliases=("qwen",),
+)

@@ -1,0 +1,136 @@
+"""What a model family declares, once, in its folder ``pdmd/models/<family>/``: the ``ModelSpec``.
+
+Everything outside ``pdmd/models`` that depends on the family asks its spec (``pdmd.models.registry``):
+the run path loads the teacher and maps resolutions to latents with it, the prompt cache encodes with its
+text encoders, the export writes its pipeline's LoRA files, the planner takes its architecture numbers.
+Repeated blocks (compile, FSDP2, activation checkpointing) are read from the diffusers class itself
+(``_repeated_blocks``, else ``_no_split_modules``; ``pdmd.runtime.compile.repeated_blocks``), so a family
+whose class declares them writes nothing for them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["ModelSpec", "PromptSpec", "PlanSpec", "Arch", "trim_to_mask"]
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """How the family's pipeline encodes prompts, and the condition its adapter takes.
+
+    ``encoders``: (pipeline argument of a text encoder, its transformers class, pipeline argument of its
+    tokenizer), as in the diffusers folder (``text_encoder/``, ``tokenizer/``, ...).
+    ``encode(pipe, prompts, max_sequence_length, device)`` -> (one ``[L_i, D]`` tensor per prompt, pooled
+    embeddings ``[B, P]`` or None), called on a pipeline holding only the tokenizers and text encoders.
+    ``max_sequence_length``: the pipeline's default token limit (None: the family takes no such setting);
+    ``padded_length(max_sequence_length)``: the fixed length every batch is padded to (None: the longest
+    prompt, with a mask). ``cond_keys``: the keys of the ``cond`` dict the adapter reads (the schema; the
+    negative prompt's are the same keys prefixed ``neg_``).
+    """
+
+    encoders: tuple[tuple[str, str, str], ...]
+    encode: Callable[..., tuple[list[torch.Tensor], torch.Tensor | None]]
+    default_negative: str = ""
+    max_sequence_length: int | None = None
+    padded_length: Callable[[int | None], int | None] = lambda n: n
+    cond_keys: tuple[str, ...] = ("embeds", "mask")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A transformer's shape for the planner. ``family``: a ``ModelSpec.name`` (or alias); ``copies``:
+    transformers in the base (2 for a two-transformer teacher such as Wan 2.2 A14B)."""
+
+    name: str
+    family: str
+    layers: int
+    heads: int
+    head_dim: int
+    ffn: int
+    text_dim: int
+    in_channels: int = 16
+    out_channels: int = 16
+    patch: tuple = (1, 2, 2)
+    freq_dim: int = 256
+    copies: int = 1
+    defaults: dict = field(default_factory=dict)  # default frames, height, width
+    extra: dict = field(default_factory=dict)  # family-only shape settings (e.g. SD3's pooled width)
+
+    @property
+    def dim(self) -> int:
+        return self.heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """The planner's numbers for a family (``pdmd.tools.planner``).
+
+    ``archs``: the published shapes; ``param_shapes(arch)`` -> [(name, shape, is_lora_target)] named as in
+    diffusers; ``tokens(arch, frames, height, width)`` -> image/video tokens of one sample (pixels in);
+    ``latent_tokens(arch, latent_frames, latent_hw)`` -> the same from latent sizes; ``act`` = (bytes per token
+    and block per ``d``, per ``ffn``, outside the blocks per ``d``); ``text_in_blocks``: the blocks carry the
+    text tokens too (joint attention); ``build(arch)`` the diffusers model (random weights, current device);
+    ``forward(arch, model, batch, frames, height, width, text_tokens)`` one forward on random inputs;
+    ``per_block(arch, batch, n_tokens, text_tokens)``: bytes each block saves, when the blocks differ (else
+    every block saves ``batch * tokens * (act[0] d + act[1] ffn)``).
+    """
+
+    archs: tuple[Arch, ...]
+    param_shapes: Callable[[Arch], list]
+    tokens: Callable[[Arch, int, int, int], int]
+    latent_tokens: Callable[[Arch, int, int], int]
+    act: tuple[float, float, float]
+    text_in_blocks: bool
+    build: Callable[[Arch], Any]
+    forward: Callable[..., torch.Tensor]
+    per_block: Callable[..., list] | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model family. ``name`` is ``model.kind`` in configs and the prompt cache's kind.
+
+    - ``load(path, *, dtype, shift, resolution, **options)``: the teacher from a local diffusers folder;
+      ``options`` are the family's own config fields (``options`` below, by their last name part);
+    - ``latent_shape(denoiser, frames, height, width)``: latents of one sample at that many pixels;
+    - ``lora_targets``: module-name suffixes of the Linear layers the experts' LoRA adapts;
+    - ``timestep_scale``: the transformer's timestep is ``timestep_scale * sigma`` (sigma = the shifted
+      flow time, ``shift`` the flow shift k: sigma = k t / (1 + (k - 1) t)); ``prediction``: what it outputs;
+    - ``shift_by_resolution``: the scheduler's shift depends on the resolution (``model.shift_resolution``);
+    - ``pipeline_class``, ``transformer_class``: the diffusers classes; ``video``: the pipeline makes videos
+      (``num_frames``, ``.frames``) rather than images (``.images``);
+    - ``sampling_kwargs(manifest)``: the pipeline call's keywords that switch its guidance off;
+    - ``finish_manifest(model, manifest)``: family entries of the export manifest (in place), or None;
+    - ``options``: config fields only this family takes -> who they apply to (for error messages);
+    - ``plan``: the planner's numbers, or None (``pdmd plan`` does not list the family).
+    The LoRA export mapping is diffusers' own: ``pipeline_class.save_lora_weights(transformer_lora_layers=...)``
+    with keys relative to the transformer, loaded back with ``load_lora_weights``.
+    """
+
+    name: str
+    title: str
+    transformer_class: str
+    pipeline_class: str
+    denoisers: tuple[type, ...]
+    load: Callable[..., Any]
+    latent_shape: Callable[..., tuple]
+    lora_targets: tuple[str, ...]
+    prompts: PromptSpec
+    timestep_scale: float
+    sampling_kwargs: Callable[[dict], dict]
+    prediction: str = "flow"
+    video: bool = False
+    shift_by_resolution: bool = False
+    finish_manifest: Callable[[Any, dict], None] | None = None
+    options: dict = field(default_factory=dict)
+    plan: PlanSpec | None = None
+    aliases: tuple[str, ...] = ()
+
+
+def trim_to_mask(embeds: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each row of ``embeds [B, L, D]`` cut to its ``mask``'s token count, on the CPU (what the cache stores)."""
+    lengths = mask.gt(0).sum(1).tolist()
+    return [e[:n].cpu().contiguous() for e, n in zip(embeds, lengths)]
