@@ -57,6 +57,11 @@ if has wan && [ -f bench/gpu_wan_phased.py ]; then
   timeout 240 "$PY" bench/gpu_wan_phased.py --out "$RES" > "$RES/wan_phased.log" 2>&1
   echo "exit $?"; tail -30 "$RES/wan_phased.log"
 fi
+if has fit; then  # only when named (bash bench/gpu_all.sh fit): ~8 minutes on its own
+  echo "== Wan-14B shape, 81x480x832, paper's recipe on one GPU with the planner's memory recipe"
+  timeout 480 "$PY" bench/gpu_wan14b_fit.py --out "$RES" > "$RES/wan14b_fit.log" 2>&1
+  echo "exit $?"; tail -16 "$RES/wan14b_fit.log"
+fi
 tar czf "$OUT/gpu_results.tgz" -C /tmp gpu_results
 cp "$RES"/*.md "$OUT"/ 2>/dev/null
 ls -la "$OUT"

@@ -32,7 +32,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from pdmd.yaml_io import ConfigError, load_yaml
 
-__all__ = ["TeacherConfig", "DistillConfig", "GeneratorConfig", "FakeConfig", "EvalConfig", "ModelConfig",
+__all__ = ["TeacherConfig", "DistillConfig", "GeneratorConfig", "FakeConfig", "EvalConfig", "MemoryConfig", "ModelConfig",
            "DataConfig", "ExportConfig", "RunConfig", "METHODS", "TASKS", "ConfigError",
            "ConfigWarning", "load_yaml", "load_config", "from_dict", "updated", "validate", "require_device"]
 
@@ -153,6 +153,15 @@ class FakeConfig(_Section):
     dtype: str = _f("float32", "dtype of a full fake score (bfloat16: pair with optimizer adamw8bit-v)")
     betas: list[Float] | None = _f(None, "null: generator.betas (the trainer uses one setting for both)")
     weight_decay: Float | None = _f(None, "null: generator.weight_decay (one setting for both)")
+    grad_clip: str = _f("global", "global (distill.grad_clip on the global norm, two-pass step) | none; memory.recipe "
+                        "step_in_backward needs none (the global norm exists only after every tensor was updated)")
+
+
+class MemoryConfig(_Section):
+    """Memory switches (docs/memory.md): FP8 base weights, the fake step inside backward, activation and weight
+    offload."""
+    recipe: str | list[str] = _f("none", "auto (the planner's cheapest set that fits this GPU) | none | a list of "
+                                 "fp8_base, step_in_backward, activation_offload, weight_offload")
 
 
 class EvalConfig(_Section):
@@ -202,6 +211,7 @@ class RunConfig(_Section):
     model: ModelConfig | None = None
     data: DataConfig | None = None
     export: ExportConfig = Field(default_factory=ExportConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
 
     def to_dict(self) -> dict:
         return self.model_dump()

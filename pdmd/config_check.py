@@ -85,6 +85,10 @@ def validate(cfg: RunConfig) -> RunConfig:
            "rounding) or fake.dtype float32")
     _check(d.compile_backend in ("inductor", "aot_eager", "eager"), "distill.compile_backend",
            f"must be 'inductor', 'aot_eager' or 'eager', got {d.compile_backend!r}")
+    _check(f.grad_clip in ("global", "none"), "fake.grad_clip", f"must be 'global' or 'none', got {f.grad_clip!r}")
+    from pdmd.tools.recipe import check_recipe
+
+    check_recipe(cfg)
     lo_hi = d.dmd_t_range
     _check(lo_hi is None or (len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 1), "distill.dmd_t_range",
            f"must be null (all of (s, 1]) or [lo, hi] with 0 <= lo < hi <= 1, got {lo_hi}")

@@ -75,3 +75,20 @@ def test_wan_flops_formula_matches_torch_flop_counter():
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # math: counted bmm
         _forward(arch, model, 1, 3, 32, 32, text_tokens=8)  # latent 3 x 32 x 32 -> 768 tokens, 8 text tokens
     assert mod.forward_flops(arch, 1, 3 * 16 * 16, 8) == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
+def test_gpu_wan14b_fit_cpu_smoke(tmp_path):
+    pytest.importorskip("diffusers")
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_wan14b_fit.py"
+    spec = importlib.util.spec_from_file_location("gpu_wan14b_fit", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--cpu-smoke", "--iters", "2", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gpu_wan14b_fit.json").read_text())
+    res = saved["result"]
+    assert "error" not in res, res.get("traceback")
+    assert res["recipe"] == ["fp8_base", "step_in_backward", "activation_offload", "weight_offload"]
+    assert len(res["iteration_times_s"]) == 2 and res["model_flops_per_iteration"] > 0
+    assert res["nonfinite_skipped"] == 0
+    assert res["layout"]["fp8_linears"] > 0 and res["layout"]["streamed_blocks"] == 2
+    assert saved["planner"]["total_GiB"] > 0 and "| peak GiB" in (tmp_path / "gpu_wan14b_fit.md").read_text()

@@ -44,7 +44,9 @@ class PhaseMixin:
             gen_params = [q for q in gen_params if all(q is not f for f in fake_params)]
             self.fake = self.experts.view("fake")
         else:
-            self.fake_module.load_state_dict(base_state(self.experts.module))
+            # with fp8_base the base holds FP8 copies: the fake score starts from the bf16 source weights instead
+            source = getattr(self, "fake_source", None)
+            self.fake_module.load_state_dict(source if source is not None else base_state(self.experts.module))
             self.fake_module.requires_grad_(False)
             fake_params = [q for part in parts_above(self.fake_module, s) for q in part.parameters()]
             for q in fake_params:
@@ -55,6 +57,10 @@ class PhaseMixin:
         g, f = self.cfg.generator, self.cfg.fake
         self.opt_gen = self._optimizer(g.optimizer, gen_params, g.lr, p)
         self.opt_fake = self._optimizer(f.optimizer, fake_params, f.lr, p)
+        if "step_in_backward" in getattr(self, "memory", ()):  # updates during backward (pdmd.runtime.memory)
+            for h in getattr(self, "_fake_hooks", []):
+                h.remove()
+            self._fake_hooks = self.opt_fake.step_in_backward(skip_nonfinite=True)
         self.pools = {}  # resolution index -> BoundaryPool, made when first drawn
         self.boundary = self.plan.boundaries[p + 1]
 

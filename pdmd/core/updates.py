@@ -15,6 +15,7 @@ from pdmd.core import objectives as obj
 from pdmd.core.experts import cat_cond
 from pdmd.core.nonfinite import all_finite, step_if
 from pdmd.core.pool import index_cond
+from pdmd.runtime.memory import fake_update_in_backward, grad_norm
 
 __all__ = ["UpdatesMixin", "NonFiniteError"]
 
@@ -63,15 +64,24 @@ class UpdatesMixin:
             return pred
         return obj.from_x0_eps(*obj.to_x0_eps(pred, x_t, t, self.schedule, self.prediction, check=False), "flow")
 
-    def _apply(self, opt, params, ok, what: str):
+    def _apply(self, opt, params, ok, what: str, in_backward: bool = False):
         """Clip, check and step where ``ok`` (a device flag, or a host bool) and the gradient norm are finite; else
         the update is skipped (``step_if``: on the device, no host read). Returns (norm, ok) as device tensors, the
         norm NaN when skipped. A skip is counted when the flags are read: at the end of ``iteration``, or at once
-        for an update called on its own."""
+        for an update called on its own. ``in_backward``: the optimizer stepped during backward (memory.recipe
+        step_in_backward; a tensor with a non-finite gradient was left alone there, and the update counts as skipped)."""
         ok = torch.as_tensor(ok, device=self.device)
-        norm = self.par.clip_grad_norm_(params, self.cfg.distill.grad_clip)
-        ok = self._agree(ok & torch.isfinite(norm))
-        step_if(opt, ok)
+        if in_backward:
+            norm, fin = fake_update_in_backward(opt, self.par, self.device)
+            ok = self._agree(ok & fin & torch.isfinite(norm))
+        elif opt is self.opt_fake and self.cfg.fake.grad_clip == "none":
+            norm = grad_norm(params).to(self.device)
+            ok = self._agree(ok & torch.isfinite(norm))
+            step_if(opt, ok)
+        else:
+            norm = self.par.clip_grad_norm_(params, self.cfg.distill.grad_clip)
+            ok = self._agree(ok & torch.isfinite(norm))
+            step_if(opt, ok)
         opt.zero_grad(set_to_none=True)
         if self._pending is None:
             self._count([bool(ok)], [what])
@@ -101,6 +111,9 @@ class UpdatesMixin:
         d, B = self.cfg.distill, self.cfg.distill.batch_size
         b, s = self.par.local(B), self.boundary
         total, oks = 0.0, []
+        in_backward = "step_in_backward" in getattr(self, "memory", ())
+        if in_backward:
+            self.opt_fake.reset_backward_stats()
         # every micro-batch runs: a non-finite one is not a host-side ``break`` (which would read the device) but a
         # flag that skips the whole update; its NaN gradient is discarded with the others
         for a in range(d.grad_accum):
@@ -114,7 +127,7 @@ class UpdatesMixin:
             oks.append(all_finite(xs, pred, loss))
             (loss / d.grad_accum).backward()
             total = total + loss.detach().double() / d.grad_accum  # float64, as the host sum it replaces
-        norm, ok = self._apply(self.opt_fake, self.fake_params, torch.stack(oks).all(), "fake-score")
+        norm, ok = self._apply(self.opt_fake, self.fake_params, torch.stack(oks).all(), "fake-score", in_backward)
         return total, norm, ok
 
     def dmd_band(self, s: float) -> tuple[float, float]:

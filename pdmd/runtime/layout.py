@@ -6,6 +6,9 @@
 - ``checkpoint_blocks`` recomputes each repeated block's activations during backward instead of
   keeping them (``torch.utils.checkpoint``, non-reentrant): one block's activations at a time plus
   each block's input. Gradients are unchanged (tested); the price is one more forward of the blocks.
+- ``memory.recipe``'s switches (resolved into ``trainer.memory``, docs/memory.md): ``fp8_base`` converts the frozen
+  Linear layers of the base's blocks (``pdmd.runtime.fp8``), ``weight_offload`` streams the base's blocks from host
+  memory and ``activation_offload`` moves the checkpointed inputs there (``pdmd.runtime.offload``).
 """
 from __future__ import annotations
 
@@ -40,14 +43,15 @@ def cast_frozen(module: nn.Module, dtype: torch.dtype) -> int:
     return n
 
 
-def checkpoint_blocks(module: nn.Module) -> list[nn.Module]:
+def checkpoint_blocks(module: nn.Module, offload=None) -> list[nn.Module]:
     """Wrap the forward of each repeated block (``pdmd.runtime.compile.repeated_blocks``; the whole module if it
-    has none) in activation checkpointing; returns the wrapped modules. State-dict names do not change."""
+    has none) in activation checkpointing; returns the wrapped modules. State-dict names do not change.
+    ``offload``: a ``pdmd.runtime.offload.ActivationOffload`` that moves the saved block inputs to host memory."""
     blocks = repeated_blocks(module) or [module]
     for b in blocks:
         if getattr(b, "_pdmd_checkpointed", False):
             continue
-        b.forward = _checkpointed(b.forward)
+        b.forward = _checkpointed(b.forward) if offload is None else _checkpointed_offloaded(b.forward, offload)
         b._pdmd_checkpointed = True
     return blocks
 
@@ -61,19 +65,48 @@ def _checkpointed(inner):
     return forward
 
 
+def _checkpointed_offloaded(inner, offload):
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        with offload.hooks():  # sees the inputs the checkpoint saves, not the block's recomputed intermediates
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+    return forward
+
+
 def apply_layout(trainer) -> dict:
-    """Apply ``distill.frozen_dtype``, ``fake.dtype``, ``activation_checkpointing`` and ``compile`` to a
-    ``PhasedDMDTrainer``'s models (the shared teacher module with its experts, and a full fake score)."""
+    """Apply ``distill.frozen_dtype``, ``fake.dtype``, ``activation_checkpointing``, ``compile`` and the memory
+    switches of ``trainer.memory`` to a ``PhasedDMDTrainer``'s models (the shared teacher module with its experts,
+    and a full fake score). Returns counts for the log; with fp8_base sets ``trainer.fake_source`` (the bf16 base
+    weights on the host), with activation_offload ``trainer.activation_offload`` (its hooks)."""
     from pdmd.runtime.compile import compile_regions
 
     d = trainer.cfg.distill
+    switches = getattr(trainer, "memory", ())  # memory.recipe, resolved (pdmd.runtime.memory.resolve_recipe)
     base, fake = trainer.experts.module, trainer.fake_module
     info = {"frozen_cast": cast_frozen(base, TORCH_DTYPES[d.frozen_dtype])}
     if fake is not None:
         fake.to(TORCH_DTYPES[trainer.cfg.fake.dtype])
+    if "fp8_base" in switches:
+        from pdmd.core.experts import base_state
+        from pdmd.runtime.fp8 import convert_linears
+
+        if fake is not None:  # phase starts reload the fake score from the bf16 source, not from the FP8 copy
+            trainer.fake_source = {k: v.detach().to("cpu", copy=True) for k, v in base_state(base).items()}
+            info["fake_source_bytes"] = sum(v.numel() * v.element_size() for v in trainer.fake_source.values())
+        info["fp8_linears"] = sum(convert_linears(b) for b in repeated_blocks(base) or [base])
+    if "weight_offload" in switches:
+        from pdmd.runtime.offload import stream_blocks
+
+        info["streamed_blocks"] = len(stream_blocks(repeated_blocks(base) or [base], trainer.device))
     models = [base] + ([fake] if fake is not None else [])
     if d.activation_checkpointing:
-        info["checkpointed_blocks"] = sum(len(checkpoint_blocks(m)) for m in models)
+        offload = None
+        if "activation_offload" in switches:
+            from pdmd.runtime.offload import ActivationOffload
+
+            offload = trainer.activation_offload = ActivationOffload(trainer.device)
+            info["activation_offload"] = True
+        info["checkpointed_blocks"] = sum(len(checkpoint_blocks(m, offload)) for m in models)
     if d.compile:
         info["compiled_blocks"] = sum(len(compile_regions(m, backend=d.compile_backend)) for m in models)
     return info

@@ -130,23 +130,41 @@ class AdamW8bitV(torch.optim.Optimizer):
         if work is not w:
             w.copy_(work)
 
-    def step_in_backward(self) -> list:
+    def step_in_backward(self, skip_nonfinite: bool = False) -> list:
         """Update each parameter as soon as its gradient is ready during backward, then free the gradient.
 
         The fake score then never holds a full set of gradients (saves 2 bytes per parameter in bf16),
         and ``step()`` has nothing left to do. Not compatible with gradient clipping by global norm or
         gradient accumulation, and every backward that reaches these parameters updates them: run the
         fake score under ``torch.no_grad()`` in the generator update (the DMD gradient is detached anyway).
-        Returns the hook handles (``h.remove()`` to undo).
+
+        ``skip_nonfinite``: a tensor whose gradient holds inf/nan is not updated (the others of the same
+        backward are: an update already applied cannot be taken back). ``self.backward_stats`` then counts,
+        since ``reset_backward_stats()``, the squared gradient norm of this process's (local) gradients
+        (``"sumsq"``, a float32 tensor on the parameters' device) and the tensors skipped (``"skipped"``);
+        checking costs one host sync per tensor. Returns the hook handles (``h.remove()`` to undo).
         """
+        self.reset_backward_stats()
         handles = []
         for index, group, p in self._indexed():
             def hook(param, group=group, index=index):
+                if skip_nonfinite:
+                    sq = _local(param.grad).float().square().sum()
+                    stats = self.backward_stats
+                    stats["sumsq"] = sq if stats["sumsq"] is None else stats["sumsq"] + sq
+                    if not bool(torch.isfinite(sq)):  # inf/nan anywhere in the tensor makes its sum non-finite
+                        stats["skipped"] += 1
+                        param.grad = None
+                        return
                 self._update(param, group, index, _rank())
                 param.grad = None
 
             handles.append(p.register_post_accumulate_grad_hook(hook))
         return handles
+
+    def reset_backward_stats(self) -> None:
+        """Start a new count of ``backward_stats`` (see ``step_in_backward``)."""
+        self.backward_stats = {"sumsq": None, "skipped": 0}
 
     def load_state_dict(self, state_dict):
         """As torch's, but keeps the uint8 codes and float32 scales (torch casts state to the param dtype)."""

@@ -234,6 +234,11 @@ def _plan_cmd(args) -> int:
                      height=args.height, width=args.width, lora_rank=args.lora_rank, experts=args.experts,
                      text_tokens=args.text_tokens, optimizer_in_backward=args.optimizer_in_backward)
     print(format_plan(plan))
+    from pdmd.tools.recipe import format_recipes  # the memory switches (fp8 base, offload, step in backward)
+
+    print(format_recipes(args.model, gpus=args.gpus, gpu_mem=args.gpu_mem, batch=args.batch, frames=args.frames,
+                         height=args.height, width=args.width, lora_rank=args.lora_rank, experts=args.experts,
+                         text_tokens=args.text_tokens))
     return 0
 
 
