@@ -86,9 +86,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(d.compile_backend in ("inductor", "aot_eager", "eager"), "distill.compile_backend",
            f"must be 'inductor', 'aot_eager' or 'eager', got {d.compile_backend!r}")
     _check(f.grad_clip in ("global", "none"), "fake.grad_clip", f"must be 'global' or 'none', got {f.grad_clip!r}")
-    from pdmd.tools.recipe import check_recipe
-
-    check_recipe(cfg)
+    _check_recipe(cfg)
     lo_hi = d.dmd_t_range
     _check(lo_hi is None or (len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 1), "distill.dmd_t_range",
            f"must be null (all of (s, 1]) or [lo, hi] with 0 <= lo < hi <= 1, got {lo_hi}")
@@ -152,3 +150,30 @@ def require_device(device: str, field: str = "device") -> None:
     n = torch.cuda.device_count()
     if ":" in device and int(device.split(":")[1]) >= n:
         raise ConfigError(f"{field} is {device!r}, but this machine has {n} CUDA device(s): cuda:0 .. cuda:{n - 1}", field)
+
+
+def _check_recipe(cfg) -> None:
+    from pdmd.runtime.memory import parse_recipe, step_in_backward_blockers
+
+    """ConfigError naming the field unless ``memory.recipe`` is well formed and its switches fit the config."""
+    try:
+        switches = parse_recipe(cfg.memory.recipe)
+    except ValueError as e:
+        raise ConfigError(str(e), "memory.recipe") from None
+    if switches == "auto":
+        return  # resolved by the trainer, among the switches this config allows
+    d = cfg.distill
+    if "step_in_backward" in switches:
+        why = step_in_backward_blockers(cfg)
+        if why:
+            raise ConfigError(f"memory.recipe has step_in_backward, but {'; '.join(why)}", "memory.recipe")
+    if "activation_offload" in switches and not d.activation_checkpointing:
+        raise ConfigError("memory.recipe has activation_offload, which moves the checkpointed blocks' inputs: set "
+                          "distill.activation_checkpointing: true", "memory.recipe")
+    offloads = [s for s in ("activation_offload", "weight_offload") if s in switches]
+    if offloads and d.compile:  # their host copies and stream waits inside a compiled block: not supported yet
+        raise ConfigError(f"memory.recipe has {offloads}, which do not run inside torch.compile'd blocks yet: set "
+                          "distill.compile: false", "memory.recipe")
+    if "fp8_base" in switches and not d.bf16:
+        raise ConfigError("memory.recipe has fp8_base, whose matmuls run in bfloat16: set distill.bf16: true",
+                          "memory.recipe")

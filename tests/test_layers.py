@@ -13,7 +13,7 @@ ALLOWED = {
     "config": {"runtime", "models.registry"},  # model.kind and family-only fields are checked against the registry
     "core": {"runtime", "config"},
     "models": {"core", "runtime"},
-    "pipeline": {"core", "runtime", "models", "config"},
+    "pipeline": {"core", "runtime", "models", "config", "tools"},
     "tools": {"models", "runtime", "config"},
     "demos": {"core", "runtime", "models", "config", "pipeline", "tools"},
     "commands": {"core", "runtime", "models", "config", "pipeline", "tools", "demos"},

@@ -9,7 +9,7 @@ from pdmd.cli import main
 from pdmd.config import ConfigError, from_dict, load_config, updated
 from pdmd.runtime.fp8 import FP8Linear, convert_linears
 from pdmd.runtime.layout import checkpoint_blocks
-from pdmd.runtime.memory import arch_of, resolve_recipe
+from pdmd.tools.recipe import arch_of, resolve_recipe
 from pdmd.runtime.offload import ActivationOffload
 from pdmd.runtime.parallel import Parallel
 from pdmd.tools.planner import ARCHS, GiB, build_diffusers, make_plan, param_shapes

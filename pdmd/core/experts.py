@@ -19,6 +19,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from pdmd.core.denoiser import check_denoiser
+from pdmd.runtime.layout import base_state  # noqa: F401  (re-exported: the experts' base weights)
 
 __all__ = ["Experts", "DenoiserView", "expert_name", "cat_cond", "base_state", "phase_module", "parts_above"]
 
@@ -65,16 +66,6 @@ def _scoped_targets(base: nn.Module, subs: list[nn.Module], targets: list[str]) 
         out += [f"{pre}.{n}" for n, _ in sub.named_modules()
                 if n and any(n == t or n.endswith("." + t) for t in targets)]
     return sorted(set(out))
-
-
-def base_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The base (teacher) weights of a module with LoRA layers, under the plain module's names."""
-    out = {}
-    for name, t in module.state_dict().items():
-        if "lora_" in name:
-            continue
-        out[name.replace(".base_layer.", ".")] = t
-    return out
 
 
 class DenoiserView:

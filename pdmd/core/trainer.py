@@ -40,7 +40,7 @@ from pdmd.core.updates import NonFiniteError, UpdatesMixin
 from pdmd.runtime.checkpoint import CHECKPOINT, stored_step
 from pdmd.runtime.compile import StepClock
 from pdmd.runtime.layout import apply_layout
-from pdmd.runtime.memory import resolve_recipe
+from pdmd.runtime.memory import switches_of
 from pdmd.runtime.parallel import Parallel
 from pdmd.runtime.rundir import log_line, trim_log
 
@@ -87,7 +87,7 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
         self.experts = Experts(teacher, self.plan.n_phases, cfg.generator.lora_rank, cfg.generator.lora_alpha,
                                cfg.fake.lora_rank if cfg.fake.kind == "lora" else None, seed=cfg.seed,
                                autocast=self._autocast)
-        self.memory = resolve_recipe(cfg, teacher, task, self.par)  # memory.recipe: the switches to apply
+        self.memory = switches_of(cfg, self.par)  # memory.recipe: the switches to apply
         self.layout = apply_layout(self)  # dtype casts, FP8, offload, checkpointing, compile: before FSDP2 sharding
         self.par.shard_module(self.experts.module)  # after the adapters are injected
         if self.fake_module is not None:

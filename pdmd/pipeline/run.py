@@ -48,6 +48,11 @@ def train(cfg: RunConfig, teacher, task, out: Path, ckpt: Path | None, progress:
     par.barrier()  # every rank checked the output folder before rank 0 clears the log
     if par.is_main and ckpt is None and (out / "log.jsonl").exists():
         (out / "log.jsonl").unlink()
+    if cfg.memory.recipe == "auto":  # the planner's cheapest set of memory switches that fits this GPU
+        from pdmd.tools.recipe import resolve_recipe
+
+        cfg = cfg.model_copy(update={"memory": cfg.memory.model_copy(update={
+            "recipe": list(resolve_recipe(cfg, teacher, task, par)) or "none"})})
     trainer = PhasedDMDTrainer(cfg, teacher, task, out, progress, plot_fn=plot_fn, parallel=par)
     if ckpt is not None:
         trainer.load(ckpt)

@@ -81,13 +81,12 @@ def apply_layout(trainer) -> dict:
     from pdmd.runtime.compile import compile_regions
 
     d = trainer.cfg.distill
-    switches = getattr(trainer, "memory", ())  # memory.recipe, resolved (pdmd.runtime.memory.resolve_recipe)
+    switches = getattr(trainer, "memory", ())  # memory.recipe, resolved (pdmd.runtime.memory.switches_of)
     base, fake = trainer.experts.module, trainer.fake_module
     info = {"frozen_cast": cast_frozen(base, TORCH_DTYPES[d.frozen_dtype])}
     if fake is not None:
         fake.to(TORCH_DTYPES[trainer.cfg.fake.dtype])
     if "fp8_base" in switches:
-        from pdmd.core.experts import base_state
         from pdmd.runtime.fp8 import convert_linears
 
         if fake is not None:  # phase starts reload the fake score from the bf16 source, not from the FP8 copy
@@ -110,3 +109,13 @@ def apply_layout(trainer) -> dict:
     if d.compile:
         info["compiled_blocks"] = sum(len(compile_regions(m, backend=d.compile_backend)) for m in models)
     return info
+
+
+def base_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The base (teacher) weights of a module with LoRA layers, under the plain module's names."""
+    out = {}
+    for name, t in module.state_dict().items():
+        if "lora_" in name:
+            continue
+        out[name.replace(".base_layer.", ".")] = t
+    return out

@@ -25,67 +25,14 @@ from __future__ import annotations
 import itertools
 import math
 
-from pdmd.tools.planner import GiB, HEADROOM, _plan, activation_bytes, make_plan, optimizer_state_bytes, param_shapes
+import torch
 
-__all__ = ["SWITCHES", "check_recipe", "recipe_memory", "choose_recipe", "format_recipes", "parse_recipe"]
+from pdmd.runtime.memory import SWITCHES, parse_recipe, step_in_backward_blockers
+from pdmd.tools.planner import tokens, GiB, HEADROOM, _plan, activation_bytes, make_plan, optimizer_state_bytes, param_shapes
 
-SWITCHES = ("fp8_base", "step_in_backward", "activation_offload", "weight_offload")
+__all__ = ["SWITCHES", "recipe_memory", "choose_recipe", "format_recipes", "parse_recipe", "arch_of", "resolve_recipe"]
+
 NUMERICS = ("fp8_base",)  # switches that change the trained numbers (the others are tested equal)
-
-
-def parse_recipe(recipe) -> tuple[str, ...] | str:
-    """``memory.recipe`` as a tuple of switches in SWITCHES order, or "auto"; ValueError naming a bad entry."""
-    if recipe == "auto":
-        return "auto"
-    if recipe in ("none", None):
-        return ()
-    items = [recipe] if isinstance(recipe, str) else list(recipe)
-    for s in items:
-        if s not in SWITCHES:
-            raise ValueError(f"memory.recipe must be 'auto', 'none' or a list of {list(SWITCHES)}, got entry {s!r}")
-    if len(set(items)) != len(items):
-        raise ValueError(f"memory.recipe lists a switch twice: {items}")
-    return tuple(s for s in SWITCHES if s in items)
-
-
-def step_in_backward_blockers(cfg) -> list[str]:
-    """Why ``step_in_backward`` cannot run with this config (empty: it can)."""
-    d, f, out = cfg.distill, cfg.fake, []
-    if f.grad_clip != "none":
-        out.append("fake.grad_clip is 'global' (the global norm exists only after every tensor was "
-                   "updated); set it to 'none'")
-    if d.grad_accum != 1:
-        out.append(f"distill.grad_accum is {d.grad_accum} (each backward would update the fake score); set it to 1")
-    if f.optimizer != "adamw8bit-v":
-        out.append(f"fake.optimizer is {f.optimizer!r}; the update inside backward is AdamW8bitV's")
-    return out
-
-
-def check_recipe(cfg) -> None:
-    """ConfigError naming the field unless ``memory.recipe`` is well formed and its switches fit the config."""
-    from pdmd.config import ConfigError
-
-    try:
-        switches = parse_recipe(cfg.memory.recipe)
-    except ValueError as e:
-        raise ConfigError(str(e), "memory.recipe") from None
-    if switches == "auto":
-        return  # resolved by the trainer, among the switches this config allows
-    d = cfg.distill
-    if "step_in_backward" in switches:
-        why = step_in_backward_blockers(cfg)
-        if why:
-            raise ConfigError(f"memory.recipe has step_in_backward, but {'; '.join(why)}", "memory.recipe")
-    if "activation_offload" in switches and not d.activation_checkpointing:
-        raise ConfigError("memory.recipe has activation_offload, which moves the checkpointed blocks' inputs: set "
-                          "distill.activation_checkpointing: true", "memory.recipe")
-    offloads = [s for s in ("activation_offload", "weight_offload") if s in switches]
-    if offloads and d.compile:  # their host copies and stream waits inside a compiled block: not supported yet
-        raise ConfigError(f"memory.recipe has {offloads}, which do not run inside torch.compile'd blocks yet: set "
-                          "distill.compile: false", "memory.recipe")
-    if "fp8_base" in switches and not d.bf16:
-        raise ConfigError("memory.recipe has fp8_base, whose matmuls run in bfloat16: set distill.bf16: true",
-                          "memory.recipe")
 
 
 def _in_block(name: str) -> bool:
@@ -190,3 +137,67 @@ def format_recipes(model, gpus: int = 1, gpu_mem: float = 80.0, allowed=SWITCHES
                      f"({best['total'] / GiB:.2f} GiB per GPU)")
         lines.append("  components, GiB: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in best["components"].items()))
     return "\n".join(lines)
+
+
+def arch_of(teacher):
+    """The published shape (``pdmd plan``'s ``Arch``) of ``teacher``: its family's transformers (the spec's
+    ``transformer_class``), matched to one of the family's planner shapes by their base parameter count (LoRA
+    adapters not counted); ``copies`` = how many such transformers it holds. None when nothing matches."""
+    import dataclasses
+    import math
+
+    from pdmd.models.registry import SPECS
+
+    for spec in SPECS.values():
+        if spec.plan is None:
+            continue
+        found = [m for m in teacher.modules() if type(m).__name__ == spec.transformer_class]
+        if not found:
+            continue
+        n = sum(p.numel() for m in found for name, p in m.named_parameters() if "lora_" not in name)
+        for arch in spec.plan.archs:
+            if sum(math.prod(s) for _, s, _ in spec.plan.param_shapes(arch)) * len(found) == n:
+                return dataclasses.replace(arch, copies=len(found))
+    return None
+
+
+def resolve_recipe(cfg, teacher, task, par, arch=None, resolutions=None) -> tuple[str, ...]:
+    """The switches of ``cfg.memory.recipe`` for this run (see the module docstring); ValueError naming
+    memory.recipe when "auto" finds nothing that fits, or a switch cannot run under several processes.
+    ``arch`` and ``resolutions`` (frames, height, width pixels) override what "auto" reads from the teacher
+    (``arch_of``) and from ``data.resolutions``."""
+    d = cfg.distill
+    recipe = parse_recipe(cfg.memory.recipe)
+    unsharded = ("fp8_base", "weight_offload")  # not combined with FSDP2 sharding yet (docs/memory.md)
+    if recipe != "auto":
+        bad = [s for s in recipe if s in unsharded and par.distributed]
+        if bad:
+            raise ValueError(f"memory.recipe {bad} runs in one process only here; with {par.world} processes use "
+                             f"{[s for s in SWITCHES if s not in unsharded]}")
+        return recipe
+    device = torch.device(cfg.device)
+    if device.type != "cuda":
+        return ()  # host memory: nothing to fit
+    arch = arch or arch_of(teacher)
+    if arch is None:
+        raise ValueError(f"memory.recipe 'auto' plans the published shapes of pdmd plan; {type(teacher).__name__} is "
+                         f"none of them: list the switches ({list(SWITCHES)}) or 'none'")
+    resolutions = resolutions or (cfg.data.resolutions if getattr(cfg, "data", None) is not None else None)
+    if not resolutions:
+        raise ValueError("memory.recipe 'auto' plans for data.resolutions; this run has none: list the switches")
+    frames, height, width = max(resolutions, key=lambda r: tokens(arch, *r))
+    allowed = [s for s in SWITCHES
+               if not (s == "step_in_backward" and step_in_backward_blockers(cfg))
+               and not (s == "activation_offload" and not d.activation_checkpointing)
+               and not (s in ("activation_offload", "weight_offload") and d.compile)
+               and not (s == "fp8_base" and not d.bf16)
+               and not (s in unsharded and par.distributed)]
+    gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    best, every = choose_recipe(arch, gpus=par.world, gpu_mem=gib, allowed=allowed, batch=par.local(d.batch_size),
+                                lora_rank=cfg.generator.lora_rank, experts=len(d.phase_boundaries) + 1,
+                                frames=frames, height=height, width=width)
+    if best is None:
+        raise ValueError(f"memory.recipe 'auto': no set of the allowed switches {allowed} fits {par.world} x "
+                         f"{gib:.3g} GiB (smallest {min(r['total'] for r in every) / 2**30:.3g} GiB per GPU; "
+                         "pdmd plan shows the details)")
+    return best["switches"]
