@@ -84,14 +84,21 @@ class AdamW8bitV(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter with a gradient: one launch (Triton) or one parallel loop
+        (native) per parameter group, device and backend; no host sync (see ``_prepare``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         rank = _rank()
-        for index, group, p in self._indexed():
-            if p.grad is not None:
-                self._update(p, group, index, rank)
+        index = 0
+        for group in self.param_groups:
+            work = []
+            for p in group["params"]:
+                index += 1  # the index that seeds the random bits (1-based, over all groups)
+                if p.grad is not None:
+                    work.append(self._prepare(p, group, index, rank))
+            self._apply(group, work)
         return loss
 
     def _indexed(self):
@@ -102,33 +109,61 @@ class AdamW8bitV(torch.optim.Optimizer):
                 index += 1
                 yield index, group, p
 
-    @torch.no_grad()
-    def _update(self, p, group, index, rank):
+    def _host_step(self, p, state) -> int:
+        """The step count after this step, kept on the host: the state's ``step`` tensor (kept for
+        torch's checkpoint format) is read only when a parameter is first seen (after a load)."""
+        steps = self.__dict__.setdefault("_host_steps", {})
+        t = steps.get(p)
+        if t is None:
+            t = int(state["step"].item()) if "step" in state else 0
+        steps[p] = t + 1
+        return t + 1
+
+    def _prepare(self, p, group, index, rank):
+        """(param, local param, local grad, contiguous work tensor, state, seed, bias correction)."""
         if p.grad.is_sparse:
             raise ValueError("AdamW8bitV does not support sparse gradients")
-        beta2 = group["betas"][1]
         w, g = _local(p), _local(p.grad)
         state = self.state[p]
-        if not state:
+        t = self._host_step(p, state)
+        if "codes" not in state:
             state["step"] = torch.tensor(0.0)
             state["codes"], state["scales"] = ops.new_state(w.numel(), w.device)
-        state["step"] += 1
-        t = int(state["step"].item())
+        state["step"].add_(1.0)  # a CPU tensor: no device work, no sync
         seed = hash((self.seed, t, index, rank)) & 0x7FFFFFFF  # int tuples hash the same in every run
-        kw = dict(lr=group["lr"], beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                  bias_correction2=1.0 - beta2**t, state_rounding=group["state_rounding"],
-                  weight_rounding=group["weight_rounding"])
-        work = w if w.is_contiguous() else w.contiguous()
-        backend = self._backend_for(work)
-        if backend == "triton":
-            ops.step_triton(work, g.contiguous(), state["codes"], state["scales"], seed=seed, **kw)
-        elif backend == "native":
-            native.adamw8bitv_step(work, g, state["codes"], state["scales"], seed=seed, **kw)
-        else:
-            gen = torch.Generator(device=work.device).manual_seed(seed)
-            ops.step_reference(work, g, state["codes"], state["scales"], generator=gen, **kw)
-        if work is not w:
-            w.copy_(work)
+        work = w if w.is_contiguous() else w.contiguous()  # non-contiguous: update a copy, write it back
+        return w, g, work, state, seed, 1.0 - group["betas"][1] ** t
+
+    def _apply(self, group, work) -> None:
+        """Update the prepared parameters of one group, all tensors of a (backend, device) in one call."""
+        kw = dict(lr=group["lr"], beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"],
+                  state_rounding=group["state_rounding"], weight_rounding=group["weight_rounding"])
+        batches: dict = {}
+        for item in work:
+            batches.setdefault((self._backend_for(item[2]), item[2].device), []).append(item)
+        for (backend, _), items in batches.items():
+            ws = [it[2] for it in items]
+            codes = [it[3]["codes"] for it in items]
+            scales = [it[3]["scales"] for it in items]
+            seeds = [it[4] for it in items]
+            bc2 = [it[5] for it in items]
+            if backend == "triton":
+                gs = [it[1].contiguous() for it in items]
+                ops.step_multi_triton(ws, gs, codes, scales, seeds, bc2, **kw)
+            elif backend == "native":
+                native.adamw8bitv_multi_step(ws, [it[1] for it in items], codes, scales, seeds, bc2, **kw)
+            else:
+                for w, it, c, s, seed, b in zip(ws, items, codes, scales, seeds, bc2):
+                    gen = torch.Generator(device=w.device).manual_seed(seed)
+                    ops.step_reference(w, it[1], c, s, generator=gen, bias_correction2=b, **kw)
+        for w, _, work_t, _, _, _ in work:
+            if work_t is not w:
+                w.copy_(work_t)
+
+    @torch.no_grad()
+    def _update(self, p, group, index, rank):
+        """Update one parameter (``step_in_backward``'s hook)."""
+        self._apply(group, [self._prepare(p, group, index, rank)])
 
     def step_in_backward(self) -> list:
         """Update each parameter as soon as its gradient is ready during backward, then free the gradient.
@@ -152,6 +187,7 @@ class AdamW8bitV(torch.optim.Optimizer):
         """As torch's, but keeps the uint8 codes and float32 scales (torch casts state to the param dtype)."""
         saved = {k: dict(v) for k, v in state_dict["state"].items()}
         super().load_state_dict(state_dict)
+        self.__dict__["_host_steps"] = {}  # re-read from the loaded step tensors, once per parameter
         ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(ids, params):
