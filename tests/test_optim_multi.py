@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pdmd_kernels import native
@@ -59,6 +60,43 @@ def test_native_multi_equals_per_tensor(threads, dtypes, gdtypes):
         torch.set_num_threads(before)
     for a, b in zip(ps1 + c1 + s1, ps2 + c2 + s2):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+_M64 = (1 << 64) - 1
+
+
+def _mix64(x):  # splitmix64's finaliser on numpy uint64 (wraps mod 2^64), as mix64 in kernels/csrc/optim.cpp
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_weight_rounding_bits_are_keyed_by_seed_and_element_index(threads):
+    """bf16 stochastic rounding adds hash(seed, index in the tensor) >> 48: pinned against an independent
+    numpy computation on a tensor of several work items, so the bits cannot depend on the chunking."""
+    n, seed = 70001, 123456789
+    gen = torch.Generator().manual_seed(8)
+    p16 = torch.randn(n, generator=gen).bfloat16()
+    p32 = p16.float()  # the float32 result before rounding, from the same update on a float32 copy
+    g = torch.randn(n, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native.adamw8bitv_multi_step([p32, torch.zeros(5), p16], [g, torch.zeros(5), g],
+                                     *zip(*[ops.new_state(k, "cpu") for k in (n, 5, n)]),
+                                     [seed, 1, seed], [0.001] * 3, **KW)
+    finally:
+        torch.set_num_threads(before)
+    with np.errstate(over="ignore"):
+        key = _mix64(np.array([seed * 2 + 2], dtype=np.uint64))[0]
+        r = _mix64(key + np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(48)
+    b32 = p32.view(torch.int32).numpy().view(np.uint32).astype(np.uint64)
+    expected = (((b32 + r) & np.uint64(0xFFFFFFFF)) >> np.uint64(16)).astype(np.uint16)
+    assert np.array_equal(p16.view(torch.int16).numpy().view(np.uint16), expected)
 
 
 def _per_tensor_optimizer(init, grads, backend, seed=3, **kw):
@@ -235,3 +273,28 @@ def test_triton_multi_kernel_compiles_for_cuda_targets(capability):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.strip().splitlines()[-1]) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_multi_step_equals_per_tensor_kernel_without_sync():
+    pytest.importorskip("triton")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    init = [torch.randn(s, device="cuda", generator=gen).to((torch.bfloat16, torch.float32)[i % 2])
+            for i, s in enumerate(SIZES)]
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = AdamW8bitV(params, lr=1e-3, weight_decay=0.1, seed=9)
+    assert opt._backend_for(params[0].detach()) == "triton"
+    ref = [x.clone() for x in init]
+    states = [ops.new_state(x.numel(), "cuda") for x in init]
+    for t in range(1, 4):
+        gs = [torch.randn(x.shape, device="cuda", generator=gen).to(x.dtype) for x in init]
+        for i, (p, g) in enumerate(zip(params, gs)):
+            p.grad = g
+            ops.step_triton(ref[i], g, *states[i], seed=hash((9, t, i + 1, 0)) & 0x7FFFFFFF,
+                            **dict(KW, bias_correction2=1 - 0.999**t))
+        with _CountSyncs() as mode:
+            opt.step()
+        assert mode.count == 0
+    for p, r in zip(params, ref):
+        assert torch.equal(p.detach(), r)
