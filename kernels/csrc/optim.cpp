@@ -12,9 +12,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -74,6 +76,47 @@ constexpr float kLevels = 254.0f;       // optim_step.LEVELS
 constexpr float kMaxRange = 40.0f;      // optim_step.MAX_RANGE
 constexpr int64_t kItemBlocks = 128;    // blocks per work item: 32768 values, worth a thread on its own
 
+// exp2 and log2 of float32 values, computed in float64 with IEEE operations only (no libm: glibc picks an
+// FMA or a plain variant of exp2f/log2f by CPU at run time, which can round differently), then rounded
+// once to float32: within 0.5 ulp + 1e-11 relative of the exact value, and the same bits on every x86-64.
+// No FMA contraction (function attribute and the build's -ffp-contract=off): every operation rounds alone.
+__attribute__((optimize("fp-contract=off"))) PDMD_OPT_INLINE float det_exp2(float xf) {
+  if (!(xf > -200.0f)) return xf != xf ? xf : 0.0f;  // NaN stays NaN; far below the smallest subnormal
+  if (xf > 200.0f) return INFINITY;
+  const double x = xf, k = std::floor(x + 0.5), f = x - k;  // exact: x has 24 bits, |f| <= 0.5
+  // 2^f = e^(f ln 2) by Taylor to degree 10: remainder < 0.35^11 / 11! < 3e-13 relative
+  constexpr double c[11] = {1.0, 0.6931471805599453, 0.2402265069591007,
+                            0.055504108664821576, 0.009618129107628477, 0.0013333558146428441,
+                            0.00015403530393381606, 1.5252733804059838e-05, 1.3215486790144305e-06,
+                            1.0178086009239696e-07, 7.054911620801121e-09};  // ln2^i / i!
+  double p = c[10];
+  for (int i = 9; i >= 0; --i) p = p * f + c[i];
+  uint64_t u;
+  std::memcpy(&u, &p, 8);
+  u += uint64_t(int64_t(k)) << 52;  // times 2^k: |k| <= 200 stays in float64's normal range
+  double r;
+  std::memcpy(&r, &u, 8);
+  return float(r);  // one rounding, subnormal and overflow included
+}
+
+__attribute__((optimize("fp-contract=off"))) PDMD_OPT_INLINE float det_log2(float xf) {  // xf > 0
+  if (!(xf <= FLT_MAX)) return xf;  // +inf and NaN
+  const double x = xf;  // float32 subnormals are normal float64 values
+  uint64_t u;
+  std::memcpy(&u, &x, 8);
+  int64_t e = int64_t((u >> 52) & 0x7ff) - 1023;
+  u = (u & 0x000fffffffffffffull) | (1023ull << 52);
+  double m;
+  std::memcpy(&m, &u, 8);  // x = 2^e m, m in [1, 2)
+  if (m > 1.4142135623730951) { m *= 0.5; e += 1; }  // exact: m in [0.71, 1.42), |log2 m| <= 0.5
+  // log2 m = 2 / ln 2 * atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172: series to s^15,
+  // remainder < 0.0295^8 / 17 < 4e-14 relative; |e + log2 m| >= 0.5 when e != 0 (no cancellation)
+  const double s = (m - 1.0) / (m + 1.0), s2 = s * s;
+  double t = 1.0 / 15.0;
+  for (int k = 13; k >= 1; k -= 2) t = t * s2 + 1.0 / double(k);
+  return float(double(e) + 2.8853900817779268 * (s * t));  // 2 / ln 2
+}
+
 PDMD_OPT_INLINE uint64_t mix64(uint64_t x) {  // splitmix64's finaliser: a bijection with full avalanche
   x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ull;
   x ^= x >> 27; x *= 0x94d049bb133111ebull;
@@ -97,7 +140,7 @@ void adamw8bitv_blocks(typename Elt<TP>::S* __restrict__ p, const typename Elt<T
     const float lo0 = scales[2 * blk], hi0 = scales[2 * blk + 1], step0 = (hi0 - lo0) / kLevels;
     // v = beta2 dequant(codes) + (1 - beta2) g^2 (padding has g = 0), then the weight update
     for (int64_t i = 0; i < kOptBlock; ++i) {
-      const float e = std::exp2(lo0 + (float(c[i]) - 1.0f) * step0);  // for every code: no branch
+      const float e = det_exp2(lo0 + (float(c[i]) - 1.0f) * step0);  // for every code: no branch
       v[i] = beta2 * (c[i] > 0 ? e : 0.0f);
     }
     for (int64_t i = 0; i < len; ++i) {
@@ -119,7 +162,7 @@ void adamw8bitv_blocks(typename Elt<TP>::S* __restrict__ p, const typename Elt<T
     float hi = -1e30f, lo = 1e30f;
     for (int64_t i = 0; i < kOptBlock; ++i) {
       const bool nz = v[i] > 0.0f;
-      lv[i] = std::log2(nz ? v[i] : 1.0f);
+      lv[i] = det_log2(nz ? v[i] : 1.0f);
     }
     for (int64_t i = 0; i < kOptBlock; ++i) {
       const bool nz = v[i] > 0.0f;
@@ -230,6 +273,20 @@ void adamw8bitv_multi_step(at::TensorList p, at::TensorList g, at::TensorList co
   multi_step(ts, lr, beta2, eps, weight_decay, stochastic_state, stochastic_weight);
 }
 
+// For the tests: the step's exp2 and log2 (float32 in, float32 out) on every value of x.
+std::tuple<at::Tensor, at::Tensor> optim_exp2_log2(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kFloat, "x must be a float32 CPU tensor");
+  const at::Tensor X = x.contiguous();
+  at::Tensor e = at::empty_like(X), l = at::empty_like(X);
+  const float* xp = X.const_data_ptr<float>();
+  float *ep = e.mutable_data_ptr<float>(), *lp = l.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < X.numel(); ++i) {
+    ep[i] = det_exp2(xp[i]);
+    lp[i] = xp[i] > 0.0f ? det_log2(xp[i]) : NAN;
+  }
+  return {e, l};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdmd_native, m) {
@@ -239,9 +296,11 @@ TORCH_LIBRARY_FRAGMENT(pdmd_native, m) {
   m.def("adamw8bitv_multi_step(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] codes, Tensor(c!)[] scales, int[] seeds, "
         "float[] bias_correction2, float lr, float beta2, float eps, float weight_decay, bool stochastic_state, "
         "bool stochastic_weight) -> ()");
+  m.def("_optim_exp2_log2(Tensor x) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pdmd_native, CPU, m) {
   m.impl("adamw8bitv_step", &adamw8bitv_step);
   m.impl("adamw8bitv_multi_step", &adamw8bitv_multi_step);
+  m.impl("_optim_exp2_log2", &optim_exp2_log2);
 }
