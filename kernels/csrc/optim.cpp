@@ -78,43 +78,52 @@ constexpr int64_t kItemBlocks = 128;    // blocks per work item: 32768 values, w
 
 // exp2 and log2 of float32 values, computed in float64 with IEEE operations only (no libm: glibc picks an
 // FMA or a plain variant of exp2f/log2f by CPU at run time, which can round differently), then rounded
-// once to float32: within 0.5 ulp + 1e-11 relative of the exact value, and the same bits on every x86-64.
-// No FMA contraction (function attribute and the build's -ffp-contract=off): every operation rounds alone.
-__attribute__((optimize("fp-contract=off"))) PDMD_OPT_INLINE float det_exp2(float xf) {
-  if (!(xf > -200.0f)) return xf != xf ? xf : 0.0f;  // NaN stays NaN; far below the smallest subnormal
-  if (xf > 200.0f) return INFINITY;
-  const double x = xf, k = std::floor(x + 0.5), f = x - k;  // exact: x has 24 bits, |f| <= 0.5
+// once to float32: within 0.5 ulp + 1e-12 relative of the exact value, and the same bits on every x86-64.
+// Branch-free integer tricks instead of floor/frexp/int conversions, so that the block loops vectorise
+// (SSE2 has no vector int64 <-> double conversion). No FMA contraction: every operation rounds alone.
+PDMD_OPT_INLINE double dbits(uint64_t u) { double d; std::memcpy(&d, &u, 8); return d; }
+PDMD_OPT_INLINE uint64_t ubits(double d) { uint64_t u; std::memcpy(&u, &d, 8); return u; }
+constexpr double kRound = 0x1.8p52;  // x + kRound rounds x to an integer, held in the low mantissa bits
+
+__attribute__((optimize("fp-contract=off", "no-math-errno", "no-trapping-math"))) PDMD_OPT_INLINE float det_exp2(float xf) {
+  double x = xf;
+  x = x > 200.0 ? 200.0 : (x < -200.0 ? -200.0 : x);  // beyond float32's range either way; NaN stays NaN
+  const double shifted = x + kRound, k = shifted - kRound, f = x - k;  // k = round(x), exact, |f| <= 0.5
   // 2^f = e^(f ln 2) by Taylor to degree 10: remainder < 0.35^11 / 11! < 3e-13 relative
-  constexpr double c[11] = {1.0, 0.6931471805599453, 0.2402265069591007,
-                            0.055504108664821576, 0.009618129107628477, 0.0013333558146428441,
-                            0.00015403530393381606, 1.5252733804059838e-05, 1.3215486790144305e-06,
-                            1.0178086009239696e-07, 7.054911620801121e-09};  // ln2^i / i!
-  double p = c[10];
-  for (int i = 9; i >= 0; --i) p = p * f + c[i];
-  uint64_t u;
-  std::memcpy(&u, &p, 8);
-  u += uint64_t(int64_t(k)) << 52;  // times 2^k: |k| <= 200 stays in float64's normal range
-  double r;
-  std::memcpy(&r, &u, 8);
-  return float(r);  // one rounding, subnormal and overflow included
+  double p = 7.054911620801121e-09;  // ln2^i / i!, i = 10 .. 0
+  p = p * f + 1.0178086009239696e-07;
+  p = p * f + 1.3215486790144305e-06;
+  p = p * f + 1.5252733804059838e-05;
+  p = p * f + 0.00015403530393381606;
+  p = p * f + 0.0013333558146428441;
+  p = p * f + 0.009618129107628477;
+  p = p * f + 0.055504108664821576;
+  p = p * f + 0.2402265069591007;
+  p = p * f + 0.6931471805599453;
+  p = p * f + 1.0;
+  // times 2^k: k's low 12 bits (two's complement) shifted into the exponent field; |k| <= 200 stays normal
+  return float(dbits(ubits(p) + (ubits(shifted) << 52)));  // one rounding, subnormal and overflow included
 }
 
-__attribute__((optimize("fp-contract=off"))) PDMD_OPT_INLINE float det_log2(float xf) {  // xf > 0
-  if (!(xf <= FLT_MAX)) return xf;  // +inf and NaN
-  const double x = xf;  // float32 subnormals are normal float64 values
-  uint64_t u;
-  std::memcpy(&u, &x, 8);
-  int64_t e = int64_t((u >> 52) & 0x7ff) - 1023;
-  u = (u & 0x000fffffffffffffull) | (1023ull << 52);
-  double m;
-  std::memcpy(&m, &u, 8);  // x = 2^e m, m in [1, 2)
-  if (m > 1.4142135623730951) { m *= 0.5; e += 1; }  // exact: m in [0.71, 1.42), |log2 m| <= 0.5
+__attribute__((optimize("fp-contract=off", "no-math-errno", "no-trapping-math"))) PDMD_OPT_INLINE float det_log2(float xf) {  // xf > 0
+  const uint64_t u = ubits(double(xf));  // float32 subnormals are normal float64 values
+  // x = 2^k m with m in [sqrt(1/2), sqrt(2)): subtract sqrt(1/2)'s bits (+ 2^62 keeps it positive)
+  const uint64_t t = u - 0x3fe6a09e667f3bcdull + (1024ull << 52), kb = t >> 52;  // kb = k + 1024
+  const double m = dbits(u - (kb << 52) + (1024ull << 52));
+  const double k = dbits(kb | 0x4330000000000000ull) - (0x1p52 + 1024.0);
   // log2 m = 2 / ln 2 * atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172: series to s^15,
-  // remainder < 0.0295^8 / 17 < 4e-14 relative; |e + log2 m| >= 0.5 when e != 0 (no cancellation)
+  // remainder < 0.0295^8 / 17 < 4e-14 relative; |k + log2 m| >= 0.5 when k != 0 (no cancellation)
   const double s = (m - 1.0) / (m + 1.0), s2 = s * s;
-  double t = 1.0 / 15.0;
-  for (int k = 13; k >= 1; k -= 2) t = t * s2 + 1.0 / double(k);
-  return float(double(e) + 2.8853900817779268 * (s * t));  // 2 / ln 2
+  double q = 1.0 / 15.0;
+  q = q * s2 + 1.0 / 13.0;
+  q = q * s2 + 1.0 / 11.0;
+  q = q * s2 + 1.0 / 9.0;
+  q = q * s2 + 1.0 / 7.0;
+  q = q * s2 + 1.0 / 5.0;
+  q = q * s2 + 1.0 / 3.0;
+  q = q * s2 + 1.0;
+  const float r = float(k + 2.8853900817779268 * (s * q));  // 2 / ln 2
+  return xf <= FLT_MAX ? r : xf;  // +inf and NaN pass through
 }
 
 PDMD_OPT_INLINE uint64_t mix64(uint64_t x) {  // splitmix64's finaliser: a bijection with full avalanche
@@ -127,13 +136,13 @@ PDMD_OPT_INLINE uint64_t rand64(uint64_t key, uint64_t i) { return mix64(key + i
 // No fused multiply-adds here: each float32 operation rounds as in the reference's separate torch ops
 // (no-math-errno: sqrt is one instruction, without an errno branch).
 template <typename TP, typename TG>
-__attribute__((optimize("fp-contract=off", "no-math-errno")))
+__attribute__((optimize("fp-contract=off", "no-math-errno", "no-trapping-math")))
 void adamw8bitv_blocks(typename Elt<TP>::S* __restrict__ p, const typename Elt<TG>::S* __restrict__ g,
                        uint8_t* __restrict__ codes, float* __restrict__ scales, int64_t n, int64_t b0, int64_t b1,
                        float lr, float decay, float beta2, float one_minus_beta2, float eps, float inv_bc2,
                        uint64_t seed, bool sr_state, bool sr_weight) {
   const uint64_t key_state = mix64(seed * 2 + 1), key_weight = mix64(seed * 2 + 2);
-  float v[kOptBlock], lv[kOptBlock];
+  float v[kOptBlock], lv[kOptBlock], w[kOptBlock], u[kOptBlock];  // v, log2 v, new weights, uniforms
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t off = blk * kOptBlock, len = n - off < kOptBlock ? std::max<int64_t>(n - off, 0) : kOptBlock;
     uint8_t* c = codes + off;
@@ -143,20 +152,20 @@ void adamw8bitv_blocks(typename Elt<TP>::S* __restrict__ p, const typename Elt<T
       const float e = det_exp2(lo0 + (float(c[i]) - 1.0f) * step0);  // for every code: no branch
       v[i] = beta2 * (c[i] > 0 ? e : 0.0f);
     }
-    for (int64_t i = 0; i < len; ++i) {
+    for (int64_t i = 0; i < len; ++i) {  // branch-free: vectorises
       const float gi = Elt<TG>::load(g[off + i]);
       const float vi = v[i] + one_minus_beta2 * gi * gi;
       v[i] = vi;
       const float upd = gi / (std::sqrt(vi * inv_bc2) + eps);
-      const float pi = Elt<TP>::load(p[off + i]) * decay - lr * upd;
-      if constexpr (std::is_same_v<TP, c10::BFloat16>) {
-        if (sr_weight) {  // add 16 random bits below the bfloat16 mantissa, then truncate
-          const uint32_t r = uint32_t(rand64(key_weight, uint64_t(off + i)) >> 48);
-          p[off + i] = uint16_t((fbits(pi) + r) >> 16);
-          continue;
-        }
+      w[i] = Elt<TP>::load(p[off + i]) * decay - lr * upd;
+    }
+    if (std::is_same_v<TP, c10::BFloat16> && sr_weight) {
+      for (int64_t i = 0; i < len; ++i) {  // add 16 random bits below the bfloat16 mantissa, then truncate
+        const uint32_t r = uint32_t(rand64(key_weight, uint64_t(off + i)) >> 48);
+        p[off + i] = uint16_t((fbits(w[i]) + r) >> 16);
       }
-      p[off + i] = Elt<TP>::store(pi);
+    } else {
+      for (int64_t i = 0; i < len; ++i) p[off + i] = Elt<TP>::store(w[i]);
     }
     // re-quantise: log2 code over the block's [lo, hi], capped at kMaxRange octaves
     float hi = -1e30f, lo = 1e30f;
@@ -176,8 +185,13 @@ void adamw8bitv_blocks(typename Elt<TP>::S* __restrict__ p, const typename Elt<T
       lo = lo > hi - kMaxRange ? lo : hi - kMaxRange;
     }
     const float step = (hi - lo) / kLevels, inv = step > 0.0f ? 1.0f / step : 0.0f;
+    if (sr_state) {
+      for (int64_t i = 0; i < kOptBlock; ++i) u[i] = float(rand64(key_state, uint64_t(off + i)) >> 40) * 0x1.0p-24f;
+    } else {
+      for (int64_t i = 0; i < kOptBlock; ++i) u[i] = 0.5f;
+    }
     for (int64_t i = 0; i < kOptBlock; ++i) {
-      const float r = sr_state ? float(rand64(key_state, uint64_t(off + i)) >> 40) * 0x1.0p-24f : 0.5f;
+      const float r = u[i];
       const float pos = ((lv[i] > lo ? lv[i] : lo) - lo) * inv;
       const float f = std::floor(pos + r), q = f < 0.0f ? 0.0f : (f > kLevels ? kLevels : f);
       c[i] = v[i] > 0.0f ? uint8_t(q + 1.0f) : uint8_t(0);
