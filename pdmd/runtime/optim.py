@@ -42,6 +42,9 @@ class AdamW8bitV(torch.optim.Optimizer):
     CPU when ``pdmd_kernels.native`` is built, else PyTorch), "torch", "triton" or "native". Works on FSDP2 DTensor parameters by updating the local shard.
     ``seed``: random bits are derived from (seed, step, parameter index, rank): reproducible and
     resumable from a checkpoint.
+
+    ``step()`` updates each param group in one call per (backend, device): one Triton launch per dtype
+    pair, or one native OpenMP loop, bit-identical to one step per tensor, with no host sync.
     """
 
     def __init__(self, params, lr: float = 1e-5, betas=(0.0, 0.999), eps: float = 1e-8,
