@@ -298,3 +298,28 @@ def test_cuda_multi_step_equals_per_tensor_kernel_without_sync():
         assert mode.count == 0
     for p, r in zip(params, ref):
         assert torch.equal(p.detach(), r)
+
+
+def test_registers_in_the_dispatch_table():
+    """``optim_step.register_backends`` against a stand-in of ``pdmd_kernels.dispatch``'s registration API."""
+    table, priorities = {}, {}
+
+    class Dispatch:
+        @staticmethod
+        def register_op(op, priority=None):
+            table.setdefault(op, {})
+            priorities[op] = priority
+
+        @staticmethod
+        def register_backend(op, name, impl, supports):
+            table[op][name] = (impl, supports)
+
+    ops.register_backends(Dispatch)
+    step = table["adamw8bitv_step"]
+    assert priorities["adamw8bitv_step"]["cpu"] == ("native", "reference")
+    assert step["reference"][0] is ops.step_multi_reference and step["triton"][0] is ops.step_multi_triton
+    assert step["native"][1]("cpu", torch.bfloat16, False) == native.available()
+    assert not step["native"][1]("cpu", torch.float64, False) and not step["native"][1]("cuda", torch.float32, False)
+    assert not step["triton"][1]("cpu", torch.float32, False)  # the interpreter only when forced
+    assert step["triton"][1]("cuda", torch.bfloat16, False) == ops.HAVE_TRITON
+    assert not step["triton"][1]("cuda", torch.float64, False) and step["reference"][1]("cpu", torch.float64, False)

@@ -33,7 +33,8 @@ import struct
 import torch
 
 __all__ = ["BLOCK", "LEVELS", "MAX_RANGE", "new_state", "dequantize", "quantize", "sr_bfloat16",
-           "step_reference", "step_triton", "step_multi_triton", "HAVE_TRITON"]
+           "step_reference", "step_triton", "step_multi_triton",
+           "step_multi_reference", "register_backends", "HAVE_TRITON"]
 
 BLOCK = 256
 LEVELS = 254  # codes 1..255 span [lo, hi] in 254 steps; code 0 is an exact zero
@@ -289,3 +290,36 @@ def step_multi_triton(ps, gs, codes, scales, seeds, bias_correction2, *, lr: flo
             P_DTYPE=_TL_DTYPES[pdt], G_DTYPE=_TL_DTYPES[gdt], BLOCK=BLOCK, ROWS=rows, LEVELS=LEVELS,
             MAX_RANGE=MAX_RANGE, SR_STATE=state_rounding == "stochastic",
             SR_WEIGHT=(pdt == torch.bfloat16 and weight_rounding == "stochastic"))
+
+
+def step_multi_reference(ps, gs, codes, scales, seeds, bias_correction2, *, lr: float, beta2: float, eps: float,
+                         weight_decay: float, state_rounding: str = "stochastic",
+                         weight_rounding: str = "stochastic") -> None:
+    """:func:`step_reference` on every tensor of a list, each with a torch generator seeded by its seed."""
+    for p, g, c, s, seed, bc2 in zip(ps, gs, codes, scales, seeds, bias_correction2):
+        gen = torch.Generator(device=p.device).manual_seed(int(seed))
+        step_reference(p, g, c, s, lr=lr, beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction2=bc2,
+                       generator=gen, state_rounding=state_rounding, weight_rounding=weight_rounding)
+
+
+def register_backends(dispatch) -> None:
+    """Register the multi-tensor step as op "adamw8bitv_step" of ``pdmd_kernels.dispatch`` (when present).
+
+    Every backend's impl has the signature of :func:`step_multi_reference`.
+    """
+    import os
+
+    from pdmd_kernels import native
+
+    dispatch.register_op("adamw8bitv_step", priority={"cuda": ("triton", "native", "reference"),
+                                                      "cpu": ("native", "reference")})
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    dispatch.register_backend(
+        "adamw8bitv_step", "triton", impl=step_multi_triton,
+        supports=lambda dev, dtype, forced: HAVE_TRITON and dtype in floats and (
+            dev == "cuda" or (forced and dev == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")))
+    dispatch.register_backend(
+        "adamw8bitv_step", "native", impl=native.adamw8bitv_multi_step,
+        supports=lambda dev, dtype, forced: dev == "cpu" and dtype in native.DTYPES and native.available())
+    dispatch.register_backend("adamw8bitv_step", "reference", impl=step_multi_reference,
+                              supports=lambda dev, dtype, forced: True)

@@ -17,6 +17,21 @@ __all__ = ["AdamW8bitV", "build_optimizer", "state_bytes", "OPTIMIZERS"]
 
 _ROUNDINGS = ("stochastic", "nearest")
 _BACKENDS = ("auto", "torch", "triton", "native")
+# the multi-tensor step of each backend name (the dispatch table calls the PyTorch one "reference")
+_STEPS = {"triton": ops.step_multi_triton, "native": native.adamw8bitv_multi_step, "torch": ops.step_multi_reference}
+
+
+def _dispatch_table():
+    """``pdmd_kernels.dispatch`` with the optimizer step registered, or None where it does not exist."""
+    try:
+        from pdmd_kernels import dispatch
+    except ImportError:  # a pdmd_kernels without the shared dispatch table: _backend_for's own rule
+        return None
+    ops.register_backends(dispatch)
+    return dispatch
+
+
+_DISPATCH = _dispatch_table()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -79,6 +94,9 @@ class AdamW8bitV(torch.optim.Optimizer):
         """The step implementation for this (local) parameter: "triton", "native" or "torch"."""
         if self.backend != "auto":
             return self.backend
+        if _DISPATCH is not None:  # the shared rule (and PDMD_KERNELS_BACKEND / use_backend) of pdmd_kernels
+            name = _DISPATCH.select("adamw8bitv_step", p.device.type, p.dtype)[0]
+            return "torch" if name == "reference" else name
         if p.is_cuda and ops.HAVE_TRITON:
             return "triton"
         if p.device.type == "cpu" and p.dtype in native.DTYPES and native.available():
@@ -150,15 +168,8 @@ class AdamW8bitV(torch.optim.Optimizer):
             scales = [it[3]["scales"] for it in items]
             seeds = [it[4] for it in items]
             bc2 = [it[5] for it in items]
-            if backend == "triton":
-                gs = [it[1].contiguous() for it in items]
-                ops.step_multi_triton(ws, gs, codes, scales, seeds, bc2, **kw)
-            elif backend == "native":
-                native.adamw8bitv_multi_step(ws, [it[1] for it in items], codes, scales, seeds, bc2, **kw)
-            else:
-                for w, it, c, s, seed, b in zip(ws, items, codes, scales, seeds, bc2):
-                    gen = torch.Generator(device=w.device).manual_seed(seed)
-                    ops.step_reference(w, it[1], c, s, generator=gen, bias_correction2=b, **kw)
+            gs = [it[1].contiguous() if backend == "triton" else it[1] for it in items]  # native copies itself
+            _STEPS[backend](ws, gs, codes, scales, seeds, bc2, **kw)
         for w, _, work_t, _, _, _ in work:
             if work_t is not w:
                 w.copy_(work_t)
