@@ -46,6 +46,7 @@ if has optim; then
   echo "== optimizer benchmark"
   timeout 90 "$PY" bench/gpu_optim.py --out "$RES" > "$RES/optim_bench.log" 2>&1
   echo "exit $?"; tail -15 "$RES/optim_bench.log"
+  timeout 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts=-ra tests/test_optim_multi.py > "$RES/optim_multi_tests.log" 2>&1; echo "multi-tensor step GPU test: exit $?"; tail -3 "$RES/optim_multi_tests.log"
 fi
 if has plan; then
   echo "== planner vs measured GPU memory"

@@ -1,6 +1,8 @@
 """GPU micro-benchmark: one optimizer step of AdamW8bitV (Triton) vs torch AdamW (fused), on ~100M parameters.
 
-Parameter shapes are the first ~100M parameters of Wan 2.1 1.3B (a realistic mix of tensor sizes).
+Parameter shapes are the first ~100M parameters of Wan 2.1 1.3B (104.8M in 64 tensors, a realistic mix
+of tensor sizes). AdamW8bitV runs as the multi-tensor step (one launch per group) and, for comparison,
+as one kernel launch per tensor (the step before it); ``multi_vs_per_tensor`` checks they agree bit for bit.
 Reports ms per step, effective GB/s (bytes each optimizer must read and write per step) and state
 bytes per parameter, plus a Triton-vs-PyTorch agreement check on the GPU. Writes JSON to
 $OUT/gpu_optim.json (default ./gpu_out). Under a minute on an H100.
@@ -27,7 +29,8 @@ from pdmd_kernels import optim_step as ops  # noqa: E402
 
 # bytes read + written per parameter and step
 TRAFFIC = {
-    "adamw8bit-v triton (bf16 p, bf16 g, SR)": 2 + 2 + 1 + 2 + 1,  # p, g, codes in; p, codes out (+ scales)
+    "adamw8bit-v triton multi-tensor (bf16 p, bf16 g, SR)": 2 + 2 + 1 + 2 + 1,  # p, g, codes in; p, codes out
+    "adamw8bit-v triton per-tensor (bf16 p, bf16 g, SR)": 2 + 2 + 1 + 2 + 1,
     "adamw8bit-v torch (bf16 p, bf16 g, SR)": 2 + 2 + 1 + 2 + 1,
     "torch AdamW fused (fp32 p, g, m, v)": 16 + 12,  # p, g, m, v in; p, m, v out
     "torch AdamW fused (bf16 p, g, m, v)": 8 + 6,
@@ -69,6 +72,34 @@ def time_steps(opt, steps, warmup, device):
     for _ in range(steps):
         opt.step()
     return (time.perf_counter() - t) * 1000 / steps
+
+
+class PerTensorTriton:
+    """The step before the multi-tensor one: one ``step_triton`` launch per parameter tensor."""
+
+    def __init__(self, params, lr):
+        self.params, self.lr, self.t = params, lr, 0
+        self.state = [ops.new_state(p.numel(), p.device) for p in params]
+        self.param_groups = [{"params": params}]
+
+    def step(self):
+        self.t += 1
+        for i, (p, (c, s)) in enumerate(zip(self.params, self.state)):
+            ops.step_triton(p.detach(), p.grad, c, s, lr=self.lr, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                            bias_correction2=1 - 0.999**self.t, seed=hash((0, self.t, i + 1, 0)) & 0x7FFFFFFF)
+
+
+def multi_vs_per_tensor(shp, device):
+    """3 steps of the optimizer (multi-tensor) and of PerTensorTriton from the same start: identical?"""
+    runs = []
+    for build in (lambda ps: AdamW8bitV(ps, lr=1e-3, backend="triton"), lambda ps: PerTensorTriton(ps, 1e-3)):
+        params = make(shp, torch.bfloat16, device, seed=3)
+        opt = build(params)
+        for _ in range(3):
+            opt.step()
+        runs.append(params)
+    same = all(torch.equal(a.detach(), b.detach()) for a, b in zip(*runs))
+    return {"bit_identical": same, "tensors": len(shp)}
 
 
 def rows_sweep(n, steps, device):
@@ -154,8 +185,10 @@ def main(argv=None):
             ps, lr=4e-7, betas=(0.0, 0.999), fused=device == "cuda" or None)),
     }
     if device == "cuda" and ops.HAVE_TRITON:
-        runs = {"adamw8bit-v triton (bf16 p, bf16 g, SR)": (
-            torch.bfloat16, lambda ps: AdamW8bitV(ps, lr=4e-7, backend="triton")), **runs}
+        runs = {"adamw8bit-v triton multi-tensor (bf16 p, bf16 g, SR)": (
+                    torch.bfloat16, lambda ps: AdamW8bitV(ps, lr=4e-7, backend="triton")),
+                "adamw8bit-v triton per-tensor (bf16 p, bf16 g, SR)": (
+                    torch.bfloat16, lambda ps: PerTensorTriton(ps, 4e-7)), **runs}
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                "params": n, "tensors": len(shp), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": {}}
     out = Path(args.out)
@@ -174,7 +207,8 @@ def main(argv=None):
         if device == "cuda":
             torch.cuda.empty_cache()
     if device == "cuda" and ops.HAVE_TRITON:
-        for key, fn in (("raw_kernel_rows", lambda: rows_sweep(n, args.steps, device)),
+        for key, fn in (("multi_vs_per_tensor", lambda: multi_vs_per_tensor(shp, device)),
+                        ("raw_kernel_rows", lambda: rows_sweep(n, args.steps, device)),
                         ("triton_vs_torch", lambda: agreement(device))):
             try:
                 results[key] = fn()

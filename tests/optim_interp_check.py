@@ -60,7 +60,60 @@ def bf16_stochastic_rounding():
     assert float(bias) < 0.15 * step, (float(bias), step)
 
 
+SIZES = (0, 1, 255, 256, 257, 3 * 5, 17 * 33, 5000, 4 * 256 * 4 + 3)  # empty, 1 element, odd, block edges
+
+
+def _tensors(gen, dtypes):
+    ps = [torch.randn(n, generator=gen).to(dt) for n, dt in zip(SIZES, dtypes)]
+    states = [m.new_state(n, "cpu") for n in SIZES]
+    return ps, [c for c, _ in states], [s for _, s in states]
+
+
+def multi_matches_per_tensor():
+    """One multi-tensor launch == one step_triton per tensor, bit for bit (same seeds, stochastic on)."""
+    gen = torch.Generator().manual_seed(3)
+    dtypes = [(torch.bfloat16, torch.float32)[i % 2] for i in range(len(SIZES))]  # two dtype groups
+    ps1, c1, s1 = _tensors(gen, dtypes)
+    ps2, c2, s2 = [p.clone() for p in ps1], [c.clone() for c in c1], [s.clone() for s in s1]
+    for t in range(1, 4):
+        gs = [torch.randn(p.numel(), generator=gen) * 10.0 ** float(i % 5 - 2) for i, p in enumerate(ps1)]
+        gs[1] = gs[1].bfloat16()  # a bf16 gradient beside fp32 ones
+        seeds = [1000 * t + i for i in range(len(ps1))]
+        seeds[2] = 0x7FFFFFFF  # seed + 1 must wrap as in the per-tensor kernel
+        bc2 = [1 - 0.999 ** (t + i % 2) for i in range(len(ps1))]  # per-tensor step counts may differ
+        kw = dict(lr=1e-3, beta2=0.999, eps=1e-8, weight_decay=0.1)
+        for i in range(len(ps1)):
+            m.step_triton(ps1[i], gs[i], c1[i], s1[i], seed=seeds[i], bias_correction2=bc2[i], **kw)
+        m.step_multi_triton(ps2, gs, c2, s2, seeds, bc2, **kw)
+    for a, b in zip(ps1 + c1 + s1, ps2 + c2 + s2):
+        assert a.dtype == b.dtype and torch.equal(a, b), (a, b)
+
+
+def optimizer_triton_matches_per_tensor_steps():
+    """AdamW8bitV(backend="triton") over many tensors == the per-tensor kernel with the optimizer's seeds
+    (hash of (seed, step, 1-based parameter index, rank)), bit for bit, stochastic rounding on."""
+    from pdmd.runtime.optim import AdamW8bitV
+
+    gen = torch.Generator().manual_seed(4)
+    init = [torch.randn(n, generator=gen).to((torch.bfloat16, torch.float32)[i % 2]) for i, n in enumerate(SIZES)]
+    grads = [[torch.randn(n, generator=gen) for n in SIZES] for _ in range(3)]
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = AdamW8bitV(params, lr=1e-3, weight_decay=0.1, backend="triton", seed=9)
+    ref = [x.clone() for x in init]
+    states = [m.new_state(n, "cpu") for n in SIZES]
+    for t, gs in enumerate(grads, start=1):
+        for i, (p, g) in enumerate(zip(params, gs)):
+            p.grad = g.to(p.dtype)
+            seed = hash((9, t, i + 1, 0)) & 0x7FFFFFFF
+            m.step_triton(ref[i], g.to(p.dtype), *states[i], seed=seed, **_kw(t, wd=0.1))
+        opt.step()
+    for p, r in zip(params, ref):
+        assert torch.equal(p.detach(), r), (p, r)
+
+
 if __name__ == "__main__":
     name = sys.argv[1]
-    {"fp32_matches_reference": fp32_matches_reference, "bf16_stochastic_rounding": bf16_stochastic_rounding}[name]()
+    {"fp32_matches_reference": fp32_matches_reference, "bf16_stochastic_rounding": bf16_stochastic_rounding,
+     "multi_matches_per_tensor": multi_matches_per_tensor,
+     "optimizer_triton_matches_per_tensor_steps": optimizer_triton_matches_per_tensor_steps}[name]()
     print(f"ok {name}")

@@ -238,3 +238,30 @@ def test_adamw8bitv_picks_native_on_cpu_and_can_be_forced():
     assert torch.equal(params["auto"], params["native"])
     with pytest.raises(ValueError, match="backend"):
         AdamW8bitV([params["auto"]], backend="cpp")
+
+
+def _ulp32(r: torch.Tensor) -> torch.Tensor:
+    """The float32 spacing just above |r| (r float64), subnormals included."""
+    f = r.float().abs()
+    return (torch.nextafter(f, torch.tensor(float("inf"))) - f).double()
+
+
+def test_step_exp2_log2_round_once_from_float64():
+    """The step's own exp2/log2 (float64 IEEE operations, no libm, so the same bits on every x86-64 CPU):
+    within half a float32 ulp of the exact value plus their float64 error bound (series remainder < 3e-13
+    plus ~20 roundings of 2^-53, bounded by 1e-12 relative; the float64 reference adds < 1e-15)."""
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(1, 0x7F800000, (1_000_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    x = torch.cat([bits.view(torch.float32), torch.tensor([1.0, 2.0, 0.5, 2.0**-149, 3.4e38, 0.99999994])])
+    _, lg = torch.ops.pdmd_native._optim_exp2_log2(x)
+    ref = torch.log2(x.double())
+    assert bool(((lg.double() - ref).abs() <= 0.5 * _ulp32(ref) + 1e-12 * ref.abs()).all())
+    assert float(lg[-6]) == 0.0 and float(lg[-5]) == 1.0 and float(lg[-3]) == -149.0  # exact where exact
+    y = torch.cat([(torch.rand(1_000_000, generator=gen, dtype=torch.float64) * 290 - 160).float(),
+                   torch.tensor([0.0, 1.0, -149.0, -126.5, 127.0, 0.5])])
+    ex, _ = torch.ops.pdmd_native._optim_exp2_log2(y)
+    ref = torch.exp2(y.double())
+    fin = ref < 2.0**128
+    assert bool(((ex.double() - ref).abs() <= 0.5 * _ulp32(ref) + 1e-12 * ref)[fin].all())
+    assert bool(torch.isinf(ex[~fin]).all())
+    assert ex[-6:-3].tolist() == [1.0, 2.0, 2.0**-149]

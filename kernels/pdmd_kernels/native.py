@@ -28,6 +28,7 @@ __all__ = [
     "renoise",
     "renoise_grads",
     "adamw8bitv_step",
+    "adamw8bitv_multi_step",
     "register_backends",
 ]
 
@@ -44,7 +45,7 @@ def library_path() -> Path | None:
 
 # every op the sources define: a library missing one was built from older sources
 _OPS = ("subinterval_loss_fwd", "subinterval_loss_bwd", "dmd_loss_fwd", "dmd_loss_bwd", "renoise", "renoise_bwd",
-        "adamw8bitv_step")
+        "adamw8bitv_step", "adamw8bitv_multi_step")
 
 
 def _load() -> str | None:
@@ -162,6 +163,21 @@ def adamw8bitv_step(p, g, codes, scales, *, lr, beta2, eps, weight_decay, bias_c
     _ops().adamw8bitv_step(p, g, codes, scales, float(lr), float(beta2), float(eps), float(weight_decay),
                            float(bias_correction2), int(seed), state_rounding == "stochastic",
                            p.dtype == torch.bfloat16 and weight_rounding == "stochastic")
+
+
+def adamw8bitv_multi_step(ps, gs, codes, scales, seeds, bias_correction2, *, lr, beta2, eps, weight_decay,
+                          state_rounding="stochastic", weight_rounding="stochastic"):
+    """:func:`adamw8bitv_step` on every tensor of a list in one parallel loop (``kernels/csrc/optim.cpp``).
+
+    ``seeds`` and ``bias_correction2``: one per tensor. Bit-identical to one ``adamw8bitv_step`` per
+    tensor (random bits are keyed by the tensor's seed and the element's index, not by work split).
+    """
+    for name, value in (("state_rounding", state_rounding), ("weight_rounding", weight_rounding)):
+        if value not in ("stochastic", "nearest"):
+            raise ValueError(f"{name} must be 'stochastic' or 'nearest', got {value!r}")
+    _ops().adamw8bitv_multi_step(list(ps), list(gs), list(codes), list(scales), [int(s) for s in seeds],
+                                 [float(b) for b in bias_correction2], float(lr), float(beta2), float(eps),
+                                 float(weight_decay), state_rounding == "stochastic", weight_rounding == "stochastic")
 
 
 def register_backends(register_backend) -> None:

@@ -28,11 +28,13 @@ The state of a tensor with n values: ``codes`` uint8 [nblocks * BLOCK], ``scales
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
 __all__ = ["BLOCK", "LEVELS", "MAX_RANGE", "new_state", "dequantize", "quantize", "sr_bfloat16",
-           "step_reference", "step_triton", "HAVE_TRITON"]
+           "step_reference", "step_triton", "step_multi_triton",
+           "step_multi_reference", "register_backends", "HAVE_TRITON"]
 
 BLOCK = 256
 LEVELS = 254  # codes 1..255 span [lo, hi] in 254 steps; code 0 is an exact zero
@@ -120,12 +122,12 @@ def step_reference(p: torch.Tensor, g: torch.Tensor, codes: torch.Tensor, scales
 
 if HAVE_TRITON:
 
-    @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not mean a new compilation
-    def _step_kernel(p_ptr, g_ptr, codes_ptr, scales_ptr, n, nblocks, lr, decay, beta2, eps, inv_bc2, seed,
-                     BLOCK: tl.constexpr, ROWS: tl.constexpr, LEVELS: tl.constexpr, MAX_RANGE: tl.constexpr,
-                     SR_STATE: tl.constexpr, SR_WEIGHT: tl.constexpr):
-        # one program = ROWS quantisation blocks of BLOCK values, as a [ROWS, BLOCK] tile
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    @triton.jit
+    def _step_tile(p_ptr, g_ptr, codes_ptr, scales_ptr, rows, n, nblocks, lr, decay, beta2, eps, inv_bc2, seed,
+                   BLOCK: tl.constexpr, LEVELS: tl.constexpr, MAX_RANGE: tl.constexpr,
+                   SR_STATE: tl.constexpr, SR_WEIGHT: tl.constexpr):
+        # the quantisation blocks ``rows`` of one tensor, as a [ROWS, BLOCK] tile; random bits are keyed
+        # by (seed, element index in the tensor), so they do not depend on which program runs the tile
         rmask = rows < nblocks
         offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         mask = offs < n
@@ -164,6 +166,38 @@ if HAVE_TRITON:
             p = i.to(tl.float32, bitcast=True)
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not mean a new compilation
+    def _step_kernel(p_ptr, g_ptr, codes_ptr, scales_ptr, n, nblocks, lr, decay, beta2, eps, inv_bc2, seed,
+                     BLOCK: tl.constexpr, ROWS: tl.constexpr, LEVELS: tl.constexpr, MAX_RANGE: tl.constexpr,
+                     SR_STATE: tl.constexpr, SR_WEIGHT: tl.constexpr):
+        # one program = ROWS quantisation blocks of BLOCK values
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        _step_tile(p_ptr, g_ptr, codes_ptr, scales_ptr, rows, n, nblocks, lr, decay, beta2, eps, inv_bc2, seed,
+                   BLOCK, LEVELS, MAX_RANGE, SR_STATE, SR_WEIGHT)
+
+    @triton.jit
+    def _multi_step_kernel(tab_ptr, prog_ptr, lr, decay, beta2, eps, P_DTYPE: tl.constexpr,
+                           G_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                           LEVELS: tl.constexpr, MAX_RANGE: tl.constexpr,
+                           SR_STATE: tl.constexpr, SR_WEIGHT: tl.constexpr):
+        # one program = ROWS blocks of one tensor: prog_ptr[pid] = (tensor, first block); tab_ptr[tensor]
+        # = (p, g, codes, scales addresses, numel, blocks, seed, float32 bits of 1 / bias_correction2)
+        pid = tl.program_id(0).to(tl.int64)
+        t = tl.load(prog_ptr + 2 * pid)
+        row0 = tl.load(prog_ptr + 2 * pid + 1)
+        row = tab_ptr + 8 * t
+        p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+        g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+        codes_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
+        scales_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        n = tl.load(row + 4)
+        nblocks = tl.load(row + 5)
+        seed = tl.load(row + 6).to(tl.int32)  # int32 as the per-tensor kernel's seed argument
+        inv_bc2 = tl.load(row + 7).to(tl.int32).to(tl.float32, bitcast=True)
+        rows = row0 + tl.arange(0, ROWS)
+        _step_tile(p_ptr, g_ptr, codes_ptr, scales_ptr, rows, n, nblocks, lr, decay, beta2, eps, inv_bc2, seed,
+                   BLOCK, LEVELS, MAX_RANGE, SR_STATE, SR_WEIGHT)
+
 
 def step_triton(p: torch.Tensor, g: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *,
                 lr: float, beta2: float, eps: float, weight_decay: float, bias_correction2: float,
@@ -187,3 +221,105 @@ def step_triton(p: torch.Tensor, g: torch.Tensor, codes: torch.Tensor, scales: t
         SR_STATE=state_rounding == "stochastic",
         SR_WEIGHT=(p.dtype == torch.bfloat16 and weight_rounding == "stochastic"),
     )
+
+
+_TL_DTYPES = {}
+if HAVE_TRITON:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_PROGRAMS: dict = {}  # (device, rows, blocks per tensor) -> int64 [programs, 2] table, reused every step
+
+
+def _program_table(device, rows: int, nblocks: tuple) -> torch.Tensor:
+    """(tensor, first block) of every program: each tensor's blocks cut into runs of ``rows``."""
+    key = (str(device), rows, nblocks)
+    table = _PROGRAMS.get(key)
+    if table is None:
+        per = torch.tensor([-(-b // rows) for b in nblocks], dtype=torch.int64)
+        tensor = torch.repeat_interleave(torch.arange(len(nblocks)), per)
+        starts = torch.cumsum(per, 0) - per
+        first = (torch.arange(int(per.sum())) - starts[tensor]) * rows
+        table = torch.stack([tensor, first], dim=1).contiguous().to(device)
+        if len(_PROGRAMS) > 64:  # parameter sets change rarely; do not grow without bound
+            _PROGRAMS.clear()
+        _PROGRAMS[key] = table
+    return table
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def step_multi_triton(ps, gs, codes, scales, seeds, bias_correction2, *, lr: float, beta2: float, eps: float,
+                      weight_decay: float, state_rounding: str = "stochastic", weight_rounding: str = "stochastic",
+                      rows: int = 4) -> None:
+    """:func:`step_triton` on every tensor of a list: one launch per (param dtype, grad dtype) pair.
+
+    The tensors' addresses, sizes and per-tensor seed and 1 / bias_correction2 go to the device as
+    one small int64 table (a copy, not a sync); which tensor and blocks each program handles is a
+    second table, cached while the tensor sizes stay the same. Bit-identical to one
+    :func:`step_triton` per tensor with the same seeds.
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("step_multi_triton needs the triton package")
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"rows must be a power of two, got {rows}")
+    n = len(ps)
+    if not (len(gs) == len(codes) == len(scales) == len(seeds) == len(bias_correction2) == n):
+        raise ValueError("ps, gs, codes, scales, seeds and bias_correction2 must have one entry per tensor")
+    groups: dict = {}
+    for i in range(n):
+        p, g = ps[i], gs[i]
+        if not (p.is_contiguous() and g.is_contiguous()):
+            raise ValueError(f"p and g must be contiguous (tensor {i})")
+        if p.dtype not in _TL_DTYPES or g.dtype not in _TL_DTYPES:
+            raise ValueError(f"p and g must be float32, bfloat16 or float16 (tensor {i}: {p.dtype}, {g.dtype})")
+        if g.numel() != p.numel() or codes[i].numel() != max(1, math.ceil(p.numel() / BLOCK)) * BLOCK:
+            raise ValueError(f"g and the state must match p's numel {p.numel()} (tensor {i})")
+        groups.setdefault((p.dtype, g.dtype), []).append(i)
+    for (pdt, gdt), idx in groups.items():
+        device = ps[idx[0]].device
+        nblocks = tuple(codes[i].numel() // BLOCK for i in idx)
+        table = []
+        for i, nb in zip(idx, nblocks):
+            table += [ps[i].data_ptr(), gs[i].data_ptr(), codes[i].data_ptr(), scales[i].data_ptr(),
+                      ps[i].numel(), nb, int(seeds[i]) & 0x7FFFFFFF, _f32_bits(1.0 / bias_correction2[i])]
+        tab = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+        prog = _program_table(device, rows, nblocks)
+        _multi_step_kernel[(prog.shape[0],)](
+            tab, prog, float(lr), 1.0 - lr * weight_decay, float(beta2), float(eps),
+            P_DTYPE=_TL_DTYPES[pdt], G_DTYPE=_TL_DTYPES[gdt], BLOCK=BLOCK, ROWS=rows, LEVELS=LEVELS,
+            MAX_RANGE=MAX_RANGE, SR_STATE=state_rounding == "stochastic",
+            SR_WEIGHT=(pdt == torch.bfloat16 and weight_rounding == "stochastic"))
+
+
+def step_multi_reference(ps, gs, codes, scales, seeds, bias_correction2, *, lr: float, beta2: float, eps: float,
+                         weight_decay: float, state_rounding: str = "stochastic",
+                         weight_rounding: str = "stochastic") -> None:
+    """:func:`step_reference` on every tensor of a list, each with a torch generator seeded by its seed."""
+    for p, g, c, s, seed, bc2 in zip(ps, gs, codes, scales, seeds, bias_correction2):
+        gen = torch.Generator(device=p.device).manual_seed(int(seed))
+        step_reference(p, g, c, s, lr=lr, beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction2=bc2,
+                       generator=gen, state_rounding=state_rounding, weight_rounding=weight_rounding)
+
+
+def register_backends(dispatch) -> None:
+    """Register the multi-tensor step as op "adamw8bitv_step" of ``pdmd_kernels.dispatch`` (when present).
+
+    Every backend's impl has the signature of :func:`step_multi_reference`.
+    """
+    import os
+
+    from pdmd_kernels import native
+
+    dispatch.register_op("adamw8bitv_step", priority={"cuda": ("triton", "native", "reference"),
+                                                      "cpu": ("native", "reference")})
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    dispatch.register_backend(
+        "adamw8bitv_step", "triton", impl=step_multi_triton,
+        supports=lambda dev, dtype, forced: HAVE_TRITON and dtype in floats and (
+            dev == "cuda" or (forced and dev == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")))
+    dispatch.register_backend(
+        "adamw8bitv_step", "native", impl=native.adamw8bitv_multi_step,
+        supports=lambda dev, dtype, forced: dev == "cpu" and dtype in native.DTYPES and native.available())
+    dispatch.register_backend("adamw8bitv_step", "reference", impl=step_multi_reference,
+                              supports=lambda dev, dtype, forced: True)

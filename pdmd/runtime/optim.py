@@ -17,6 +17,21 @@ __all__ = ["AdamW8bitV", "build_optimizer", "state_bytes", "OPTIMIZERS"]
 
 _ROUNDINGS = ("stochastic", "nearest")
 _BACKENDS = ("auto", "torch", "triton", "native")
+# the multi-tensor step of each backend name (the dispatch table calls the PyTorch one "reference")
+_STEPS = {"triton": ops.step_multi_triton, "native": native.adamw8bitv_multi_step, "torch": ops.step_multi_reference}
+
+
+def _dispatch_table():
+    """``pdmd_kernels.dispatch`` with the optimizer step registered, or None where it does not exist."""
+    try:
+        from pdmd_kernels import dispatch
+    except ImportError:  # a pdmd_kernels without the shared dispatch table: _backend_for's own rule
+        return None
+    ops.register_backends(dispatch)
+    return dispatch
+
+
+_DISPATCH = _dispatch_table()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -42,6 +57,9 @@ class AdamW8bitV(torch.optim.Optimizer):
     CPU when ``pdmd_kernels.native`` is built, else PyTorch), "torch", "triton" or "native". Works on FSDP2 DTensor parameters by updating the local shard.
     ``seed``: random bits are derived from (seed, step, parameter index, rank): reproducible and
     resumable from a checkpoint.
+
+    ``step()`` updates each param group in one call per (backend, device): one Triton launch per dtype
+    pair, or one native OpenMP loop, bit-identical to one step per tensor, with no host sync.
     """
 
     def __init__(self, params, lr: float = 1e-5, betas=(0.0, 0.999), eps: float = 1e-8,
@@ -76,6 +94,9 @@ class AdamW8bitV(torch.optim.Optimizer):
         """The step implementation for this (local) parameter: "triton", "native" or "torch"."""
         if self.backend != "auto":
             return self.backend
+        if _DISPATCH is not None:  # the shared rule (and PDMD_KERNELS_BACKEND / use_backend) of pdmd_kernels
+            name = _DISPATCH.select("adamw8bitv_step", p.device.type, p.dtype)[0]
+            return "torch" if name == "reference" else name
         if p.is_cuda and ops.HAVE_TRITON:
             return "triton"
         if p.device.type == "cpu" and p.dtype in native.DTYPES and native.available():
@@ -84,14 +105,21 @@ class AdamW8bitV(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter with a gradient: one launch (Triton) or one parallel loop
+        (native) per parameter group, device and backend; no host sync (see ``_prepare``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         rank = _rank()
-        for index, group, p in self._indexed():
-            if p.grad is not None:
-                self._update(p, group, index, rank)
+        index = 0
+        for group in self.param_groups:
+            work = []
+            for p in group["params"]:
+                index += 1  # the index that seeds the random bits (1-based, over all groups)
+                if p.grad is not None:
+                    work.append(self._prepare(p, group, index, rank))
+            self._apply(group, work)
         return loss
 
     def _indexed(self):
@@ -102,33 +130,54 @@ class AdamW8bitV(torch.optim.Optimizer):
                 index += 1
                 yield index, group, p
 
-    @torch.no_grad()
-    def _update(self, p, group, index, rank):
+    def _host_step(self, p, state) -> int:
+        """The step count after this step, kept on the host: the state's ``step`` tensor (kept for
+        torch's checkpoint format) is read only when a parameter is first seen (after a load)."""
+        steps = self.__dict__.setdefault("_host_steps", {})
+        t = steps.get(p)
+        if t is None:
+            t = int(state["step"].item()) if "step" in state else 0
+        steps[p] = t + 1
+        return t + 1
+
+    def _prepare(self, p, group, index, rank):
+        """(param, local param, local grad, contiguous work tensor, state, seed, bias correction)."""
         if p.grad.is_sparse:
             raise ValueError("AdamW8bitV does not support sparse gradients")
-        beta2 = group["betas"][1]
         w, g = _local(p), _local(p.grad)
         state = self.state[p]
-        if not state:
+        t = self._host_step(p, state)
+        if "codes" not in state:
             state["step"] = torch.tensor(0.0)
             state["codes"], state["scales"] = ops.new_state(w.numel(), w.device)
-        state["step"] += 1
-        t = int(state["step"].item())
+        state["step"].add_(1.0)  # a CPU tensor: no device work, no sync
         seed = hash((self.seed, t, index, rank)) & 0x7FFFFFFF  # int tuples hash the same in every run
-        kw = dict(lr=group["lr"], beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                  bias_correction2=1.0 - beta2**t, state_rounding=group["state_rounding"],
-                  weight_rounding=group["weight_rounding"])
-        work = w if w.is_contiguous() else w.contiguous()
-        backend = self._backend_for(work)
-        if backend == "triton":
-            ops.step_triton(work, g.contiguous(), state["codes"], state["scales"], seed=seed, **kw)
-        elif backend == "native":
-            native.adamw8bitv_step(work, g, state["codes"], state["scales"], seed=seed, **kw)
-        else:
-            gen = torch.Generator(device=work.device).manual_seed(seed)
-            ops.step_reference(work, g, state["codes"], state["scales"], generator=gen, **kw)
-        if work is not w:
-            w.copy_(work)
+        work = w if w.is_contiguous() else w.contiguous()  # non-contiguous: update a copy, write it back
+        return w, g, work, state, seed, 1.0 - group["betas"][1] ** t
+
+    def _apply(self, group, work) -> None:
+        """Update the prepared parameters of one group, all tensors of a (backend, device) in one call."""
+        kw = dict(lr=group["lr"], beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"],
+                  state_rounding=group["state_rounding"], weight_rounding=group["weight_rounding"])
+        batches: dict = {}
+        for item in work:
+            batches.setdefault((self._backend_for(item[2]), item[2].device), []).append(item)
+        for (backend, _), items in batches.items():
+            ws = [it[2] for it in items]
+            codes = [it[3]["codes"] for it in items]
+            scales = [it[3]["scales"] for it in items]
+            seeds = [it[4] for it in items]
+            bc2 = [it[5] for it in items]
+            gs = [it[1].contiguous() if backend == "triton" else it[1] for it in items]  # native copies itself
+            _STEPS[backend](ws, gs, codes, scales, seeds, bc2, **kw)
+        for w, _, work_t, _, _, _ in work:
+            if work_t is not w:
+                w.copy_(work_t)
+
+    @torch.no_grad()
+    def _update(self, p, group, index, rank):
+        """Update one parameter (``step_in_backward``'s hook)."""
+        self._apply(group, [self._prepare(p, group, index, rank)])
 
     def step_in_backward(self, skip_nonfinite: bool = False) -> list:
         """Update each parameter as soon as its gradient is ready during backward, then free the gradient.
@@ -170,6 +219,7 @@ class AdamW8bitV(torch.optim.Optimizer):
         """As torch's, but keeps the uint8 codes and float32 scales (torch casts state to the param dtype)."""
         saved = {k: dict(v) for k, v in state_dict["state"].items()}
         super().load_state_dict(state_dict)
+        self.__dict__["_host_steps"] = {}  # re-read from the loaded step tensors, once per parameter
         ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(ids, params):
