@@ -50,6 +50,8 @@ def maskable(opt: torch.optim.Optimizer, device: torch.device) -> bool:
     optimizer, or one whose every parameter and state value (after a first step made it) is a tensor there."""
     if _fused(opt):
         return True
+    if getattr(opt, "host_step_counts", False):  # AdamW8bitV: counts kept on the host, which a device mask cannot undo
+        return False
     params = _stepped(opt)
     for p in params:
         state = opt.state.get(p)

@@ -62,6 +62,9 @@ class AdamW8bitV(torch.optim.Optimizer):
     pair, or one native OpenMP loop, bit-identical to one step per tensor, with no host sync.
     """
 
+    # the step counts live on the host (no sync per step): ``pdmd.core.nonfinite.step_if`` must read its flag to skip
+    host_step_counts = True
+
     def __init__(self, params, lr: float = 1e-5, betas=(0.0, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, weight_rounding: str = "stochastic",
                  state_rounding: str = "stochastic", backend: str = "auto", seed: int = 0):
