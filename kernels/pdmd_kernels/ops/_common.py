@@ -90,14 +90,18 @@ def needs_grad(*tensors: Optional[Tensor]) -> list[bool]:
     return [bool(on and t is not None and t.requires_grad) for t in tensors]
 
 
-def scale_saved_(g: Tensor, grad: Tensor, inplace: bool) -> Tensor:
-    """Backward of a one-pass op: ``grad[b] * g``; in place unless the user also holds ``g``.
+def broadcast_scalar(grad: Tensor) -> bool:
+    """True for the stride-0 [B] that ``loss.sum()`` / ``loss.mean()`` hand to backward."""
+    return grad.dim() == 1 and grad.stride(0) == 0
 
-    ``grad`` [B] float32; a broadcast scalar (``loss.sum()`` / ``loss.mean()`` give a stride-0 [B])
-    is applied as one element, so no [B] copy is made.
+
+def scale_saved_(g: Tensor, grad: Tensor, inplace: bool) -> Tensor:
+    """Backward of a one-pass op: ``grad[b] * g``, in place when ``inplace`` (then ``g`` is spent).
+
+    ``grad`` [B] float32; a broadcast scalar is applied as its one element (no [B] copy).
     """
-    k = grad[:1] if (grad.dim() == 1 and grad.stride(0) == 0) else grad
-    k = bcast(k.to(torch.float32 if g.dtype != torch.float64 else g.dtype), g) if g.dim() > 1 else k
+    k = grad[:1] if broadcast_scalar(grad) else grad
+    k = bcast(k.to(torch.float64 if g.dtype == torch.float64 else torch.float32), g)
     if inplace:
         return g.mul_(k)
     return (g * k).to(g.dtype)

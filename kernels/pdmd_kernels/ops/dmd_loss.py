@@ -142,10 +142,11 @@ class _Train(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if ctx.g is None:
-            raise RuntimeError("pdmd_kernels.dmd_loss: backward through the same graph twice is not supported "
-                               "(the saved gradient was scaled in place by the first backward)")
-        gx = C.scale_saved_(ctx.g, grad, inplace=ctx.inplace)
-        if ctx.inplace:
+            raise RuntimeError("pdmd_kernels.dmd_loss: backward through the same graph twice after a loss.sum()/mean() "
+                               "backward is not supported (the saved gradient was scaled in place)")
+        inplace = ctx.inplace and C.broadcast_scalar(grad)  # per-sample grad_outputs may come again: a copy
+        gx = C.scale_saved_(ctx.g, grad, inplace=inplace)
+        if inplace:
             ctx.g = None
         return None, None, gx, None, None, None, None, None, None, None
 

@@ -37,7 +37,7 @@ def subinterval_loss(pred: Tensor, *, x_s: Tensor, noise: Tensor, alpha_s, sigma
     a finite clamp must be at least 1/sigma_ts^2 at the smallest gap to be inactive).
     ``check``: refuse t < s (sigma_t < alpha_t/alpha_s * sigma_s). With numbers it costs nothing; with
     tensors it reads them once (one host sync), so hot loops that validated their schedule pass
-    ``check=False`` (no sync at all).
+    ``check=False`` (no sync at all); under ``torch.compile`` it is skipped (validate at the boundary).
     Gradients flow to pred, x_s and noise; with grad enabled they are computed in the loss's pass and
     backward only scales them.
     """
@@ -46,7 +46,7 @@ def subinterval_loss(pred: Tensor, *, x_s: Tensor, noise: Tensor, alpha_s, sigma
              (("alpha_s", alpha_s), ("sigma_s", sigma_s), ("alpha_t", alpha_t), ("sigma_t", sigma_t))]
     cmax = C.number("clamp_max", clamp_max, positive=True, allow_none=True)
     C.choice("prediction", prediction, PREDICTIONS)
-    if check:
+    if check and not torch.compiler.is_compiling():  # a traced graph cannot read values: check at the boundary
         check_order(alpha_s, sigma_s, alpha_t, sigma_t, coefs)
     if pred.dim() == 1:  # one value per sample: the kernels see [B, 1]
         pred, x_s, noise = pred.unsqueeze(1), x_s.unsqueeze(1), noise.unsqueeze(1)
@@ -127,17 +127,20 @@ class _Train(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction, needs):
         loss, *grads = _train_impl(pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction, needs)
-        ctx.grads, ctx.used = grads, False  # kept on ctx (not saved tensors): backward scales them in place
+        ctx.grads = grads  # kept on ctx (not saved tensors): backward may scale them in place
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.used:
-            raise RuntimeError("pdmd_kernels.subinterval_loss: backward through the same graph twice is not "
-                               "supported (the saved gradient was scaled in place by the first backward)")
-        ctx.used = True
-        grads = [None if g is None else C.scale_saved_(g, grad, inplace=True) for g in ctx.grads]
-        ctx.grads = None
+        if ctx.grads is None:
+            raise RuntimeError("pdmd_kernels.subinterval_loss: backward through the same graph twice after a "
+                               "loss.sum()/mean() backward is not supported (the saved gradient was scaled in place)")
+        # in place only for loss.sum()/mean() (a broadcast scalar): per-sample grad_outputs (gradcheck,
+        # autograd.grad with several vectors) may come again, so they get a scaled copy
+        inplace = C.broadcast_scalar(grad)
+        grads = [None if g is None else C.scale_saved_(g, grad, inplace=inplace) for g in ctx.grads]
+        if inplace:
+            ctx.grads = None
         return (*grads, None, None, None, None, None, None, None)
 
 
