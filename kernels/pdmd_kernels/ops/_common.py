@@ -17,27 +17,38 @@ def latents(**tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
     Mixed dtypes are promoted to float32 (float64 if any is float64): a copy of the narrower inputs,
     the price of e.g. float32 noise beside bfloat16 latents. 1-D ``[B]`` latents are one value per sample.
     """
-    items = [(n, t) for n, t in tensors.items() if t is not None]
-    first_name, first = items[0]
-    dtypes = set()
-    for name, t in items:
+    names = list(tensors)
+    first_name, first = names[0], tensors[names[0]]
+    if not isinstance(first, Tensor):
+        raise ValueError(f"{first_name} must be a tensor, got {type(first).__name__}")
+    shape, device, dtype = first.shape, first.device, first.dtype
+    mixed = False
+    for name in names[1:]:  # the common case costs three comparisons per tensor
+        t = tensors[name]
+        if t is None:
+            continue
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() < 1 or t.shape[0] == 0:
-            raise ValueError(f"{name} must have a non-empty leading batch dimension, got shape {tuple(t.shape)}")
-        if t.numel() == 0:
-            raise ValueError(f"{name} has no elements per sample, got shape {tuple(t.shape)}")
-        if t.dtype not in FLOATS:
+        if t.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has shape {tuple(shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} has device {t.device} but {first_name} has device {device}")
+        if t.dtype != dtype:
+            mixed = True
+    if not shape or shape[0] == 0:
+        raise ValueError(f"{first_name} must have a non-empty leading batch dimension, got shape {tuple(shape)}")
+    if first.numel() == 0:
+        raise ValueError(f"{first_name} has no elements per sample, got shape {tuple(shape)}")
+    if not mixed:
+        if dtype not in FLOATS:
+            raise ValueError(f"{first_name} must be float32, bfloat16, float16 or float64, got {dtype}")
+        return list(tensors.values())
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in FLOATS:
             raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
-        if t.shape != first.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has shape {tuple(first.shape)}")
-        if t.device != first.device:
-            raise ValueError(f"{name} has device {t.device} but {first_name} has device {first.device}")
-        dtypes.add(t.dtype)
-    if len(dtypes) > 1:
-        common = torch.float64 if torch.float64 in dtypes else torch.float32
-        return [None if t is None else t.to(common) for t in tensors.values()]
-    return list(tensors.values())
+    common = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors.values()) \
+        else torch.float32
+    return [None if t is None else t.to(common) for t in tensors.values()]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -51,6 +62,8 @@ def coef(name: str, c, like: Tensor) -> Tensor:
     """
     bsz, dt = like.shape[0], compute_dtype(like)
     if isinstance(c, Tensor):
+        if c.dtype == dt and c.shape == (bsz,) and c.device == like.device and c.is_contiguous():
+            return c.detach()  # the common case: nothing to convert
         if not c.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor, got {c.dtype}")
         if c.device != like.device:
