@@ -168,6 +168,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> subinterval_loss_trai
     const auto op = raw_mut<T>(gp), ox = raw_mut<T>(gx), oe = raw_mut<T>(gn);
     partial.assign(B * std::max<int64_t>(1, (N + kBlock - 1) / kBlock), 0.0);
     nblk = for_blocks(B, N, [&](int64_t b, int64_t off, int64_t len, int64_t task) {
+      if (op && !ox && !oe) {  // the common case (the fake-score update): one loop, sum and store together
+        const float kp = float(2.0 * c[b].w / double(N) * c[b].st);
+        const SubCoef cb = c[b];
+        const auto pp = p + off, xx = x + off, ee = e + off;
+        const auto o = op + off;
+        // the same lanes as residual_sq_sum: the loss is bit-identical to subinterval_loss_fwd's
+        partial[task] = lane_sums<1>(len, [&](int64_t i, float* t) {
+          const float r = cb.st * Io<T>::load(pp[i]) - cb.a * Io<T>::load(ee[i]) - cb.b * Io<T>::load(xx[i]);
+          t[0] = r * r;
+          o[i] = Io<T>::store(kp * r);
+        })[0];
+        return;
+      }
       partial[task] = residual_sq_sum<T>(p + off, x + off, e + off, len, c[b]);
       if (op || ox || oe) {  // the block is still in cache: this second loop reads no memory again
         const double k = 2.0 * c[b].w / double(N);
@@ -391,8 +404,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dmd_loss_train(
     const auto o = raw_mut<T>(out);
     partial.assign(in.B * std::max<int64_t>(1, (in.N + kBlock - 1) / kBlock), 0.0);
     nblk = for_blocks(in.B, in.N, [&](int64_t b, int64_t off, int64_t len, int64_t task) {
-      if (in.theory)
-        partial[task] = theory_sq_sum<T, HasU>(c + off, HasU ? u + off : nullptr, f + off, len, float(scale[b]), w[b]);
+      if (in.theory) {  // one loop: the square sum (the lanes of theory_sq_sum: bit-identical) and the store
+        const float sc = float(scale[b]), wb = w[b];
+        const auto cc = c + off, uu = HasU ? u + off : nullptr, ff = f + off;
+        const auto oo = o + off;
+        partial[task] = lane_sums<1>(len, [&](int64_t i, float* t) {
+          const float g = wb * ((HasU ? Io<T>::load(uu[i]) + sc * (Io<T>::load(cc[i]) - Io<T>::load(uu[i]))
+                                      : Io<T>::load(cc[i])) - Io<T>::load(ff[i]));
+          t[0] = g * g;
+          oo[i] = Io<T>::store(g);
+        })[0];
+        return;
+      }
       const float k = in.theory ? float(w[b]) : float(1.0 / nrm[b]);
       dmd_grad_block<T, HasU>(c + off, HasU ? u + off : nullptr, f + off, len, float(scale[b]), in.theory, k, 1.0f,
                               o + off);
