@@ -44,7 +44,7 @@ def library_path() -> Path | None:
 
 # every op the sources define: a library missing one was built from older sources
 _OPS = ("subinterval_loss_fwd", "subinterval_loss_bwd", "subinterval_loss_train", "dmd_loss_fwd", "dmd_loss_bwd",
-        "dmd_loss_train", "renoise", "renoise_bwd", "adamw8bitv_step")
+        "dmd_loss_train", "scale_rows_", "renoise", "renoise_bwd", "adamw8bitv_step")
 
 
 def _load() -> str | None:
@@ -190,9 +190,13 @@ def register_backends(register_backend) -> None:
     def dmd_train(x, cond, uncond, fake, scale, weight, form, min_norm):
         return _ops().dmd_loss_train(x, cond, fake, uncond, scale, weight, form, float(min_norm))
 
-    register_backend("subinterval_loss", "native", types.SimpleNamespace(forward=subinterval_loss, train=sub_train),
+    def scale_(g, k):  # the one-pass ops' backward: g[b] *= k[b] in place, float32 math
+        _ops().scale_rows_(g, k)
+
+    register_backend("subinterval_loss", "native",
+                     types.SimpleNamespace(forward=subinterval_loss, train=sub_train, scale_=scale_), supports)
+    register_backend("dmd_loss", "native", types.SimpleNamespace(forward=dmd_fwd, train=dmd_train, scale_=scale_),
                      supports)
-    register_backend("dmd_loss", "native", types.SimpleNamespace(forward=dmd_fwd, train=dmd_train), supports)
     register_backend("renoise", "native", types.SimpleNamespace(
         forward=renoise,
         backward=lambda grad, alpha_ts, sigma_ts, dtypes, needs: renoise_grads(grad, alpha_ts, sigma_ts, needs)),

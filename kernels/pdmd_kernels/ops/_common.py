@@ -108,11 +108,15 @@ def broadcast_scalar(grad: Tensor) -> bool:
     return grad.dim() == 1 and grad.stride(0) == 0
 
 
-def scale_saved_(g: Tensor, grad: Tensor, inplace: bool) -> Tensor:
+def scale_saved_(g: Tensor, grad: Tensor, inplace: bool, impl=None) -> Tensor:
     """Backward of a one-pass op: ``grad[b] * g``, in place when ``inplace`` (then ``g`` is spent).
 
-    ``grad`` [B] float32; a broadcast scalar is applied as its one element (no [B] copy).
+    ``grad`` [B] float32; a broadcast scalar is applied as its one element (no [B] copy). A backend
+    with ``scale_(g, k)`` (native: one vectorised pass in float32 math) does the in-place product.
     """
+    if inplace and impl is not None and hasattr(impl, "scale_") and g.is_contiguous() and g.dim() > 1:
+        impl.scale_(g, grad.detach().to(torch.float32).contiguous())
+        return g
     k = grad[:1] if broadcast_scalar(grad) else grad
     k = bcast(k.to(torch.float64 if g.dtype == torch.float64 else torch.float32), g)
     if inplace:

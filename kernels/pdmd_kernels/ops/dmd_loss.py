@@ -134,8 +134,8 @@ class _Train(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, box, inplace, x, real_cond, real_uncond, fake, scale, weight, form, min_norm):
-        loss, _, g = select(OP, x.device.type, x.dtype)[1].train(x, real_cond, real_uncond, fake, scale, weight,
-                                                                 form, min_norm)
+        ctx.impl = select(OP, x.device.type, x.dtype)[1]
+        loss, _, g = ctx.impl.train(x, real_cond, real_uncond, fake, scale, weight, form, min_norm)
         ctx.g, ctx.inplace = g, inplace  # on ctx, not saved: backward may scale it in place
         box.append(g)
         return loss
@@ -146,7 +146,7 @@ class _Train(torch.autograd.Function):
             raise RuntimeError("pdmd_kernels.dmd_loss: backward through the same graph twice after a loss.sum()/mean() "
                                "backward is not supported (the saved gradient was scaled in place)")
         inplace = ctx.inplace and C.broadcast_scalar(grad)  # per-sample grad_outputs may come again: a copy
-        gx = C.scale_saved_(ctx.g, grad, inplace=inplace)
+        gx = C.scale_saved_(ctx.g, grad, inplace=inplace, impl=ctx.impl)
         if inplace:
             ctx.g = None
         return None, None, gx, None, None, None, None, None, None, None

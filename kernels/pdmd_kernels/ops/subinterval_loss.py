@@ -129,7 +129,9 @@ class _Train(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction, needs):
-        loss, *grads = _train_impl(pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction, needs)
+        ctx.impl = select(OP, pred.device.type, pred.dtype)[1]
+        loss, *grads = ctx.impl.train(pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction,
+                                      tuple(needs))
         ctx.grads = grads  # kept on ctx (not saved tensors): backward may scale them in place
         return loss
 
@@ -141,7 +143,7 @@ class _Train(torch.autograd.Function):
         # in place only for loss.sum()/mean() (a broadcast scalar): per-sample grad_outputs (gradcheck,
         # autograd.grad with several vectors) may come again, so they get a scaled copy
         inplace = C.broadcast_scalar(grad)
-        grads = [None if g is None else C.scale_saved_(g, grad, inplace=inplace) for g in ctx.grads]
+        grads = [None if g is None else C.scale_saved_(g, grad, inplace=inplace, impl=ctx.impl) for g in ctx.grads]
         if inplace:
             ctx.grads = None
         return (*grads, None, None, None, None, None, None, None)
