@@ -1,7 +1,17 @@
-// Shared helpers of the native CPU ops (included by losses.cpp and pdmd_native.cpp): element access and
+// Shared helpers of the native CPU ops (included by every .cpp here): element access and
 // float32 conversions, input checks, the blocked parallel loop and the fixed-lane float32 sums.
 // Everything is in an anonymous namespace: each translation unit gets its own internal copy.
 #pragma once
+//
+// Semantics: kernels/pdmd_kernels/reference.py (the float64 reference the tests compare against).
+// Design: every latent-size input is read once per op (the normalized DMD backward reads
+// x, real_cond, real_uncond a first time for the per-sample normaliser unless the forward's
+// normaliser is passed in), arithmetic and accumulation are float32 in loops the compiler
+// vectorises, per-sample coefficients are computed in double, and work is split into fixed blocks
+// of kBlock elements (OpenMP through at::parallel_for, across samples and blocks). Block partial
+// sums are combined in a fixed order, so results do not depend on the thread count; within a block,
+// sums run in kLanes fixed lanes (lane_sums), so they do not depend on the CPU's vector width either.
+// No temporary of input size is allocated (non-contiguous inputs are made contiguous first).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/headeronly/version.h>

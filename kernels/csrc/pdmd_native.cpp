@@ -1,5 +1,5 @@
 // CPU implementation of the AdamW8bitV optimizer step and the library's build_info, registered as
-// torch.library ops `pdmd_native::*`. The loss ops live in losses.cpp, shared helpers in common.h.
+// torch.library ops `pdmd_native::*`. The loss ops live in <op>.cpp, one file each; shared helpers in common.h.
 #include "common.h"
 
 #include <string>

@@ -1,4 +1,4 @@
-"""The native CPU backend: C++/OpenMP single-pass ops (``kernels/csrc/losses.cpp``; optimizer: ``pdmd_native.cpp``).
+"""The native CPU backend: C++/OpenMP single-pass ops (``kernels/csrc/<op>.cpp``; optimizer: ``pdmd_native.cpp``).
 
 The library is built by ``python -m pdmd_kernels.build`` (``scripts/bootstrap.sh`` runs it) and
 loaded here if present. Importing this module never raises: without the library, ``available()`` is

@@ -8,7 +8,7 @@ Backends register an object with (checks done; latents of one shape/device/dtype
   train(x, real_cond, real_uncond, fake, scale, weight, form, min_norm) -> (loss [B], norm, g)
 ``norm`` is the [B] normaliser of form "normalized" (empty for "theory"); ``g`` the gradient of
 loss.sum() in x (the DMD gradient) in x's dtype, computed in the loss's pass.
-Native kernels: ``csrc/losses.cpp``; Triton: ``../triton_backend.py``.
+Native kernels: ``csrc/dmd_loss.cpp``; Triton: ``../triton_backend.py``.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ coefficients contiguous ``[B]`` in the compute dtype):
   forward(x_s, noise, alpha_ts, sigma_ts) -> x_t in x_s's dtype (float32 math)
   backward(grad, alpha_ts, sigma_ts, dtypes, needs) -> (g_x_s, g_noise), None where not needed
 Not a loss: its backward is the two scalings, no value to fuse it with.
-Native kernels: ``csrc/losses.cpp``; Triton: ``../triton_backend.py``.
+Native kernels: ``csrc/renoise.cpp``; Triton: ``../triton_backend.py``.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Backends register an object with (argument checks done, latents of one shape/dev
   train(pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction, needs)
       -> (loss [B], g_pred, g_x_s, g_noise): gradients of loss.sum() in the inputs' dtype, None where
          ``needs`` is False, computed in the same pass as the loss.
-Losses are float32 (float64 for float64 inputs). Native kernels: ``csrc/losses.cpp``; Triton: ``../triton_backend.py``.
+Losses are float32 (float64 for float64 inputs). Native kernels: ``csrc/subinterval_loss.cpp``; Triton: ``../triton_backend.py``.
 """
 from __future__ import annotations
 
