@@ -122,10 +122,3 @@ def scale_saved_(g: Tensor, grad: Tensor, inplace: bool, impl=None) -> Tensor:
     if inplace:
         return g.mul_(k)
     return (g * k).to(g.dtype)
-
-
-EMPTY = torch.empty(0)
-
-
-def empty_like_batch(x: Tensor) -> Tensor:
-    return x.new_empty(0)

@@ -74,7 +74,7 @@ def dmd_loss(x: Tensor, *, real_cond: Tensor, fake: Tensor, real_uncond: Tensor 
         return (_forward_op(*args) if compiling else select(OP, x.device.type, x.dtype)[1].forward(*args))[0]
     if not train:
         loss, _, g = _train_op(*args) if compiling else select(OP, x.device.type, x.dtype)[1].train(*args)
-    elif torch.compiler.is_compiling():
+    elif compiling:
         loss, _, g = _train_op(*args)
         g = g.detach()
     else:
