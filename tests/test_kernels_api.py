@@ -168,11 +168,11 @@ def test_training_path_keeps_one_latent_tensor_per_input_needing_grad(backend):
     saved = []
     with K.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda v: saved.append(v) or v, lambda v: v):
         loss = sub(pred, x_s, noise)
-        kept = [g for g in loss.grad_fn.grads if g is not None]
+        kept = [g for g in loss.grad_fn.saved.grads if g is not None]
         x = t().requires_grad_()
         dmd = K.dmd_loss(x, real_cond=t(), fake=t(), real_uncond=t(), guidance_scale=3.0, weight=coefs()[2])
     assert [g.shape for g in kept] == [pred.shape]
-    assert dmd.grad_fn.g.shape == x.shape
+    assert dmd.grad_fn.saved.g.shape == x.shape
     assert not [v for v in saved if v.numel() > 2]
     ptr = kept[0].data_ptr()
     del kept  # else .grad would be a copy (autograd steals a gradient only nobody else holds)

@@ -78,9 +78,10 @@ def dmd_loss(x: Tensor, *, real_cond: Tensor, fake: Tensor, real_uncond: Tensor 
         loss, _, g = _train_op(*args)
         g = g.detach()
     else:
-        box = []
-        loss = _Train.apply(box, returns != "grad", *args)
-        g = box[0]
+        impl = select(OP, x.device.type, x.dtype)[1]
+        with torch.no_grad():  # the kernel's own gradient: nothing for autograd to record
+            loss, _, g = impl.train(*args)
+        loss = _Train.apply(x, _Saved(loss, g, returns != "grad", impl))
     if returns == "loss":
         return loss
     if returns == "grad":
@@ -129,27 +130,36 @@ def _backward(ctx, grad, _grad_norm, _grad_g):
 _train_op.register_autograd(_backward, setup_context=_setup)
 
 
+class _Saved:
+    """What the eager training path keeps: the loss, the gradient g (the one latent-size tensor), whether
+    backward may scale g in place, and the backend (its ``scale_``)."""
+
+    __slots__ = ("loss", "g", "inplace", "impl")
+
+    def __init__(self, loss, g, inplace, impl):
+        self.loss, self.g, self.inplace, self.impl = loss, g, inplace, impl
+
+
 class _Train(torch.autograd.Function):
-    """Eager path of the training op (a custom op call costs tens of microseconds of Python)."""
+    """Eager path of the training op: the kernel ran already (loss and g in one pass); this only attaches
+    the loss to x with a backward that scales g (two arguments: Function.apply's cost grows with them)."""
 
     @staticmethod
-    def forward(ctx, box, inplace, x, real_cond, real_uncond, fake, scale, weight, form, min_norm):
-        ctx.impl = select(OP, x.device.type, x.dtype)[1]
-        loss, _, g = ctx.impl.train(x, real_cond, real_uncond, fake, scale, weight, form, min_norm)
-        ctx.g, ctx.inplace = g, inplace  # on ctx, not saved: backward may scale it in place
-        box.append(g)
-        return loss
+    def forward(ctx, x, saved):
+        ctx.saved = saved  # on ctx, not save_for_backward: backward may scale g in place
+        return saved.loss
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.g is None:
+        saved = ctx.saved
+        if saved.g is None:
             raise RuntimeError("pdmd_kernels.dmd_loss: backward through the same graph twice after a loss.sum()/mean() "
                                "backward is not supported (the saved gradient was scaled in place)")
-        inplace = ctx.inplace and C.broadcast_scalar(grad)  # per-sample grad_outputs may come again: a copy
-        gx = C.scale_saved_(ctx.g, grad, inplace=inplace, impl=ctx.impl)
+        inplace = saved.inplace and C.broadcast_scalar(grad)  # per-sample grad_outputs may come again: a copy
+        gx = C.scale_saved_(saved.g, grad, inplace=inplace, impl=saved.impl)
         if inplace:
-            ctx.g = None
-        return None, None, gx, None, None, None, None, None, None, None
+            saved.g = None
+        return gx, None
 
 
 # ---------------------------------------------------------------- the reference backend

@@ -58,7 +58,10 @@ def subinterval_loss(pred: Tensor, *, x_s: Tensor, noise: Tensor, alpha_s, sigma
         return select(OP, pred.device.type, pred.dtype)[1].forward(pred, x_s, noise, *coefs, cmax, prediction)
     if torch.compiler.is_compiling():
         return _train_op(pred, x_s, noise, *coefs, cmax, prediction, needs)[0]
-    return _Train.apply(pred, x_s, noise, *coefs, cmax, prediction, needs)
+    impl = select(OP, pred.device.type, pred.dtype)[1]
+    with torch.no_grad():  # the kernel's own gradient: nothing for autograd to record
+        loss, *grads = impl.train(pred, x_s, noise, *coefs, cmax, prediction, tuple(needs))
+    return _Train.apply(pred, x_s, noise, _Saved(loss, grads, impl))
 
 
 def check_order(alpha_s, sigma_s, alpha_t, sigma_t, coefs) -> None:
@@ -124,29 +127,40 @@ def _backward(ctx, grad, *_unused):
 _train_op.register_autograd(_backward, setup_context=_setup)
 
 
+class _Saved:
+    """What the eager training path keeps: the loss, the gradients its kernel wrote (one latent-size
+    tensor per input that requires grad) and the backend (its ``scale_``)."""
+
+    __slots__ = ("loss", "grads", "impl")
+
+    def __init__(self, loss, grads, impl):
+        self.loss, self.grads, self.impl = loss, grads, impl
+
+
 class _Train(torch.autograd.Function):
-    """Eager path of the training op (a custom op call costs tens of microseconds of Python)."""
+    """Eager path of the training op: the kernel ran already (loss and gradients in one pass); this only
+    attaches the loss to the inputs with a backward that scales the gradients (few arguments:
+    Function.apply's cost grows with them)."""
 
     @staticmethod
-    def forward(ctx, pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction, needs):
-        ctx.impl = select(OP, pred.device.type, pred.dtype)[1]
-        loss, *grads = ctx.impl.train(pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction,
-                                      tuple(needs))
-        ctx.grads = grads  # kept on ctx (not saved tensors): backward may scale them in place
-        return loss
+    def forward(ctx, pred, x_s, noise, saved):
+        ctx.saved = saved  # on ctx, not save_for_backward: backward may scale the gradients in place
+        return saved.loss
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.grads is None:
+        saved = ctx.saved
+        if saved.grads is None:
             raise RuntimeError("pdmd_kernels.subinterval_loss: backward through the same graph twice after a "
                                "loss.sum()/mean() backward is not supported (the saved gradient was scaled in place)")
         # in place only for loss.sum()/mean() (a broadcast scalar): per-sample grad_outputs (gradcheck,
         # autograd.grad with several vectors) may come again, so they get a scaled copy
         inplace = C.broadcast_scalar(grad)
-        grads = [None if g is None else C.scale_saved_(g, grad, inplace=inplace, impl=ctx.impl) for g in ctx.grads]
+        grads = [None if g is None else C.scale_saved_(g, grad, inplace=inplace, impl=saved.impl)
+                 for g in saved.grads]
         if inplace:
-            ctx.grads = None
-        return (*grads, None, None, None, None, None, None, None)
+            saved.grads = None
+        return (*grads, None)
 
 
 # ---------------------------------------------------------------- the reference backend
