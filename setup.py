@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Phased Distribution Matching Distillation: fast, lean, tested.",
     python_requires=">=3.10",
-    packages=find_packages(include=["pdmd", "pdmd.*"]) + ["pdmd_kernels"],
+    packages=find_packages(include=["pdmd", "pdmd.*"]) + ["pdmd_kernels", "pdmd_kernels.ops"],
     package_dir={"pdmd": "pdmd", "pdmd_kernels": "kernels/pdmd_kernels"},
     install_requires=[
         # torch is not pinned: a GPU user keeps the build they have; the README's CPU path installs

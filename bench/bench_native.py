@@ -23,6 +23,7 @@ import sys
 import pytest
 import torch
 
+import pdmd_kernels as K
 from pdmd_kernels import native
 from pdmd_kernels import reference as R
 
@@ -65,13 +66,16 @@ def make_case(op, impl, shape, dtype):
     s = torch.rand(B, generator=gen) * 0.5
     tt = s + 0.3
     coefs = (1 - s, s, 1 - tt, tt)
-    ones = torch.ones(B)
     if op == "subinterval_loss":
         pred, x_s, noise = t[0], t[1], t[2]
-        if impl == "native":
+        if impl == "native":  # the public op: its one-pass training path on the native backend
+            p = pred.clone().requires_grad_()
+
             def run():
-                native.subinterval_loss(pred, x_s, noise, *coefs, 100.0)
-                native.subinterval_loss_grads(ones, pred, x_s, noise, *coefs, 100.0, needs=(True, False, False))
+                p.grad = None
+                with K.use_backend("native"):
+                    K.subinterval_loss(p, x_s=x_s, noise=noise, alpha_s=coefs[0], sigma_s=coefs[1], alpha_t=coefs[2],
+                                       sigma_t=coefs[3], clamp_max=100.0, check=False).sum().backward()
         else:
             f = R.subinterval_loss if impl == "eager" else compiled(R.subinterval_loss)
             p = pred.clone().requires_grad_()
@@ -83,10 +87,14 @@ def make_case(op, impl, shape, dtype):
         form = op.split("_")[1]
         x, real_cond, real_uncond, fake = t
         weight = torch.rand(B, generator=gen) if form == "theory" else None
-        if impl == "native":
+        if impl == "native":  # the public op: its one-pass training path on the native backend
+            xg = x.clone().requires_grad_()
+
             def run():
-                _, norm = native.dmd_loss(x, real_cond, fake, real_uncond, 4.5, weight, form, return_norm=True)
-                native.dmd_loss_grad(x, real_cond, fake, real_uncond, 4.5, weight, form, grad=ones, norm=norm)
+                xg.grad = None
+                with K.use_backend("native"):
+                    K.dmd_loss(xg, real_cond=real_cond, fake=fake, real_uncond=real_uncond, guidance_scale=4.5,
+                               weight=weight, form=form).sum().backward()
         else:
             f = ref_dmd_loss if impl == "eager" else compiled(ref_dmd_loss)
             xg = x.clone().requires_grad_()
@@ -98,9 +106,12 @@ def make_case(op, impl, shape, dtype):
         x_s, noise, grad_out = t[0], t[1], t[2]
         a, sg = coefs[0], coefs[1]
         if impl == "native":
+            xg = x_s.clone().requires_grad_()
+
             def run():
-                native.renoise(x_s, noise, a, sg)
-                native.renoise_grads(grad_out, a, sg, needs=(True, False))
+                xg.grad = None
+                with K.use_backend("native"):
+                    K.renoise(xg, noise=noise, alpha_ts=a, sigma_ts=sg).backward(grad_out)
         else:
             f = R.renoise if impl == "eager" else compiled(R.renoise)
             xg = x_s.clone().requires_grad_()
@@ -179,7 +190,7 @@ def table(path: str) -> str:
     return "\n".join(out)
 
 
-def interleaved(rounds: int = 15, dtypes=(torch.float32,)) -> str:
+def interleaved(rounds: int = 15, dtypes=(torch.float32,), sizes=None) -> str:
     """Markdown table of min ms when the three variants of a case run in alternation, round by round:
     on a shared machine the ratios then compare the same moments of load."""
     import time
@@ -187,6 +198,8 @@ def interleaved(rounds: int = 15, dtypes=(torch.float32,)) -> str:
     out = ["| case | native ms | eager ms | compiled ms | vs eager | vs compiled |", "|---|---|---|---|---|---|"]
     for dtype in dtypes:
         for size, shape in SIZES.items():
+            if sizes and size not in sizes:
+                continue
             for op in OPS:
                 runs = {impl: make_case(op, impl, shape, dtype)[0] for impl in IMPLS}
                 best = dict.fromkeys(IMPLS, float("inf"))
@@ -207,7 +220,10 @@ def interleaved(rounds: int = 15, dtypes=(torch.float32,)) -> str:
 if __name__ == "__main__":
     # python bench/bench_native.py FILE.json: table of a pytest-benchmark run;
     # python bench/bench_native.py --interleaved [ROUNDS]: the three variants measured in alternation.
+    # python bench/bench_native.py --interleaved ROUNDS DTYPES SIZES, e.g. 7 float32,bfloat16 16M
     if sys.argv[1] == "--interleaved":
-        print(interleaved(int(sys.argv[2]) if len(sys.argv) > 2 else 15))
+        dts = tuple(getattr(torch, d) for d in sys.argv[3].split(",")) if len(sys.argv) > 3 else (torch.float32,)
+        print(interleaved(int(sys.argv[2]) if len(sys.argv) > 2 else 15, dts,
+                          sys.argv[4].split(",") if len(sys.argv) > 4 else None))
     else:
         print(table(sys.argv[1]))

@@ -5,7 +5,7 @@ for pred only (the fake-score update), the DMD loss with CFG (cond + uncond, sca
 gradient for x in both forms, renoise with a gradient for x_s. Implementations:
   eager     the plain PyTorch reference (``pdmd_kernels.reference``) under autograd
   compiled  torch.compile of that same eager function
-  fused     the pdmd_kernels op (Triton on CUDA)
+  fused     the pdmd_kernels op (Triton on CUDA, native C++ on CPU): the one-pass training path
 ``PASSES`` counts the latent-size tensors each case must read or write at least, forward + backward,
 for an op that saves nothing of latent size for backward (each input read once per pass, each
 output written once); bytes = PASSES * numel * itemsize.
@@ -32,20 +32,24 @@ LATENTS = {
 SCALE = 4.5
 
 
-def _cases(ops) -> dict:
-    """The four cases on ``ops``: the reference module (eager) or pdmd_kernels (fused); same signatures."""
-    return {
-        "subinterval_loss": lambda pred, x_s, noise, a_s, s_s, a_t, s_t: ops.subinterval_loss(
-            pred, x_s, noise, a_s, s_s, a_t, s_t, 100.0, "flow"),
-        "dmd_theory": lambda x, cond, uncond, fake, weight: ops.dmd_loss(x, cond, fake, uncond, SCALE, weight, "theory"),
-        "dmd_normalized": lambda x, cond, uncond, fake, weight: ops.dmd_loss(
-            x, cond, fake, uncond, SCALE, None, "normalized"),
-        "renoise": ops.renoise,
-    }
-
-
-EAGER = _cases(R)
-FUSED = _cases(K)
+EAGER = {  # the plain reference, positional [B]-coefficient signatures
+    "subinterval_loss": lambda pred, x_s, noise, a_s, s_s, a_t, s_t: R.subinterval_loss(
+        pred, x_s, noise, a_s, s_s, a_t, s_t, 100.0, "flow"),
+    "dmd_theory": lambda x, cond, uncond, fake, weight: R.dmd_loss(x, cond, fake, uncond, SCALE, weight, "theory"),
+    "dmd_normalized": lambda x, cond, uncond, fake, weight: R.dmd_loss(x, cond, fake, uncond, SCALE, None,
+                                                                       "normalized"),
+    "renoise": R.renoise,
+}
+FUSED = {  # the ops (keyword-only after the first tensor); check=False: the hot-loop mode, no host sync
+    "subinterval_loss": lambda pred, x_s, noise, a_s, s_s, a_t, s_t: K.subinterval_loss(
+        pred, x_s=x_s, noise=noise, alpha_s=a_s, sigma_s=s_s, alpha_t=a_t, sigma_t=s_t, clamp_max=100.0,
+        prediction="flow", check=False),
+    "dmd_theory": lambda x, cond, uncond, fake, weight: K.dmd_loss(
+        x, real_cond=cond, fake=fake, real_uncond=uncond, guidance_scale=SCALE, weight=weight, form="theory"),
+    "dmd_normalized": lambda x, cond, uncond, fake, weight: K.dmd_loss(
+        x, real_cond=cond, fake=fake, real_uncond=uncond, guidance_scale=SCALE, form="normalized"),
+    "renoise": lambda x_s, noise, a, s: K.renoise(x_s, noise=noise, alpha_ts=a, sigma_ts=s),
+}
 _compiled: dict = {}
 
 

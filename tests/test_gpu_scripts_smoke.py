@@ -92,3 +92,31 @@ def test_gpu_wan14b_fit_cpu_smoke(tmp_path):
     assert res["nonfinite_skipped"] == 0
     assert res["layout"]["fp8_linears"] > 0 and res["layout"]["streamed_blocks"] == 2
     assert saved["planner"]["total_GiB"] > 0 and "| peak GiB" in (tmp_path / "gpu_wan14b_fit.md").read_text()
+
+
+def test_gpu_kernels_cpu_smoke_and_the_prepared_cases(tmp_path):
+    """bench/gpu_kernels.py end to end on CPU (Triton interpreter, tiny shapes): fused, eager and compiled
+    agree; its GPU case list is issue 13's (Wan 480p/720p, Qwen 1328 at B = 1 and 8), run by the
+    `bash bench/gpu_all.sh kernels` preset within 8 minutes of time limits."""
+    import os
+    import re
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'kernels'}"}
+    proc = subprocess.run([sys.executable, str(root / "bench" / "gpu_kernels.py"), "--cpu-smoke", "--out", str(tmp_path),
+                           "--ops", "subinterval_loss", "dmd_normalized"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_kernels.json").read_text())
+    assert res["info"]["backends"]["dmd_loss"] == "triton" and len(res["results"]) == 4
+    for row in res["results"]:
+        assert row["fused_grad_rel_err"] < 1e-5 and row["fused_ms"] > 0, row
+    source = (root / "bench" / "gpu_kernels.py").read_text()
+    cases = set(re.findall(r'\("(wan480p|wan720p|qwen1328)", (\d+)\)', source.split("GPU_CASES = ")[1].split("\n")[0]))
+    assert cases == {(n, b) for n in ("wan480p", "wan720p", "qwen1328") for b in ("1", "8")}
+    script = (root / "bench" / "gpu_all.sh").read_text()
+    assert '[ "$parts" = kernels ] && parts="ktests kbench optim"' in script
+    blocks = {part: re.search(rf"if has {part};(.*?)\nfi", script, re.S).group(1) for part in ("ktests", "kbench", "optim")}
+    limits = {part: sum(int(s) for s in re.findall(r"timeout (\d+)", block)) for part, block in blocks.items()}
+    assert sum(limits.values()) <= 480, limits

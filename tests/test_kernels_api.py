@@ -12,7 +12,7 @@ import torch
 import pdmd_kernels as K
 from pdmd.core import objectives as obj
 from pdmd.core.schedules import get_schedule
-from pdmd_kernels import backends
+from pdmd_kernels import dispatch
 from pdmd_kernels import reference as R
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -40,33 +40,54 @@ def _grad_on():
 # ---------------------------------------------------------------- errors
 
 
+def sub(p, x, n, cs=None, **kw):
+    a_s, s_s, a_t, s_t = coefs() if cs is None else cs
+    kw = {"clamp_max": 10.0, **kw}
+    return K.subinterval_loss(p, x_s=x, noise=n, alpha_s=a_s, sigma_s=s_s, alpha_t=a_t, sigma_t=s_t, **kw)
+
+
 @pytest.mark.parametrize("call,match", [
-    (lambda p, x, n, u: K.subinterval_loss(p[:0], x[:0], n[:0], *coefs(0), 10.0), "non-empty leading batch"),
-    (lambda p, x, n, u: K.subinterval_loss(p, x[:, :2], n, *coefs(), 10.0), "x_s has shape"),
-    (lambda p, x, n, u: K.subinterval_loss(p, x.double(), n, *coefs(), 10.0), "x_s has dtype"),
-    (lambda p, x, n, u: K.subinterval_loss(p, x.to("meta"), n, *coefs(), 10.0), "x_s has device"),
-    (lambda p, x, n, u: K.subinterval_loss(p.int(), x.int(), n.int(), *coefs(), 10.0), "pred must be float"),
-    (lambda p, x, n, u: K.subinterval_loss(p, x, n, *coefs(3), 10.0), r"alpha_s must have shape \[2\]"),
-    (lambda p, x, n, u: K.subinterval_loss(p, x, n, torch.tensor(0.5), *coefs()[1:], 10.0), "alpha_s must have shape"),
-    (lambda p, x, n, u: K.subinterval_loss(p, x, n, 0.5, *coefs()[1:], 10.0), "alpha_s must be a"),
-    (lambda p, x, n, u: K.subinterval_loss(p, x, n, *coefs()[:3], torch.ones(2, dtype=torch.long), 1.0), "floating"),
-    (lambda p, x, n, u: K.subinterval_loss(p, x, n, *coefs(), 0.0), "clamp_max must be > 0"),
-    (lambda p, x, n, u: K.subinterval_loss(p, x, n, *coefs(), 10.0, "v"), "prediction must be one of"),
-    (lambda p, x, n, u: K.subinterval_loss(p[:, :0], x[:, :0], n[:, :0], *coefs(), 10.0), "no elements"),
-    (lambda p, x, n, u: K.dmd_loss(p, x, n), "weight .* is required"),
-    (lambda p, x, n, u: K.dmd_loss(p, x, n, weight=torch.ones(2), form="normalized"), "weight is only used"),
-    (lambda p, x, n, u: K.dmd_loss(p, x, n, u[:1], weight=torch.ones(2)), "real_uncond has shape"),
-    (lambda p, x, n, u: K.dmd_loss(p, x, n, u.half(), weight=torch.ones(2)), "real_uncond has dtype"),
-    (lambda p, x, n, u: K.dmd_loss(p, x, n, weight=torch.ones(2, 1)), r"weight must have shape \[2\]"),
-    (lambda p, x, n, u: K.dmd_loss(p, x, n, form="x0"), "form must be one of"),
-    (lambda p, x, n, u: K.dmd_loss(p, x, n, u, float("nan"), torch.ones(2)), "guidance_scale must be a finite"),
-    (lambda p, x, n, u: K.dmd_loss(p, x, n, form="normalized", min_norm=0), "min_norm must be > 0"),
-    (lambda p, x, n, u: K.renoise(p, x.half(), torch.ones(2), torch.ones(2)), "noise has dtype"),
-    (lambda p, x, n, u: K.renoise(p, x, torch.ones(2), torch.ones(2, device="meta")), "sigma_ts is on meta"),
+    (lambda p, x, n, u: sub(p[:0], x[:0], n[:0], coefs(0)), "non-empty leading batch"),
+    (lambda p, x, n, u: sub(p, x[:, :2], n), "x_s has shape"),
+    (lambda p, x, n, u: sub(p, x.to("meta"), n), "x_s has device"),
+    (lambda p, x, n, u: sub(p.int(), x.int(), n.int()), "pred must be float"),
+    (lambda p, x, n, u: sub(p, x, n, coefs(3)), r"alpha_s must be a number, a 0-d tensor, \[2\]"),
+    (lambda p, x, n, u: sub(p, x, n, (torch.ones(2, 2), *coefs()[1:])), r"alpha_s must be .* got shape \(2, 2\)"),
+    (lambda p, x, n, u: sub(p, x, n, ("0.5", *coefs()[1:])), "alpha_s must be a finite number"),
+    (lambda p, x, n, u: sub(p, x, n, (*coefs()[:3], torch.ones(2, dtype=torch.long))), "floating"),
+    (lambda p, x, n, u: sub(p, x, n, clamp_max=0.0), "clamp_max must be > 0"),
+    (lambda p, x, n, u: sub(p, x, n, prediction="v"), "prediction must be one of"),
+    (lambda p, x, n, u: sub(p[:, :0], x[:, :0], n[:, :0]), "no elements"),
+    (lambda p, x, n, u: sub(p, x, n, coefs()[2:] + coefs()[:2]), "needs t >= s"),  # s and t swapped
+    (lambda p, x, n, u: sub(p, x, n, (0.7, 0.3, 0.9, 0.1)), "needs t >= s"),  # numbers: checked without a tensor
+    (lambda p, x, n, u: K.dmd_loss(p, real_cond=x, fake=n), "weight .* is required"),
+    (lambda p, x, n, u: K.dmd_loss(p, real_cond=x, fake=n, weight=torch.ones(2), form="normalized"),
+     "weight is only used"),
+    (lambda p, x, n, u: K.dmd_loss(p, real_cond=x, fake=n, real_uncond=u[:1], weight=1.0), "real_uncond has shape"),
+    (lambda p, x, n, u: K.dmd_loss(p, real_cond=x, fake=n, weight=torch.ones(2, 2)), r"weight must be"),
+    (lambda p, x, n, u: K.dmd_loss(p, real_cond=x, fake=n, form="x0"), "form must be one of"),
+    (lambda p, x, n, u: K.dmd_loss(p, real_cond=x, fake=n, weight=1.0, cfg="x"), "cfg must be one of"),
+    (lambda p, x, n, u: K.dmd_loss(p, real_cond=x, fake=n, weight=1.0, returns="g"), "returns must be one of"),
+    (lambda p, x, n, u: K.dmd_loss(p, real_cond=x, fake=n, real_uncond=u, guidance_scale=float("nan"), weight=1.0),
+     "guidance_scale must be a finite"),
+    (lambda p, x, n, u: K.dmd_loss(p, real_cond=x, fake=n, form="normalized", min_norm=0), "min_norm must be > 0"),
+    (lambda p, x, n, u: K.renoise(p, noise=x, alpha_ts=torch.ones(2), sigma_ts=torch.ones(2, device="meta")),
+     "sigma_ts is on meta"),
 ])
 def test_bad_inputs_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call(*inputs())
+
+
+def test_tensor_arguments_after_the_first_are_keyword_only():
+    """LightX2V's positional (latents, fake, teacher) order must raise, not flip the gradient's sign."""
+    x, cond, fake, _ = inputs()
+    with pytest.raises(TypeError, match="positional"):
+        K.dmd_loss(x, fake, cond)
+    with pytest.raises(TypeError, match="positional"):
+        K.subinterval_loss(x, x, x, *coefs(), 10.0)
+    with pytest.raises(TypeError, match="positional"):
+        K.renoise(x, x, 1.0, 0.0)
 
 
 # ---------------------------------------------------------------- backend choice
@@ -98,41 +119,67 @@ def test_triton_on_cpu_only_when_forced_and_not_for_float64():
 
 
 def test_a_registered_native_backend_is_the_cpu_default(monkeypatch):
-    """The registration point a compiled CPU extension uses: it wins on CPU by default, and
-    use_backend("reference") still reaches the reference."""
+    """The registration point a compiled CPU extension (or the optimizer step) uses: it wins on CPU by
+    default, and use_backend("reference") still reaches the reference. The choice is cached per key."""
+    import types
     calls = []
+    ref_impl = dispatch._TABLE["renoise"]["reference"].impl
 
     def forward(*args):
         calls.append("forward")
-        return backends._TABLE["renoise"]["reference"].forward(*args)
+        return ref_impl.forward(*args)
 
-    native = backends.Backend(forward, backends._TABLE["renoise"]["reference"].backward,
-                              lambda device_type, dtype, forced: device_type == "cpu")
-    monkeypatch.setitem(backends._TABLE["renoise"], "native", native)
+    monkeypatch.setitem(dispatch._TABLE["renoise"], "native", dispatch.Entry(
+        types.SimpleNamespace(forward=forward, backward=ref_impl.backward), lambda device_type, dtype, forced: True))
+    dispatch._CACHE.clear()
     assert K.backend_info("cpu")["renoise"] == "native"
     x = torch.randn(2, 3)
-    K.renoise(x, x, torch.ones(2), torch.ones(2))
+    K.renoise(x, noise=x, alpha_ts=torch.ones(2), sigma_ts=torch.ones(2))
     assert calls == ["forward"]
     with K.use_backend("reference"):
-        K.renoise(x, x, torch.ones(2), torch.ones(2))
+        K.renoise(x, noise=x, alpha_ts=torch.ones(2), sigma_ts=torch.ones(2))
     assert calls == ["forward"]
-    with pytest.raises(ValueError, match="op must be one of"):
-        K.register_backend("nope", "native", forward, forward, lambda *a: True)
+    monkeypatch.undo()
+    dispatch._CACHE.clear()
+    with pytest.raises(ValueError, match="unknown op 'nope'"):
+        K.register_backend("nope", "native", forward, lambda *a: True)
+
+
+def test_a_new_op_registers_through_the_same_table():
+    """How the optimizer step plugs in: declare the op with its priority, register backends, select."""
+    dispatch.register_op("test_only_step", priority={"cpu": ("fast", "reference")})
+    dispatch.register_backend("test_only_step", "reference", "ref-impl", lambda d, t, f: True)
+    assert dispatch.select("test_only_step", "cpu", torch.float32) == ("reference", "ref-impl")
+    dispatch.register_backend("test_only_step", "fast", "fast-impl", lambda d, t, f: t == torch.float32)
+    assert dispatch.select("test_only_step", "cpu", torch.float32) == ("fast", "fast-impl")  # cache was cleared
+    assert dispatch.select("test_only_step", "cpu", torch.float64) == ("reference", "ref-impl")
+    del dispatch._TABLE["test_only_step"], dispatch._PRIORITY["test_only_step"]
+    dispatch._CACHE.clear()
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
     not INTERPRETED, reason="needs TRITON_INTERPRET=1")), _NATIVE])
-def test_backward_saves_nothing_of_latent_size_but_the_inputs(backend):
-    """Every tensor autograd saves for the ops' backward is an input itself or a [B] vector."""
+def test_training_path_keeps_one_latent_tensor_per_input_needing_grad(backend):
+    """One pass: forward keeps only the gradient of each input that requires grad (pdmd: pred alone),
+    autograd saves nothing of latent size, and backward scales that tensor in place for loss.sum()."""
     gen = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(2, 3, 5, 7, generator=gen) for _ in range(7)]
-    leaves = [t.clone().requires_grad_() for t in tensors[:4]]
-    inputs = {t.data_ptr() for t in leaves + tensors[4:]}
+    t = lambda: torch.randn(2, 3, 5, 7, generator=gen)  # noqa: E731
+    pred, x_s, noise = t().requires_grad_(), t(), t()
     saved = []
-    with K.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        _all_ops(*leaves, *tensors[4:], *coefs())
-    big = [t for t in saved if t.numel() > 2]
-    assert len(big) >= 10 and all(t.data_ptr() in inputs for t in big), [tuple(t.shape) for t in big]
+    with K.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda v: saved.append(v) or v, lambda v: v):
+        loss = sub(pred, x_s, noise)
+        kept = [g for g in loss.grad_fn.saved.grads if g is not None]
+        x = t().requires_grad_()
+        dmd = K.dmd_loss(x, real_cond=t(), fake=t(), real_uncond=t(), guidance_scale=3.0, weight=coefs()[2])
+    assert [g.shape for g in kept] == [pred.shape]
+    assert dmd.grad_fn.saved.g.shape == x.shape
+    assert not [v for v in saved if v.numel() > 2]
+    ptr = kept[0].data_ptr()
+    del kept  # else .grad would be a copy (autograd steals a gradient only nobody else holds)
+    (loss.sum() + dmd.mean()).backward()
+    assert pred.grad.data_ptr() == ptr  # scaled in place, no second latent tensor
+    with pytest.raises(RuntimeError, match="backward through the same graph twice"):
+        torch.autograd.grad(loss.sum(), [pred])
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
@@ -143,16 +190,16 @@ def test_opcheck_custom_ops(backend):
     t = lambda: torch.randn(2, 3, 5, generator=gen)  # noqa: E731
     leaf = lambda: t().requires_grad_()  # noqa: E731
     a_s, s_s, a_t, s_t = coefs()
+    scale = torch.full((2,), 3.0)
     ops = torch.ops.pdmd_kernels
     cases = [
-        (ops.subinterval_loss, (leaf(), leaf(), leaf(), a_s, s_s, a_t, s_t, 20.0, "x0")),
-        (ops.dmd_loss, (leaf(), t(), t(), t(), 3.0, a_t, "theory", 1e-6)),
-        (ops.dmd_loss, (leaf(), t(), None, t(), 1.0, None, "normalized", 1e-6)),
+        (ops.subinterval_loss, (t(), t(), t(), a_s, s_s, a_t, s_t, 20.0, "x0")),
+        (ops.subinterval_loss_train, (leaf(), leaf(), leaf(), a_s, s_s, a_t, s_t, 20.0, "x0", [True, True, True])),
+        (ops.subinterval_loss_train, (leaf(), t(), t(), a_s, s_s, a_t, s_t, float("inf"), "eps", [True, False, False])),
+        (ops.dmd_loss, (t(), t(), t(), t(), scale, a_t, "theory", 1e-6)),
+        (ops.dmd_loss_train, (leaf(), t(), t(), t(), scale, a_t, "theory", 1e-6)),
+        (ops.dmd_loss_train, (leaf(), t(), None, t(), scale, None, "normalized", 1e-6)),
         (ops.renoise, (leaf(), leaf(), a_t, s_t)),
-        (ops.subinterval_loss_backward, (torch.rand(2), t(), t(), t(), a_s, s_s, a_t, s_t, 20.0, "eps",
-                                         [True, False, True])),
-        (ops.dmd_loss_backward, (torch.rand(2), t(), t(), None, t(), 1.0, None, torch.rand(2) + 0.5, "normalized",
-                                 1e-6)),
         (ops.renoise_backward, (t(), t(), a_t, s_t, [False, True])),
     ]
     with K.use_backend(backend):
@@ -164,11 +211,12 @@ def test_opcheck_custom_ops(backend):
 
 
 def _all_ops(pred, x_s, noise, x, cond, uncond, fake, a_s, s_s, a_t, s_t):
-    x_t = K.renoise(x_s, noise, a_t / a_s, s_t)
-    sub = K.subinterval_loss(pred, x_s, noise, a_s, s_s, a_t, s_t, 20.0, "flow")
-    theory = K.dmd_loss(x, cond, fake, uncond, 3.0, a_t)
-    normalized = K.dmd_loss(x, cond, fake, uncond, 3.0, form="normalized")
-    return x_t.float().sum() + sub.sum() + theory.sum() + normalized.sum()
+    x_t = K.renoise(x_s, noise=noise, alpha_ts=a_t / a_s, sigma_ts=s_t)
+    loss = K.subinterval_loss(pred, x_s=x_s, noise=noise, alpha_s=a_s, sigma_s=s_s, alpha_t=a_t, sigma_t=s_t,
+                              clamp_max=20.0, prediction="flow")
+    theory = K.dmd_loss(x, real_cond=cond, fake=fake, real_uncond=uncond, guidance_scale=a_s * 3, weight=a_t)
+    normalized = K.dmd_loss(x, real_cond=cond, fake=fake, real_uncond=uncond, guidance_scale=3.0, form="normalized")
+    return x_t.float().sum() + (loss * a_s).sum() + theory.sum() + normalized.sum()
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
@@ -202,7 +250,7 @@ def test_objectives_subinterval_loss_is_the_op(monkeypatch):
     s, t = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5, 0.2, 0.9])
     calls = []
     real = K.subinterval_loss
-    monkeypatch.setattr(K, "subinterval_loss", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(K, "subinterval_loss", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     loss = obj.subinterval_loss(pred, x_s, noise, s, t, sch, "x0", clamp_max=30.0)
     assert calls == [1]
     expected = R.subinterval_loss(pred.double(), x_s.double(), noise.double(),
@@ -235,7 +283,8 @@ def test_objectives_dmd_loss_gradient_is_dmd_gradient(weighting, uncond):
 # ---------------------------------------------------------------- the compiled (non-interpreted) kernels
 
 # latent-size tensors each kernel reads / writes in the launch tests/triton_sm90_check.py compiles
-LATENT_ACCESSES = {"_subinterval_fwd": (3, 0), "_subinterval_bwd": (3, 2), "_dmd_theory_fwd": (3, 0),
+LATENT_ACCESSES = {"_subinterval_fwd": (3, 0), "_subinterval_bwd": (3, 2), "_subinterval_train": (3, 1),
+                   "_dmd_theory_fwd": (3, 0), "_dmd_theory_train": (3, 1),
                    "_dmd_theory_bwd": (2, 1), "_dmd_normalized_fwd": (4, 0), "_dmd_normalized_finish": (0, 0),
                    "_dmd_normalized_bwd": (3, 1), "_renoise": (2, 1), "_scale_rows": (1, 1)}
 

@@ -52,6 +52,22 @@ CASES = [((1, 1), "contiguous"), ((3, 5, 7, 9), "batch_slice"), ((2, 3, 5, 7, 9)
 GPU_CASES = [((2, 16, 21, 30, 52), "contiguous"), ((3, 16, 83, 83), "batch_slice"), ((2, 16, 5, 9, 13), "permuted")]
 
 
+
+def sub(pred, x_s, noise, coefs, clamp_max, prediction="flow"):
+    """The op with the coefficients as a tuple (alpha_s, sigma_s, alpha_t, sigma_t)."""
+    a_s, s_s, a_t, s_t = coefs
+    return K.subinterval_loss(pred, x_s=x_s, noise=noise, alpha_s=a_s, sigma_s=s_s, alpha_t=a_t, sigma_t=s_t,
+                              clamp_max=clamp_max, prediction=prediction)
+
+
+def dmd(x, cond, fake, uncond=None, scale=1.0, weight=None, form="theory", **kw):
+    return K.dmd_loss(x, real_cond=cond, fake=fake, real_uncond=uncond, guidance_scale=scale, weight=weight, form=form,
+                      **kw)
+
+
+def renoise(x_s, noise, alpha_ts, sigma_ts):
+    return K.renoise(x_s, noise=noise, alpha_ts=alpha_ts, sigma_ts=sigma_ts)
+
 def close(actual, expected, rtol, what):
     """max|actual - expected| <= rtol * max|expected| + half the spacing of the output dtype's subnormals:
     error relative to the tensor's scale, and no tighter than the output dtype can represent (float16
@@ -123,7 +139,7 @@ def check_subinterval(backend, device, dtype, shape, layout, prediction, schedul
     grad_out = (torch.rand(shape[0], generator=gen) + 0.5).to(device)
     p, x, n = leaves(pred, x_s, noise)
     with use(backend, device, dtype, "subinterval_loss"):
-        loss = K.subinterval_loss(p, x, n, *coefs, clamp_max, prediction)
+        loss = sub(p, x, n, coefs, clamp_max, prediction)
         grads = torch.autograd.grad((grad_out * loss).sum(), (p, x, n))
     assert loss.dtype == torch.float32 and loss.shape == (shape[0],)
     p64, x64, n64 = leaves(*(t.double().cpu() for t in (pred, x_s, noise)))
@@ -147,7 +163,7 @@ def check_dmd(backend, device, dtype, shape, layout, form, scale, key):
     grad_out = (torch.rand(shape[0], generator=gen) + 0.5).to(device)
     (xl,) = leaves(x)
     with use(backend, device, dtype, "dmd_loss"):
-        loss = K.dmd_loss(xl, cond, fake, uncond, 1.0 if scale is None else scale, weight, form)
+        loss = dmd(xl, cond, fake, uncond, 1.0 if scale is None else scale, weight, form)
         (gx,) = torch.autograd.grad((grad_out * loss).sum(), (xl,))
     assert loss.dtype == torch.float32 and loss.shape == (shape[0],)
     d64 = lambda t: None if t is None else t.double().cpu()  # noqa: E731
@@ -165,7 +181,7 @@ def check_renoise(backend, device, dtype, shape, layout, key):
     upstream = latent(shape, dtype, device, "contiguous", gen)
     xl, nl = leaves(x_s, noise)
     with use(backend, device, dtype, "renoise"):
-        x_t = K.renoise(xl, nl, alpha_ts, sigma_ts)
+        x_t = renoise(xl, nl, alpha_ts, sigma_ts)
         grads = torch.autograd.grad(x_t, (xl, nl), upstream)
     assert x_t.dtype == dtype and x_t.shape == shape
     x64, n64 = leaves(x_s.double().cpu(), noise.double().cpu())
@@ -237,7 +253,7 @@ def test_dmd_normalized_zeroes_non_finite(backend):
     x[2, 1, 1] = float("nan")  # normaliser nan: the whole sample's g is 0
     xl = x.clone().requires_grad_()
     with K.use_backend(backend):
-        loss = K.dmd_loss(xl, cond, fake, form="normalized", min_norm=1e-3)
+        loss = dmd(xl, cond, fake, form="normalized", min_norm=1e-3)
         loss.sum().backward()
     g = R.dmd_grad_normalized(x.double(), cond.double(), fake.double(), 1e-3)
     close(loss.detach(), 0.5 * (g**2).flatten(1).sum(1), LOSS_TOL, "loss")
@@ -255,8 +271,8 @@ def test_subinterval_clamp_and_plain_loss():
     coefs = (1 - s, s, 1 - t, t)
     _, target = R.subinterval_target(x_s, noise, *coefs)
     plain = ((pred - target) ** 2).flatten(1).mean(1)
-    close(K.subinterval_loss(pred, x_s, noise, *coefs, 1e6), plain, 1e-12, "plain loss")
-    at_s = K.subinterval_loss(pred, x_s, noise, *coefs[:2], *coefs[:2], 7.0)
+    close(sub(pred, x_s, noise, coefs, 1e6), plain, 1e-12, "plain loss")
+    at_s = sub(pred, x_s, noise, (*coefs[:2], *coefs[:2]), 7.0)
     a = s + s**2 / (1 - s)  # flow, t = s: (alpha_s^2 sigma_t + alpha_t sigma_s^2) / alpha_s^2, and b = 0
     close(at_s, 7.0 * (a[:, None, None] * noise).pow(2).flatten(1).mean(1), 1e-12, "at t = s")
 
@@ -273,7 +289,7 @@ def test_dmd_op_matches_eager_dmd2_lines():
     grad = torch.nan_to_num(grad)
     eager = 0.5 * torch.nn.functional.mse_loss(x, (x - grad).detach(), reduction="mean")
     (eager_gx,) = torch.autograd.grad(eager, x)
-    fused = K.dmd_loss(x, real_cond, fake, real_uncond, 3.0, form="normalized").sum() / x.numel()
+    fused = dmd(x, real_cond, fake, real_uncond, 3.0, form="normalized").sum() / x.numel()
     (fused_gx,) = torch.autograd.grad(fused, x)
     close(fused.detach(), eager.detach(), 1e-12, "loss")
     close(fused_gx, eager_gx, 1e-12, "grad")
@@ -288,7 +304,7 @@ def test_gradcheck_subinterval_loss():
         pred, x_s, noise = (torch.randn(3, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
                             for _ in range(3))
         coefs = tuple(c.double() for c in coefficients(3, gen, "cpu", "vp-cosine"))
-        assert torch.autograd.gradcheck(lambda p, x, n: K.subinterval_loss(p, x, n, *coefs, 30.0, prediction),
+        assert torch.autograd.gradcheck(lambda p, x, n: sub(p, x, n, coefs, 30.0, prediction),
                                         (pred, x_s, noise))
 
 
@@ -296,7 +312,7 @@ def test_gradcheck_renoise():
     gen = torch.Generator().manual_seed(2)
     x_s, noise = (torch.randn(2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
     a, s = torch.rand(2, dtype=torch.float64, generator=gen), torch.rand(2, dtype=torch.float64, generator=gen)
-    assert torch.autograd.gradcheck(lambda x, n: K.renoise(x, n, a, s), (x_s, noise))
+    assert torch.autograd.gradcheck(lambda x, n: renoise(x, n, a, s), (x_s, noise))
 
 
 def test_dmd_theory_gradient_is_weighted_difference():
@@ -305,6 +321,6 @@ def test_dmd_theory_gradient_is_weighted_difference():
     x = torch.randn(2, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     cond, uncond, fake = (torch.randn(2, 7, generator=gen, dtype=torch.float64) for _ in range(3))
     w = torch.tensor([0.5, 2.0], dtype=torch.float64)
-    K.dmd_loss(x, cond, fake, uncond, 2.0, w).sum().backward()
+    dmd(x, cond, fake, uncond, 2.0, w).sum().backward()
     expected = w[:, None] * (uncond + 2.0 * (cond - uncond) - fake)
     assert torch.allclose(x.grad, expected, rtol=1e-14, atol=0)

@@ -255,23 +255,33 @@ def test_supports_and_build_info():
 
 
 def test_register_backends_maps_the_dispatch_table_signatures():
-    """The adapters given to pdmd_kernels' register_backend take its argument orders."""
+    """The adapters given to pdmd_kernels' register_backend take its interfaces (ops/<op>.py), and the
+    one-pass *_train ops give the forward's loss bit for bit and the backward's gradient at grad = 1."""
     table = {}
-    native.register_backends(lambda op, name, fwd, bwd, supports: table.setdefault(op, (name, fwd, bwd, supports)))
+    native.register_backends(lambda op, name, impl, supports: table.setdefault(op, (name, impl, supports)))
     assert {name for name, *_ in table.values()} == {"native"}
     gen = torch.Generator().manual_seed(4)
     x, cond, uncond, fake = (torch.randn(3, 2, 9, generator=gen) for _ in range(4))
-    w, grad = torch.rand(3, generator=gen), torch.rand(3, generator=gen)
-    _, fwd, bwd, supports = table["dmd_loss"]
-    loss, norm = fwd(x, cond, uncond, fake, 2.0, None, "normalized", 1e-6)
-    assert torch.equal(loss, native.dmd_loss(x, cond, fake, uncond, 2.0, None, "normalized"))
-    assert torch.equal(bwd(grad, x, cond, uncond, fake, 2.0, w, norm, "theory", 1e-6),
-                       native.dmd_loss_grad(x, cond, fake, uncond, 2.0, w, "theory", grad=grad))
-    _, fwd, bwd, _ = table["renoise"]
-    assert torch.equal(fwd(x, cond, w, grad), native.renoise(x, cond, w, grad))
-    gx, gn = bwd(x, w, grad, (x.dtype, x.dtype), (True, False))
+    w, grad, scale = torch.rand(3, generator=gen), torch.rand(3, generator=gen), torch.rand(3, generator=gen) * 4
+    ones = torch.ones(3)
+    _, impl, supports = table["dmd_loss"]
+    for form, weight in (("normalized", None), ("theory", w)):
+        loss, norm = impl.forward(x, cond, uncond, fake, scale, weight, form, 1e-6)
+        assert torch.equal(loss, native.dmd_loss(x, cond, fake, uncond, scale, weight, form))
+        loss2, norm2, g = impl.train(x, cond, uncond, fake, scale, weight, form, 1e-6)
+        assert torch.equal(loss2, loss) and torch.equal(norm2, norm)
+        assert torch.equal(g, native.dmd_loss_grad(x, cond, fake, uncond, scale, weight, form, grad=ones))
+    _, impl, _ = table["renoise"]
+    assert torch.equal(impl.forward(x, cond, w, grad), native.renoise(x, cond, w, grad))
+    gx, gn = impl.backward(x, w, grad, (x.dtype, x.dtype), (True, False))
     assert gn is None and torch.equal(gx, native.renoise_grads(x, w, grad)[0])
-    assert table["subinterval_loss"][1] is native.subinterval_loss and supports("cpu", torch.float16)
+    _, impl, _ = table["subinterval_loss"]
+    coefs = (1 - w * 0.5, w * 0.5, 1 - w * 0.7, w * 0.7)
+    assert impl.forward is native.subinterval_loss and supports("cpu", torch.float16)
+    loss, gp, gx, gn = impl.train(x, cond, uncond, *coefs, 50.0, "x0", (True, False, True))
+    assert torch.equal(loss, native.subinterval_loss(x, cond, uncond, *coefs, 50.0, "x0")) and gx is None
+    ref = native.subinterval_loss_grads(ones, x, cond, uncond, *coefs, 50.0, "x0")
+    assert torch.equal(gp, ref[0]) and torch.equal(gn, ref[2])
 
 
 def test_build_reports_instead_of_failing(monkeypatch):

@@ -177,11 +177,13 @@ def test_toy_mlp_and_custom_ops_trace_in_one_graph():
     model = tiny_teacher().requires_grad_(True)
 
     def fake_and_dmd_losses(x_s, noise, x_gen, cond, t, a_s, s_s, a_t, s_t):
-        x_t = K.renoise(x_s, noise, a_t / a_s, (s_t**2 - (a_t / a_s) ** 2 * s_s**2).sqrt())
+        x_t = K.renoise(x_s, noise=noise, alpha_ts=a_t / a_s, sigma_ts=(s_t**2 - (a_t / a_s) ** 2 * s_s**2).sqrt())
         pred = model(x_t, t, cond)
-        fake = K.subinterval_loss(pred, x_s, noise, a_s, s_s, a_t, s_t, clamp_max=100.0, prediction="flow")
+        fake = K.subinterval_loss(pred, x_s=x_s, noise=noise, alpha_s=a_s, sigma_s=s_s, alpha_t=a_t, sigma_t=s_t, clamp_max=100.0,
+                                    prediction="flow")
         real = model(x_t, t, torch.full_like(cond, 4))
-        dmd = K.dmd_loss(x_gen, pred.detach(), real.detach(), None, 1.0, weight=a_t, form="theory")
+        dmd = K.dmd_loss(x_gen, real_cond=pred.detach(), fake=real.detach(), real_uncond=None, guidance_scale=1.0,
+                         weight=a_t, form="theory")
         return fake.mean() + dmd.mean()
 
     g = torch.Generator().manual_seed(0)

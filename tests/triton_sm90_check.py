@@ -19,12 +19,14 @@ from triton.compiler import ASTSource  # noqa: E402
 import pdmd_kernels.triton_backend as T  # noqa: E402
 
 FP32_POINTERS = {"grad", "partial", "part_abs", "part_sq", "loss", "norm", "as_ptr", "ss_ptr", "at_ptr", "st_ptr",
-                 "w_ptr", "a_ptr", "s_ptr", "c_ptr"}
+                 "w_ptr", "a_ptr", "s_ptr", "c_ptr", "scale_ptr"}
 FLOATS = {"clamp_max", "scale", "min_norm"}
 KERNELS = {  # kernel: constexprs (a launch the ops make)
     "_subinterval_fwd": {"PRED": 0, "BLOCK": T.BLOCK},
     "_subinterval_bwd": {"PRED": 1, "NEED_P": True, "NEED_X": True, "NEED_N": False, "BLOCK": T.BLOCK},
+    "_subinterval_train": {"PRED": 0, "NEED_P": True, "NEED_X": False, "NEED_N": False, "BLOCK": T.BLOCK},
     "_dmd_theory_fwd": {"HAS_UNCOND": True, "BLOCK": T.BLOCK},
+    "_dmd_theory_train": {"HAS_UNCOND": True, "BLOCK": T.BLOCK},
     "_dmd_theory_bwd": {"HAS_UNCOND": False, "BLOCK": T.BLOCK},
     "_dmd_normalized_fwd": {"HAS_UNCOND": True, "BLOCK": T.BLOCK},
     "_dmd_normalized_finish": {"P_POW2": 1024},

@@ -1,18 +1,20 @@
 """pdmd_kernels: fused ops for (Phased) DMD losses, importable with torch alone (triton when installed).
 
-Ops (``torch.library`` custom ops, traced by ``torch.compile`` without graph breaks):
-``subinterval_loss``, ``dmd_loss``, ``renoise``. ``reference`` holds the plain PyTorch semantics every
-backend matches; ``backend_info()`` says which backend each op uses; ``use_backend`` /
-``PDMD_KERNELS_BACKEND`` force one; ``register_backend`` adds one (e.g. a native CPU extension).
+Ops (one file each in ``ops/``; ``torch.library`` custom ops, traced by ``torch.compile`` without graph
+breaks): ``subinterval_loss``, ``dmd_loss``, ``renoise``. Tensor arguments after the first are keyword-only.
+``reference`` holds the plain PyTorch semantics every backend matches. ``dispatch`` is the one backend
+table (losses and the optimizer step): ``backend_info()`` says which backend each op uses;
+``use_backend`` / ``PDMD_KERNELS_BACKEND`` force one; ``register_backend`` adds one.
 """
 import importlib.util
+import types
 
 from . import reference
-from .backends import backend_info, register_backend, use_backend
+from .dispatch import backend_info, register_backend, register_op, select, use_backend
 from .ops import dmd_loss, renoise, subinterval_loss
 
 __all__ = ["reference", "native", "subinterval_loss", "dmd_loss", "renoise", "backend_info", "register_backend",
-           "use_backend"]
+           "register_op", "select", "use_backend"]
 
 
 def _triton():
@@ -27,13 +29,18 @@ def _triton_supports(device_type, dtype, forced):
     return importlib.util.find_spec("triton") is not None and _triton().supports(device_type, dtype, forced)
 
 
-for _op, _fwd, _bwd in (("subinterval_loss", "subinterval_forward", "subinterval_backward"),
-                        ("dmd_loss", "dmd_forward", "dmd_backward"),
-                        ("renoise", "renoise_forward", "renoise_backward")):
-    register_backend(_op, "triton",
-                     lambda *a, _n=_fwd: getattr(_triton(), _n)(*a),
-                     lambda *a, _n=_bwd: getattr(_triton(), _n)(*a),
-                     _triton_supports)
+def _lazy(name):
+    return lambda *a: getattr(_triton(), name)(*a)
+
+
+register_backend("subinterval_loss", "triton",
+                 types.SimpleNamespace(forward=_lazy("subinterval_forward"), train=_lazy("subinterval_train")),
+                 _triton_supports)
+register_backend("dmd_loss", "triton", types.SimpleNamespace(forward=_lazy("dmd_forward"), train=_lazy("dmd_train")),
+                 _triton_supports)
+register_backend("renoise", "triton",
+                 types.SimpleNamespace(forward=_lazy("renoise_forward"), backward=_lazy("renoise_backward")),
+                 _triton_supports)
 
 # The native CPU backend (C++/OpenMP, built by `python -m pdmd_kernels.build`): first choice on CPU
 # when its library is loaded; otherwise `native.unavailable_reason()` says why and the reference runs.

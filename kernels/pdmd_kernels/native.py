@@ -1,4 +1,4 @@
-"""The native CPU backend: C++/OpenMP single-pass ops (``kernels/csrc/pdmd_native.cpp``).
+"""The native CPU backend: C++/OpenMP single-pass ops (``kernels/csrc/<op>.cpp``; optimizer: ``pdmd_native.cpp``).
 
 The library is built by ``python -m pdmd_kernels.build`` (``scripts/bootstrap.sh`` runs it) and
 loaded here if present. Importing this module never raises: without the library, ``available()`` is
@@ -44,8 +44,8 @@ def library_path() -> Path | None:
 
 
 # every op the sources define: a library missing one was built from older sources
-_OPS = ("subinterval_loss_fwd", "subinterval_loss_bwd", "dmd_loss_fwd", "dmd_loss_bwd", "renoise", "renoise_bwd",
-        "adamw8bitv_step", "adamw8bitv_multi_step")
+_OPS = ("subinterval_loss_fwd", "subinterval_loss_bwd", "subinterval_loss_train", "dmd_loss_fwd", "dmd_loss_bwd",
+        "dmd_loss_train", "scale_rows_", "renoise", "renoise_bwd", "adamw8bitv_step", "adamw8bitv_multi_step")
 
 
 def _load() -> str | None:
@@ -111,6 +111,13 @@ def subinterval_loss_grads(grad, pred, x_s, noise, alpha_s, sigma_s, alpha_t, si
                                              float(clamp_max), prediction, [bool(n) for n in needs]))
 
 
+def _scale(scale, x):
+    """The guidance scale as the [B] tensor the library takes (a number or a tensor of one or B values)."""
+    if isinstance(scale, torch.Tensor):
+        return scale.reshape(-1).expand(x.shape[0]) if scale.numel() == 1 else scale.reshape(-1)
+    return torch.full((x.shape[0],), float(scale), dtype=torch.float32)
+
+
 def dmd_loss(x, real_cond, fake, real_uncond=None, scale=1.0, weight=None, form="theory", min_norm=1e-6,
              return_norm=False):
     """Per-sample DMD surrogate ``[B]`` (float32): 0.5 * sum(g^2), CFG fused, one pass over the inputs.
@@ -120,7 +127,7 @@ def dmd_loss(x, real_cond, fake, real_uncond=None, scale=1.0, weight=None, form=
     The value sums finite (fake - real)^2 and divides by norm^2 once, so it differs from the
     reference only where a single |g| would overflow float32.
     """
-    loss, norm = _ops().dmd_loss_fwd(x, real_cond, fake, real_uncond, float(scale), weight, form,
+    loss, norm = _ops().dmd_loss_fwd(x, real_cond, fake, real_uncond, _scale(scale, x), weight, form,
                                      float(min_norm))
     return (loss, norm) if return_norm else loss
 
@@ -135,7 +142,7 @@ def dmd_loss_grad(x, real_cond, fake, real_uncond=None, scale=1.0, weight=None, 
     """
     if grad is None:
         grad = torch.ones(x.shape[0], dtype=torch.float32)
-    return _ops().dmd_loss_bwd(grad, x, real_cond, fake, real_uncond, float(scale), weight, form,
+    return _ops().dmd_loss_bwd(grad, x, real_cond, fake, real_uncond, _scale(scale, x), weight, form,
                                float(min_norm), norm)
 
 
@@ -181,21 +188,32 @@ def adamw8bitv_multi_step(ps, gs, codes, scales, seeds, bias_correction2, *, lr,
 
 
 def register_backends(register_backend) -> None:
-    """Register these ops as backend "native" of the pdmd_kernels dispatch table.
+    """Register these ops as backend "native" of the ``pdmd_kernels.dispatch`` table.
 
-    ``register_backend(op, name, forward, backward, supports)`` is ``pdmd_kernels.backends``'
-    function; the adapters map its argument orders (dmd: ``real_uncond`` before ``fake``, the
-    saved normaliser before ``form``; renoise: output dtypes before ``needs``) onto this module's.
+    The adapters map the table's interfaces (see ``ops/<op>.py``) onto the library's ops; the
+    ``*_train`` ops compute the loss and its gradient in one pass.
     """
-    register_backend("subinterval_loss", "native", subinterval_loss, subinterval_loss_grads, supports)
-    register_backend(
-        "dmd_loss", "native",
-        lambda x, cond, uncond, fake, scale, weight, form, min_norm:
-            dmd_loss(x, cond, fake, uncond, scale, weight, form, min_norm, return_norm=True),
-        lambda grad, x, cond, uncond, fake, scale, weight, norm, form, min_norm:
-            dmd_loss_grad(x, cond, fake, uncond, scale, weight, form, min_norm, grad=grad, norm=norm),
-        supports)
-    register_backend(
-        "renoise", "native", renoise,
-        lambda grad, alpha_ts, sigma_ts, dtypes, needs: renoise_grads(grad, alpha_ts, sigma_ts, needs),
+    import types
+
+    def sub_train(pred, x_s, noise, a_s, s_s, a_t, s_t, clamp_max, prediction, needs):
+        loss, *grads = _ops().subinterval_loss_train(pred, x_s, noise, a_s, s_s, a_t, s_t, float(clamp_max),
+                                                     prediction, [bool(n) for n in needs])
+        return (loss, *(g if n else None for g, n in zip(grads, needs)))
+
+    def dmd_fwd(x, cond, uncond, fake, scale, weight, form, min_norm):
+        return _ops().dmd_loss_fwd(x, cond, fake, uncond, scale, weight, form, float(min_norm))
+
+    def dmd_train(x, cond, uncond, fake, scale, weight, form, min_norm):
+        return _ops().dmd_loss_train(x, cond, fake, uncond, scale, weight, form, float(min_norm))
+
+    def scale_(g, k):  # the one-pass ops' backward: g[b] *= k[b] in place, float32 math
+        _ops().scale_rows_(g, k)
+
+    register_backend("subinterval_loss", "native",
+                     types.SimpleNamespace(forward=subinterval_loss, train=sub_train, scale_=scale_), supports)
+    register_backend("dmd_loss", "native", types.SimpleNamespace(forward=dmd_fwd, train=dmd_train, scale_=scale_),
+                     supports)
+    register_backend("renoise", "native", types.SimpleNamespace(
+        forward=renoise,
+        backward=lambda grad, alpha_ts, sigma_ts, dtypes, needs: renoise_grads(grad, alpha_ts, sigma_ts, needs)),
         supports)

@@ -187,13 +187,54 @@ def subinterval_backward(grad, pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigm
     return tuple(None if o is None else o.view(t.shape).to(t.dtype) for o, t in zip(outs, (pred, x_s, noise)))
 
 
+@triton.jit
+def _subinterval_train(pred, xs, noise, gp, gx, gn, as_ptr, ss_ptr, at_ptr, st_ptr, partial, clamp_max, N, P,
+                       sp, sx, sn, PRED: tl.constexpr, NEED_P: tl.constexpr, NEED_X: tl.constexpr,
+                       NEED_N: tl.constexpr, BLOCK: tl.constexpr):
+    """Loss partial sums and the gradients of loss.sum() in one pass: each input read once."""
+    b = tl.program_id(0)
+    sigma_ts, a, c, weight = _subinterval_coefs(as_ptr, ss_ptr, at_ptr, st_ptr, b, clamp_max, PRED)
+    k = weight * 2.0 / N
+    b64 = b.to(tl.int64)
+    start, end = _span(N, P, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < end
+        r = sigma_ts * _load(pred, b64 * sp, idx, m) - a * _load(noise, b64 * sn, idx, m) \
+            - c * _load(xs, b64 * sx, idx, m)
+        acc += r * r
+        if NEED_P:
+            tl.store(gp + b64 * N + idx, (k * sigma_ts * r).to(gp.dtype.element_ty), mask=m)
+        if NEED_X:
+            tl.store(gx + b64 * N + idx, (-k * c * r).to(gx.dtype.element_ty), mask=m)
+        if NEED_N:
+            tl.store(gn + b64 * N + idx, (-k * a * r).to(gn.dtype.element_ty), mask=m)
+    tl.store(partial + b * P + tl.program_id(1), tl.sum(acc, axis=0) * (weight / N))
+
+
+def subinterval_train(pred, x_s, noise, alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction, needs):
+    p, x, n = rows(pred), rows(x_s), rows(noise)
+    bsz, numel = p.shape
+    outs = [_out((bsz, numel), t.dtype, t.device) if need else None for t, need in zip((pred, x_s, noise), needs)]
+    progs = _programs(numel, bsz, p.device)
+    partial = torch.empty((bsz, progs), dtype=torch.float32, device=p.device)
+    _subinterval_train[(bsz, progs)](p, x, n, *(o if o is not None else p for o in outs), alpha_s, sigma_s,
+                                     alpha_t, sigma_t, partial, float(clamp_max), numel, progs, p.stride(0),
+                                     x.stride(0), n.stride(0), PRED=_PRED[prediction], NEED_P=needs[0],
+                                     NEED_X=needs[1], NEED_N=needs[2], BLOCK=BLOCK, num_warps=WARPS)
+    grads = tuple(None if o is None else o.view(t.shape).to(t.dtype) for o, t in zip(outs, (pred, x_s, noise)))
+    return (partial.sum(1), *grads)
+
+
 # ---------------------------------------------------------------- DMD loss
 
 
 @triton.jit
-def _dmd_theory_fwd(cond, uncond, fake, w_ptr, partial, scale, N, P, sc, su, sf,
+def _dmd_theory_fwd(cond, uncond, fake, w_ptr, partial, scale_ptr, N, P, sc, su, sf,
                     HAS_UNCOND: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
+    scale = tl.load(scale_ptr + b).to(tl.float32)
     w = tl.load(w_ptr + b).to(tl.float32)
     b64 = b.to(tl.int64)
     start, end = _span(N, P, BLOCK)
@@ -207,9 +248,10 @@ def _dmd_theory_fwd(cond, uncond, fake, w_ptr, partial, scale, N, P, sc, su, sf,
 
 
 @triton.jit
-def _dmd_theory_bwd(grad, cond, uncond, fake, w_ptr, gx, scale, N, P, sc, su, sf,
+def _dmd_theory_bwd(grad, cond, uncond, fake, w_ptr, gx, scale_ptr, N, P, sc, su, sf,
                     HAS_UNCOND: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
+    scale = tl.load(scale_ptr + b).to(tl.float32)
     k = tl.load(grad + b).to(tl.float32) * tl.load(w_ptr + b).to(tl.float32)
     b64 = b.to(tl.int64)
     start, end = _span(N, P, BLOCK)
@@ -221,9 +263,10 @@ def _dmd_theory_bwd(grad, cond, uncond, fake, w_ptr, gx, scale, N, P, sc, su, sf
 
 
 @triton.jit
-def _dmd_normalized_fwd(x, cond, uncond, fake, part_abs, part_sq, scale, N, P, sx, sc, su, sf,
+def _dmd_normalized_fwd(x, cond, uncond, fake, part_abs, part_sq, scale_ptr, N, P, sx, sc, su, sf,
                         HAS_UNCOND: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
+    scale = tl.load(scale_ptr + b).to(tl.float32)
     b64 = b.to(tl.int64)
     start, end = _span(N, P, BLOCK)
     acc_abs = tl.zeros([BLOCK], dtype=tl.float32)
@@ -253,9 +296,10 @@ def _dmd_normalized_finish(part_abs, part_sq, loss, norm, min_norm, N, P, P_POW2
 
 
 @triton.jit
-def _dmd_normalized_bwd(grad, cond, uncond, fake, norm, gx, scale, N, P, sc, su, sf,
+def _dmd_normalized_bwd(grad, cond, uncond, fake, norm, gx, scale_ptr, N, P, sc, su, sf,
                         HAS_UNCOND: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
+    scale = tl.load(scale_ptr + b).to(tl.float32)
     go = tl.load(grad + b).to(tl.float32)
     nrm = tl.load(norm + b)
     b64 = b.to(tl.int64)
@@ -281,13 +325,13 @@ def dmd_forward(x, real_cond, real_uncond, fake, scale, weight, form, min_norm):
     common = dict(HAS_UNCOND=real_uncond is not None, BLOCK=BLOCK, num_warps=WARPS)
     if form == "theory":
         partial = torch.empty((bsz, progs), dtype=torch.float32, device=c.device)
-        _dmd_theory_fwd[(bsz, progs)](c, u, f, weight, partial, float(scale), numel, progs,
+        _dmd_theory_fwd[(bsz, progs)](c, u, f, weight, partial, scale, numel, progs,
                                       c.stride(0), u.stride(0), f.stride(0), **common)
         return partial.sum(1), torch.empty(0, dtype=torch.float32, device=c.device)
     xr = rows(x)
     part_abs = torch.empty((bsz, progs), dtype=torch.float32, device=c.device)
     part_sq = torch.empty_like(part_abs)
-    _dmd_normalized_fwd[(bsz, progs)](xr, c, u, f, part_abs, part_sq, float(scale), numel, progs,
+    _dmd_normalized_fwd[(bsz, progs)](xr, c, u, f, part_abs, part_sq, scale, numel, progs,
                                       xr.stride(0), c.stride(0), u.stride(0), f.stride(0), **common)
     loss = torch.empty(bsz, dtype=torch.float32, device=c.device)
     norm = torch.empty_like(loss)
@@ -303,9 +347,44 @@ def dmd_backward(grad, x, real_cond, real_uncond, fake, scale, weight, norm, for
     progs = _programs(numel, bsz, c.device)
     common = dict(HAS_UNCOND=real_uncond is not None, BLOCK=BLOCK, num_warps=WARPS)
     kernel, coef = (_dmd_theory_bwd, weight) if form == "theory" else (_dmd_normalized_bwd, norm)
-    kernel[(bsz, progs)](grad.float().contiguous(), c, u, f, coef, gx, float(scale), numel, progs,
+    kernel[(bsz, progs)](grad.float().contiguous(), c, u, f, coef, gx, scale, numel, progs,
                          c.stride(0), u.stride(0), f.stride(0), **common)
     return gx.view(x.shape).to(x.dtype)
+
+
+@triton.jit
+def _dmd_theory_train(cond, uncond, fake, w_ptr, gx, partial, scale_ptr, N, P, sc, su, sf,
+                      HAS_UNCOND: tl.constexpr, BLOCK: tl.constexpr):
+    """Theory form: the loss partial sums and g in one pass over cond, uncond and fake."""
+    b = tl.program_id(0)
+    scale = tl.load(scale_ptr + b).to(tl.float32)
+    w = tl.load(w_ptr + b).to(tl.float32)
+    b64 = b.to(tl.int64)
+    start, end = _span(N, P, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < end
+        g = w * (_real(cond, b64 * sc, uncond, b64 * su, idx, m, scale, HAS_UNCOND) - _load(fake, b64 * sf, idx, m))
+        acc += g * g
+        tl.store(gx + b64 * N + idx, g.to(gx.dtype.element_ty), mask=m)
+    tl.store(partial + b * P + tl.program_id(1), 0.5 * tl.sum(acc, axis=0))
+
+
+def dmd_train(x, real_cond, real_uncond, fake, scale, weight, form, min_norm):
+    """(loss, norm, g): theory in one pass; normalized needs its per-sample normaliser first (two passes)."""
+    if form == "normalized":
+        loss, norm = dmd_forward(x, real_cond, real_uncond, fake, scale, weight, form, min_norm)
+        ones = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+        return loss, norm, dmd_backward(ones, x, real_cond, real_uncond, fake, scale, weight, norm, form, min_norm)
+    c, u, f = _dmd_rows(real_cond, real_uncond, fake)
+    bsz, numel = c.shape
+    progs = _programs(numel, bsz, c.device)
+    gx = _out((bsz, numel), x.dtype, c.device)
+    partial = torch.empty((bsz, progs), dtype=torch.float32, device=c.device)
+    _dmd_theory_train[(bsz, progs)](c, u, f, weight, gx, partial, scale, numel, progs, c.stride(0), u.stride(0),
+                                    f.stride(0), HAS_UNCOND=real_uncond is not None, BLOCK=BLOCK, num_warps=WARPS)
+    return partial.sum(1), torch.empty(0, dtype=torch.float32, device=c.device), gx.view(x.shape).to(x.dtype)
 
 
 # ---------------------------------------------------------------- renoise

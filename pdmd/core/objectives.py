@@ -116,7 +116,9 @@ def subinterval_loss(pred, x_s, noise, s, t, schedule, prediction="flow", clamp_
     same_shape("x_s", x_s, pred=pred, noise=noise)
     s, t = _times(x_s, s, t, strict=False, check=check)
     pred, x_s, noise = _common_dtype(pred, x_s, noise)
-    return pdmd_kernels.subinterval_loss(pred, x_s, noise, *_coefs(_schedule(schedule), s, t), clamp_max, prediction)
+    a_s, s_s, a_t, s_t = _coefs(_schedule(schedule), s, t)
+    return pdmd_kernels.subinterval_loss(pred, x_s=x_s, noise=noise, alpha_s=a_s, sigma_s=s_s, alpha_t=a_t, sigma_t=s_t,
+                                         clamp_max=clamp_max, prediction=prediction, check=False)  # s <= t checked above
 
 
 def _common_dtype(*xs):
@@ -189,7 +191,8 @@ def dmd_loss(x_gen, real, fake, x_t, s, t, schedule, real_uncond=None, guidance_
         raise ValueError(f"weighting must be 'theory' or 'normalized', got {weighting!r}")
     x_gen, real, fake, *uncond = _common_dtype(x_gen, real, fake, *([] if real_uncond is None else [real_uncond]))
     real_uncond = uncond[0] if uncond else None
-    return pdmd_kernels.dmd_loss(x_gen, real, fake, real_uncond, guidance_scale, weight, form, min_norm)
+    return pdmd_kernels.dmd_loss(x_gen, real_cond=real, fake=fake, real_uncond=real_uncond,
+                                 guidance_scale=guidance_scale, weight=weight, form=form, min_norm=min_norm)
 
 
 def ablation_biased_target(x_s, noise, s, t, schedule, check=True):
