@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pdmd.config import RunConfig, load_config
+from pdmd.runtime.parallel import shutdown
 
 __all__ = ["load_args_config", "distill", "compare", "encode", "sample", "toy1d", "check_out", "seeds_of"]
 
@@ -68,6 +69,10 @@ def distill(args) -> int:
     r = _guarded("distill", lambda: run_task(cfg, args.out, resume=args.resume, progress=not args.quiet))
     if isinstance(r, int):
         return r
+    # every rank ended normally: leave the process group together (barrier, then destroy). Without the barrier a
+    # rank that exits first closes its gloo connections under the other's background threads, which then abort
+    # ("terminate called without an active exception", seen under torchrun on a loaded 2-core machine)
+    shutdown(barrier=True)
     if cfg.is_real:
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
             return 0
