@@ -32,7 +32,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from pdmd.yaml_io import ConfigError, load_yaml
 
-__all__ = ["TeacherConfig", "DistillConfig", "GeneratorConfig", "FakeConfig", "EvalConfig", "MemoryConfig", "ModelConfig",
+__all__ = ["TeacherConfig", "DistillConfig", "GeneratorConfig", "FakeConfig", "EvalConfig", "MemoryConfig", "LogConfig",
+           "ModelConfig",
            "DataConfig", "ExportConfig", "RunConfig", "METHODS", "TASKS", "ConfigError",
            "ConfigWarning", "load_yaml", "load_config", "from_dict", "updated", "validate", "require_device"]
 
@@ -164,6 +165,17 @@ class MemoryConfig(_Section):
                                  "fp8_base, step_in_backward, activation_offload, weight_offload")
 
 
+class LogConfig(_Section):
+    """Where the training records go (docs/trainer.md, "Watching a run"): OUT/log.jsonl always (the source of truth:
+    resume, reports and plots read it), and TensorBoard and/or wandb if listed. Written by rank 0 every
+    distill.log_every generator updates."""
+    backends: list[str] = _f(["jsonl"], "any of jsonl, tensorboard, wandb; log.jsonl is written whether listed or not")
+    tensorboard_dir: str | None = _f(None, "folder of the TensorBoard event files (null: OUT/tensorboard)")
+    wandb_project: str = _f("pdmd", "wandb project")
+    wandb_mode: str = _f("offline", "offline (files in OUT/wandb, upload later with wandb sync) | online | disabled")
+    wandb_run_name: str | None = _f(None, "wandb run name (null: the name of the OUT folder)")
+
+
 class EvalConfig(_Section):
     """The toy/digits evaluation."""
     samples_per_prompt: Int = _f(2000, "samples per prompt (digits: per class) for the metrics")
@@ -212,6 +224,7 @@ class RunConfig(_Section):
     data: DataConfig | None = None
     export: ExportConfig = Field(default_factory=ExportConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return self.model_dump()

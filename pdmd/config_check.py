@@ -93,6 +93,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0 <= d.dmd_t_min < ts[-2], "distill.dmd_t_min",
            f"must lie in [0, {ts[-2]}) (below the last phase's first step), got {d.dmd_t_min}")
     _check_export(cfg)
+    _check_log(cfg)
     if cfg.model is not None or cfg.data is not None:
         _check_model(cfg)
     return cfg
@@ -101,6 +102,19 @@ def validate(cfg: RunConfig) -> RunConfig:
 def _check_export(cfg: RunConfig) -> None:
     x = cfg.export
     _check(x.sampler in ("euler", "renoise"), "export.sampler", f"must be 'euler' or 'renoise', got {x.sampler!r}")
+
+
+def _check_log(cfg: RunConfig) -> None:
+    from pdmd.runtime.logs import BACKENDS, WANDB_MODES, missing_package
+
+    lg = cfg.log
+    bad = [b for b in lg.backends if b not in BACKENDS]
+    _check(not bad, "log.backends", f"has unknown {', '.join(map(repr, bad))}: choose from {', '.join(BACKENDS)}")
+    _check(lg.wandb_mode in WANDB_MODES, "log.wandb_mode",
+           f"must be one of {', '.join(WANDB_MODES)}, got {lg.wandb_mode!r}")
+    for b in lg.backends:
+        how = missing_package(b)
+        _check(how is None, "log.backends", f"has {b}, but the {b} package is not installed here: {how}")
 
 
 def _check_model(cfg: RunConfig) -> None:

@@ -16,7 +16,6 @@ checkpoints), ``pdmd.core.resume`` (which checkpoint and config a run resumes).
 from __future__ import annotations
 
 import copy
-import os
 import signal
 import threading
 from contextlib import contextmanager, nullcontext
@@ -40,9 +39,9 @@ from pdmd.core.updates import NonFiniteError, UpdatesMixin
 from pdmd.runtime.checkpoint import CHECKPOINT, stored_step
 from pdmd.runtime.compile import StepClock
 from pdmd.runtime.layout import apply_layout
+from pdmd.runtime.logs import Loggers, peak_memory_gib
 from pdmd.runtime.memory import switches_of
 from pdmd.runtime.parallel import Parallel
-from pdmd.runtime.rundir import log_line, trim_log
 
 __all__ = ["PhasedDMDTrainer", "NonFiniteError", "Interrupted", "BoundaryPool", "split_steps", "check_config",
            "resume_point", "stored_step", "CHECKPOINT"]
@@ -101,6 +100,8 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
         self.nonfinite_total = self.nonfinite_run = 0
         self._pending = None  # inside ``iteration``: the (flag, what) of its updates, read once at its end
         self._saved = None  # (step, path) of the last checkpoint this trainer wrote or loaded
+        # log.jsonl and the log: section's TensorBoard / wandb (rank 0); opened by train(), closed when it ends
+        self.logs = Loggers(cfg.log, self.out, self.par, config=cfg.to_dict())
 
     # ------------------------------------------------------------------ randomness
     # Every draw is of the global batch (n rows); ``self.par.shard`` keeps this rank's rows.
@@ -256,30 +257,33 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
 
     @contextmanager
     def _progress(self, stop: int):
-        """``log.jsonl`` (rank 0) and the progress bar; yields ``record(rec, phase, clock)`` for each iteration."""
+        """The records (``self.logs``: ``log.jsonl`` and the chosen backends, rank 0) and the progress bar; yields
+        ``record(rec, phase, clock)`` for each iteration. The logs are closed (flushed) however training ends."""
         d = self.cfg.distill
         samples = (d.fake_updates_per_generator_update + 1) * d.grad_accum * d.batch_size
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.par.is_main:  # records past the checkpoint's step (and a torn last line) are dropped: none twice
-            trim_log(self.out / "log.jsonl", self.step)
-        log = (self.out / "log.jsonl").open("a") if self.par.is_main else open(os.devnull, "w")  # rank 0 logs
-        bar = tqdm(total=d.max_steps, initial=self.step, desc=f"distill {d.method}",
-                   disable=not (self.progress and self.par.is_main), dynamic_ncols=True, mininterval=1.0)
-
-        def record(rec: dict, p: int, clock) -> None:
-            dt = clock.step
-            rec.update(step=self.step, phase=p + 1, step_time=dt, compile_time=clock.compile,
-                       samples_per_s=samples / dt, nonfinite_skipped=self.nonfinite_total)
-            if self.step % d.log_every == 0 or self.step == stop:
-                log.write(log_line(rec))
-                log.flush()
-            bar.update(1)
-            bar.set_postfix(phase=p + 1, fake=f"{rec['loss_fake']:.3f}", g=f"{rec['g_rms']:.3f}", refresh=False)
         try:
-            yield record
+            # records past the checkpoint's step (and a torn last line) are dropped: none twice
+            self.logs.start(self.step)
+            bar = tqdm(total=d.max_steps, initial=self.step, desc=f"distill {d.method}",
+                       disable=not (self.progress and self.par.is_main), dynamic_ncols=True, mininterval=1.0)
+
+            def record(rec: dict, p: int, clock) -> None:
+                dt = clock.step
+                rec.update(step=self.step, phase=p + 1, step_time=dt, compile_time=clock.compile,
+                           samples_per_s=samples / dt, nonfinite_skipped=self.nonfinite_total)
+                if self.step % d.log_every == 0 or self.step == stop:
+                    # a host-side counter (CUDA allocator statistics or getrusage): no device sync
+                    rec["peak_memory_gib"] = peak_memory_gib(self.device)
+                    self.logs.scalars(self.step, rec)
+                bar.update(1)
+                bar.set_postfix(phase=p + 1, fake=f"{rec['loss_fake']:.3f}", g=f"{rec['g_rms']:.3f}", refresh=False)
+            try:
+                yield record
+            finally:
+                bar.close()
         finally:
-            bar.close()
-            log.close()
+            self.logs.close()
 
     def _save_once(self) -> Path:
         """A checkpoint of this step: the one already written, or a new one."""
