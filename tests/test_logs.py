@@ -265,3 +265,16 @@ def test_log_config_defaults_and_errors(monkeypatch):
                                           r"pip install wandb \(or pip install -e '\.\[log\]'\)"):
         from_dict({"log": {"backends": ["wandb"]}})
     from_dict({"log": {"backends": ["tensorboard"]}})  # the others are unaffected
+
+
+def test_a_failing_wandb_init_says_what_to_do(tmp_path, monkeypatch, offline_wandb):
+    import wandb
+
+    def no_login(**kw):
+        raise wandb.errors.UsageError("No API key configured")
+    monkeypatch.setattr(wandb, "init", no_login)
+    logs = Loggers(LogConfig(backends=["tensorboard", "wandb"], wandb_mode="online"), tmp_path)
+    with pytest.raises(ValueError, match=r"wandb.init \(mode 'online'\) failed: No API key configured; set "
+                                         r"log.wandb_mode: offline"):
+        logs.start(0)
+    logs.close()

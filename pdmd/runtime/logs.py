@@ -141,8 +141,8 @@ def _wandb_run(cfg, out: Path, config: dict | None):
     try:
         return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or out.resolve().name, dir=str(out),
                           mode=cfg.wandb_mode, config=config, reinit="create_new")
-    except Exception as e:  # online without a network or a login, most often
-        raise RuntimeError(f"log.backends has wandb, and wandb.init (mode {cfg.wandb_mode!r}) failed: {e}; set "
+    except Exception as e:  # online without a network or a login, most often: a user error (one line from the CLI)
+        raise ValueError(f"log.backends has wandb, and wandb.init (mode {cfg.wandb_mode!r}) failed: {e}; set "
                            "log.wandb_mode: offline (then `wandb sync OUT/wandb/offline-run-*`), or log in with "
                            "`wandb login`") from e
 
