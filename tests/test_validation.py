@@ -63,23 +63,30 @@ def _folder(tmp_path, kind):
 
 
 def _config(tmp_path, kind, root, validation=True, **extra):
-    cfg = {
-        "threads": 1, "seed": 0,
-        "model": {"kind": kind, "path": str(root), "dtype": "float32", **({"shift": 5.0} if kind == "wan" else {})},
-        "data": {"prompts": str(tmp_path / "prompts.txt"), "prompt_cache": str(tmp_path / "cache"),
-                 "resolutions": [[1, 32, 32]], **({"max_sequence_length": 16} if kind == "wan" else {})},
-        "teacher": {"guidance_scale": 4.0},
-        "distill": {"timesteps": STEPS + [0.0], "phase_boundaries": [0.5], "batch_size": 2,
-                    "fake_updates_per_generator_update": 1, "pool_size": 2, "log_every": 1, "max_steps": 4},
-        "generator": {"lora_rank": 4, "lora_alpha": 8, "lr": 1e-2},
-        "fake": {"kind": "lora", "lora_rank": 4, "lr": 1e-3},
-        "export": {"export_every": 1 if validation else 0, "keep": 2},
-    }
-    if validation:
-        cfg["validation"] = {"prompts": VALIDATION, "sample_every": 2, "seeds": SEEDS, "fps": 8, **extra}
+    """Wan: configs/wan2.1-t2v-14b.yaml as shipped (its validation and export sections), at tiny sizes on the CPU;
+    Qwen-Image: a config of its own."""
+    tiny = {"timesteps": STEPS + [0.0], "phase_boundaries": [0.5], "batch_size": 2, "fake_updates_per_generator_update": 1,
+            "pool_size": 2, "log_every": 1, "max_steps": 4, "bf16": False, "frozen_dtype": "float32",
+            "activation_checkpointing": False}
+    if kind == "wan":
+        cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "wan2.1-t2v-14b.yaml").read_text())
+        cfg.pop("device")
+        assert cfg["validation"]["sample_every"] > 0 and cfg["export"]["export_every"] > 0  # shipped on
+    else:
+        cfg = {"model": {"kind": kind}, "data": {}, "teacher": {"guidance_scale": 4.0}, "distill": {}, "validation": {},
+               "export": {}}
+    cfg.update(threads=1, seed=0)
+    cfg["model"].update(path=str(root), dtype="float32")
+    cfg["data"].update(prompts=str(tmp_path / "prompts.txt"), prompt_cache=str(tmp_path / "cache"),
+                       resolutions=[[1, 32, 32]], **({"max_sequence_length": 16} if kind == "wan" else {}))
+    cfg["distill"].update(tiny)
+    cfg["generator"] = {"lora_rank": 4, "lora_alpha": 8, "lr": 1e-2}
+    cfg["fake"] = {"kind": "lora", "lora_rank": 4, "lr": 1e-3}
+    cfg["export"].update(dir=None, export_every=1 if validation else 0, keep=2)
+    cfg["validation"].update(prompts=VALIDATION, sample_every=2 if validation else 0, seeds=SEEDS, fps=8, **extra)
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     path = tmp_path / ("cfg.yaml" if validation else "plain.yaml")
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     return path
 
 
@@ -126,7 +133,7 @@ def _adapters(out):
     return {k: v for k, v in ckpt.items() if k.startswith("adapter.") and ".expert_" in k}
 
 
-def test_wan_run_writes_videos_and_keeps_the_last_periodic_exports(tmp_path):
+def test_wan_run_from_the_shipped_config_writes_videos_and_keeps_the_last_periodic_exports(tmp_path):
     root = _folder(tmp_path, "wan")
     cfg = _config(tmp_path, "wan", root, resolution=[5, 32, 32])
     assert main(["encode-prompts", "--config", str(cfg), "--quiet"]) == 0  # validation prompts too
