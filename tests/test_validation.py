@@ -243,3 +243,43 @@ def test_validation_config_errors(tmp_path):
         read_prompts("nope.txt")
     (tmp_path / "v.txt").write_text("a cat\n\n a dog\n")
     assert read_prompts(str(tmp_path / "v.txt")) == ["a cat", " a dog"]
+
+
+@pytest.mark.slow
+def test_wan22_a14b_validation_and_exports_under_torchrun(tmp_path):
+    """2 gloo processes (FSDP2) on Wan 2.2 A14B (expert 2 on transformer_2): each rank samples its share of the 3
+    seeds (rank 1 pads its second round), rank 0 gathers, decodes and writes, and the periodic export gathers the
+    sharded adapters; each sample is the pipeline's rendering of its own seed from that export."""
+    from test_parallel import torchrun
+    from test_real import EULER
+
+    tok = _tokenizer(PROMPTS + VALIDATION)
+    root = save_pipeline_dir(tmp_path / "a14b", "WanPipeline", {"transformer": tiny_wan(0), "transformer_2": tiny_wan(1)},
+                             dict(EULER, shift=12.0), boundary_ratio=0.875)
+    tok.save_pretrained(root / "tokenizer")
+    _wan_encoder(len(tok)).save_pretrained(root / "text_encoder")
+    _vae("wan").save_pretrained(root / "vae")
+    cfg = yaml.safe_load(_config(tmp_path, "wan", root, resolution=[5, 32, 32]).read_text())
+    tb = round(0.875 / (12 - 11 * 0.875), 6)
+    cfg["model"].pop("shift")
+    cfg["distill"].update(timesteps=[1.0, 0.7, tb, 0.2, 0.0], phase_boundaries=[tb], batch_size=4, pool_size=4,
+                          max_steps=2)
+    cfg["validation"].update(prompts=VALIDATION[:1], seeds=[0, 1, 2], sample_every=2)
+    cfg["export"].update(keep=1)
+    path = tmp_path / "a14b.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    assert main(["encode-prompts", "--config", str(path), "--quiet"]) == 0
+    out = tmp_path / "two"
+    torchrun(["-m", "pdmd.cli", "distill", "--config", str(path), "--out", str(out), "--quiet"])
+    assert (out / "checkpoint.dcp").is_dir()
+    experts = out / "experts"
+    assert sorted(p.name for p in experts.iterdir() if p.is_dir()) == ["step_000002"]
+    manifest = json.loads((experts / "step_000002" / "manifest.json").read_text())
+    assert [e["component"] for e in manifest["experts"]] == ["transformer", "transformer_2"] and manifest["step"] == 2
+    step2 = out / "samples" / "step_000002"
+    assert sorted(p.name for p in step2.iterdir()) == sorted(
+        ["prompts.json"] + [f"p000_s{s}{e}" for s in (0, 1, 2) for e in (".mp4", ".png")])
+    cache = PromptCache(tmp_path / "cache" / "validation")
+    for seed in (0, 1, 2):
+        ref = _pipeline_pixels("wan", root, experts / "step_000002", cache, 0, seed, frames=5)
+        _close_to(np.asarray(Image.open(step2 / f"p000_s{seed}.png")), np.concatenate(list(ref), axis=1))
