@@ -112,7 +112,9 @@ def _pipeline_pixels(kind, root, experts, cache, i, seed, frames):
     pipe, manifest = _pipeline(kind, root, experts)
     cond = cache.batch([i])
     shape = (1, 4, (frames - 1) // 4 + 1, 4, 4) if kind == "wan" else (1, 4, 4, 4)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(shape, generator=gen)
+    torch.set_rng_state(gen.get_state())  # renoise: the scheduler's fresh noise continues the seed's stream, as ours
     with torch.no_grad(), expert_sampling(pipe, manifest) as kw:
         if kind == "wan":
             return pipe(prompt_embeds=cond["embeds"], latents=noise, height=32, width=32, num_frames=frames,
@@ -217,6 +219,30 @@ def test_qwen_image_run_writes_png_grids(tmp_path):
                    latents=QwenImagePipeline._pack_latents(noise, 1, 4, 4, 6), output_type="np", **kw).images[0]
     _close_to(grid[32:64, 48:96], ref)
 
+    # trainer.logs (TensorBoard, wandb) gets each grid and video once its folder is in place
+    from types import SimpleNamespace
+
+    from pdmd.models.registry import get_spec
+    from pdmd.pipeline.validation import Validation
+
+    calls = []
+
+    class Logs:
+        def image(self, step, tag, array, path=None):
+            calls.append(("image", step, tag, array.shape, array.dtype, path.is_file()))
+
+        def video(self, step, tag, frames, fps=16, path=None):
+            calls.append(("video", step, tag, frames.shape, frames.dtype, path.is_file(), fps))
+
+    v = Validation(get_spec("qwen-image"), root, tmp_path / "cache" / "validation", VALIDATION, SEEDS, (4, 4, 6), 8,
+                   "euler", 2, tmp_path / "w")
+    tr = SimpleNamespace(step=7, logs=Logs())
+    v.write(tr, torch.rand(4, 1, 32, 48, 3))
+    v.write(SimpleNamespace(step=9, logs=Logs()), torch.rand(4, 17, 32, 48, 3))  # videos: a strip of 8 of the 17 frames
+    assert calls == [("image", 7, "validation/grid", (64, 96, 3), np.uint8, True)] + [
+        ("video", 9, f"validation/p{i:03d}_s{s}", (17, 32, 48, 3), np.uint8, True, 8) for i in (0, 1) for s in SEEDS]
+    assert np.asarray(Image.open(tmp_path / "w" / "samples" / "step_000009" / "p001_s3.png")).shape == (32, 8 * 48, 3)
+
 
 def test_validation_config_errors(tmp_path):
     real = {"model": {"kind": "qwen-image", "path": "/m"},
@@ -249,7 +275,8 @@ def test_validation_config_errors(tmp_path):
 def test_wan22_a14b_validation_and_exports_under_torchrun(tmp_path):
     """2 gloo processes (FSDP2) on Wan 2.2 A14B (expert 2 on transformer_2): each rank samples its share of the 3
     seeds (rank 1 pads its second round), rank 0 gathers, decodes and writes, and the periodic export gathers the
-    sharded adapters; each sample is the pipeline's rendering of its own seed from that export."""
+    sharded adapters; each sample is the pipeline's rendering of its own seed from that export, with the renoise
+    sampler (the pipeline's stochastic scheduler)."""
     from test_parallel import torchrun
     from test_real import EULER
 
@@ -265,7 +292,7 @@ def test_wan22_a14b_validation_and_exports_under_torchrun(tmp_path):
     cfg["distill"].update(timesteps=[1.0, 0.7, tb, 0.2, 0.0], phase_boundaries=[tb], batch_size=4, pool_size=4,
                           max_steps=2)
     cfg["validation"].update(prompts=VALIDATION[:1], seeds=[0, 1, 2], sample_every=2)
-    cfg["export"].update(keep=1)
+    cfg["export"].update(keep=1, sampler="renoise")  # x0, then fresh noise from the seed's generator
     path = tmp_path / "a14b.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     assert main(["encode-prompts", "--config", str(path), "--quiet"]) == 0
@@ -276,6 +303,7 @@ def test_wan22_a14b_validation_and_exports_under_torchrun(tmp_path):
     assert sorted(p.name for p in experts.iterdir() if p.is_dir()) == ["step_000002"]
     manifest = json.loads((experts / "step_000002" / "manifest.json").read_text())
     assert [e["component"] for e in manifest["experts"]] == ["transformer", "transformer_2"] and manifest["step"] == 2
+    assert manifest["sampler"] == "renoise"
     step2 = out / "samples" / "step_000002"
     assert sorted(p.name for p in step2.iterdir()) == sorted(
         ["prompts.json"] + [f"p000_s{s}{e}" for s in (0, 1, 2) for e in (".mp4", ".png")])

@@ -63,7 +63,8 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
     ``task`` supplies ``sample_cond(n, generator)`` (prompts) and ``latent_shape``, or ``latent_shapes`` for
     several resolutions: each iteration then draws one of them, and each keeps its own boundary pool.
     ``parallel`` (``pdmd.runtime.parallel``) shards the module and gives each rank its rows of every global batch.
-    ``callbacks``: each is called as ``cb(trainer)`` on every rank after each generator update (and its checkpoint).
+    ``callbacks``: each is called as ``cb(trainer)`` on every rank after each generator update (and its checkpoint),
+    except at the one where a signal stops the run (``pdmd.pipeline.run.Periodic`` catches up at the resume).
     """
 
     def __init__(self, cfg: RunConfig, teacher: nn.Module, task, out_dir: str | Path, progress: bool = True,
@@ -247,11 +248,12 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
                 record(rec, p, clock)
                 if self.step % d.checkpoint_every == 0:
                     self.save()
-                for cb in self.callbacks:  # the run path's pictures, samples, exports (they decide when)
-                    cb(self)
-                # every rank stops at the same iteration if any was signalled (torchrun signals them all)
+                # every rank stops at the same iteration if any was signalled (torchrun signals them all), before
+                # the callbacks: the checkpoint first; a resume runs those due at its step (the run path)
                 if not self.par.all_finite(not caught) and self.step < stop:
                     raise Interrupted(caught[0] if caught else signal.SIGTERM, self.step, self._save_once())
+                for cb in self.callbacks:  # the run path's pictures, samples, exports (they decide when)
+                    cb(self)
         self._save_once()
         self._check_skipped()
 
