@@ -23,8 +23,8 @@ setup(
     extras_require={
         # everything the CPU test suite needs (triton runs its kernels under TRITON_INTERPRET=1)
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton", "diffusers", "transformers",
-                "scikit-learn"],
-        "models": ["diffusers", "transformers", "peft"],
+                "scikit-learn", "imageio", "imageio-ffmpeg"],
+        "models": ["diffusers", "transformers", "peft", "imageio", "imageio-ffmpeg"],
         "gpu": ["triton", "bitsandbytes"],
     },
     entry_points={"console_scripts": ["pdmd=pdmd.cli:entry"]},
