@@ -4,8 +4,9 @@ train, then the task's export and report.
 A task supplies ``Hooks``: how to get its teacher and condition source (``setup``), what to check before any
 work (``check``), what to do along the way (``callbacks``: ``Periodic`` callbacks the trainer calls after each
 generator update, such as a real model's validation samples and periodic exports) and what to do with the trained
-experts (``finish``: the toy and digits evaluate and write a report, a real model exports diffusers LoRA files). ``pdmd.demos.distill`` (toy), ``pdmd.demos.digits`` and
-``pdmd.pipeline.real`` hold those hooks; ``pdmd.commands.run_task`` picks the task from the config.
+experts (``finish``: the toy and digits evaluate and write a report, a real model exports diffusers LoRA files).
+``pdmd.demos.distill`` (toy), ``pdmd.demos.digits`` and ``pdmd.pipeline.real`` hold those hooks;
+``pdmd.commands.run_task`` picks the task from the config.
 """
 from __future__ import annotations
 
