@@ -23,10 +23,10 @@ setup(
     extras_require={
         # everything the CPU test suite needs (triton runs its kernels under TRITON_INTERPRET=1)
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton", "diffusers", "transformers",
-                "scikit-learn", "tensorboard", "wandb>=0.19.10"],
+                "scikit-learn", "tensorboard", "wandb>=0.19.10", "imageio", "imageio-ffmpeg"],
         # log.backends: tensorboard, wandb (pdmd/runtime/logs.py); imageio + imageio-ffmpeg write .mp4 videos
         "log": ["tensorboard", "wandb>=0.19.10", "imageio", "imageio-ffmpeg"],
-        "models": ["diffusers", "transformers", "peft"],
+        "models": ["diffusers", "transformers", "peft", "imageio", "imageio-ffmpeg"],
         "gpu": ["triton", "bitsandbytes"],
     },
     entry_points={"console_scripts": ["pdmd=pdmd.cli:entry"]},

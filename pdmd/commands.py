@@ -138,7 +138,8 @@ def encode(args) -> int:
 
     cfg = load_real_config(args.config, for_run=True, overrides=args.overrides)
     out = encode_real(cfg, progress=not args.quiet)
-    print(f"wrote the prompt cache {out}")
+    print(f"wrote the prompt cache {out}" + (" (the validation prompts in its validation/)"
+                                              if cfg.validation.prompts else ""))
     return 0
 
 

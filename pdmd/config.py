@@ -1,7 +1,7 @@
 """The one run configuration of pdmd (toy, digits and real models): a pydantic v2 schema read from YAML.
 
 Sections: ``teacher``, ``distill``, ``generator``, ``fake``, ``eval`` (every run) and ``model``, ``data``,
-``export`` (a real model: a config with a ``model:`` section). The code reads these names directly
+``export``, ``validation`` (a real model: a config with a ``model:`` section). The code reads these names directly
 (``cfg.generator.lr``, ``cfg.fake.optimizer``); there is no second vocabulary. pydantic types every field (strict:
 no "yes" for a bool, no bool for a number; an integral float such as ``1e3`` is an int); ``validate`` does the
 cross-field checks. Every error is a ``ConfigError`` naming the file, the line and the field (``pdmd.yaml_io``).
@@ -33,8 +33,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pdmd.yaml_io import ConfigError, load_yaml
 
 __all__ = ["TeacherConfig", "DistillConfig", "GeneratorConfig", "FakeConfig", "EvalConfig", "MemoryConfig", "LogConfig",
-           "ModelConfig",
-           "DataConfig", "ExportConfig", "RunConfig", "METHODS", "TASKS", "ConfigError",
+           "ModelConfig", "DataConfig", "ExportConfig", "ValidationConfig", "RunConfig", "METHODS", "TASKS", "ConfigError",
            "ConfigWarning", "load_yaml", "load_config", "from_dict", "updated", "validate", "require_device"]
 
 METHODS = ("dmd", "dmd_sgts", "phased", "phased_sgts")
@@ -207,6 +206,17 @@ class ExportConfig(_Section):
     """The exported experts of a real-model run."""
     dir: str | None = _f(None, "folder for expert_k.safetensors and manifest.json (null: OUT/experts)")
     sampler: str = _f("euler", "euler | renoise: the few-step sampler the manifest describes")
+    export_every: Int = _f(0, "generator updates between exports to DIR/step_N/ (0: only the final export into DIR)")
+    keep: Int = _f(3, "the newest periodic exports kept (DIR/step_N/); the final export in DIR is always kept")
+
+
+class ValidationConfig(_Section):
+    """Validation samples of a real-model run: the current experts render fixed prompts and seeds into OUT/samples/step_N/."""
+    prompts: list[str] | str | None = _f(None, "prompts to render: a list, or a text file with one per line")
+    sample_every: Int = _f(0, "generator updates between validation samples (0: off)")
+    seeds: list[Int] = _f([0], "noise seeds, the same for every prompt (an image grid: prompts x seeds)")
+    resolution: list[Int] | None = _f(None, "[frames, height, width] pixels (null: the first of data.resolutions)")
+    fps: Int = _f(16, "frames per second of the validation videos")
 
 
 class RunConfig(_Section):
@@ -223,6 +233,7 @@ class RunConfig(_Section):
     model: ModelConfig | None = None
     data: DataConfig | None = None
     export: ExportConfig = Field(default_factory=ExportConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 

@@ -100,8 +100,26 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def _check_export(cfg: RunConfig) -> None:
-    x = cfg.export
+    x, v = cfg.export, cfg.validation
     _check(x.sampler in ("euler", "renoise"), "export.sampler", f"must be 'euler' or 'renoise', got {x.sampler!r}")
+    _check(x.export_every >= 0, "export.export_every", f"must be >= 0 (0: off), got {x.export_every}")
+    _check(x.keep >= 1, "export.keep", f"must be >= 1 (the newest periodic exports kept), got {x.keep}")
+    _check(v.sample_every >= 0, "validation.sample_every", f"must be >= 0 (0: off), got {v.sample_every}")
+    toy = (f"applies to real-model runs (a model: section) only; the {cfg.task} task writes its progress pictures "
+           "every distill.plot_every (set it to 0 or remove it)")
+    _check(x.export_every == 0 or cfg.is_real, "export.export_every", toy.replace("its progress pictures", "its experts"))
+    _check(v.sample_every == 0 or cfg.is_real, "validation.sample_every", toy)
+    if v.sample_every == 0:
+        return
+    prompts = v.prompts
+    _check(bool(prompts) and (isinstance(prompts, str) or all(p.strip() for p in prompts)), "validation.prompts",
+           f"must be a non-empty list of prompts or a text file (one prompt per line) when validation.sample_every is "
+           f"{v.sample_every}, got {prompts!r}")
+    _check(bool(v.seeds) and all(s >= 0 for s in v.seeds) and len(set(v.seeds)) == len(v.seeds), "validation.seeds",
+           f"must be a non-empty list of distinct seeds >= 0, got {v.seeds}")
+    _check(v.resolution is None or (len(v.resolution) == 3 and all(n >= 1 for n in v.resolution)),
+           "validation.resolution", f"must be null or [frames, height, width], got {v.resolution}")
+    _check(v.fps >= 1, "validation.fps", f"must be >= 1, got {v.fps}")
 
 
 def _check_log(cfg: RunConfig) -> None:
@@ -145,6 +163,12 @@ def _check_model(cfg: RunConfig) -> None:
            f"must be a non-empty list of 'high'/'low', got {pt}")
     _check(spec.video or all(r[0] == 1 for r in res), "data.resolutions",
            f"{spec.title} makes images, frames must be 1, got {res}")
+    v = cfg.validation
+    if v.sample_every:
+        _check(spec.decode is not None, "validation.sample_every",
+               f"is {v.sample_every}, but {spec.title} declares no VAE decoding (ModelSpec.decode): set it to 0")
+        _check(spec.video or v.resolution is None or v.resolution[0] == 1, "validation.resolution",
+               f"{spec.title} makes images, frames must be 1, got {v.resolution}")
     _check(m.shift_resolution is None or len(m.shift_resolution) == 2, "model.shift_resolution",
            f"must be [height, width], got {m.shift_resolution}")
 

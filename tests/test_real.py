@@ -285,7 +285,8 @@ def test_shipped_a14b_config_on_cuda_end_to_end(tmp_path):
     cfg["data"].update(prompts=str(tmp_path / "prompts.txt"), prompt_cache=str(tmp_path / "cache"),
                        max_sequence_length=16, resolutions=[[1, 32, 32], [5, 32, 48]])
     cfg["distill"].update(batch_size=2, pool_size=4, fake_updates_per_generator_update=2, log_every=1)
-    cfg["export"]["dir"] = str(tmp_path / "experts")
+    cfg["export"].update(dir=str(tmp_path / "experts"), export_every=0)
+    cfg.pop("validation")  # no VAE in the tiny folder (tests/test_validation.py renders samples)
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))

@@ -20,7 +20,7 @@ import signal
 import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -62,15 +62,17 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
     ``task`` supplies ``sample_cond(n, generator)`` (prompts) and ``latent_shape``, or ``latent_shapes`` for
     several resolutions: each iteration then draws one of them, and each keeps its own boundary pool.
     ``parallel`` (``pdmd.runtime.parallel``) shards the module and gives each rank its rows of every global batch.
+    ``callbacks``: each is called as ``cb(trainer)`` on every rank after each generator update (and its checkpoint),
+    except at the one where a signal stops the run (``pdmd.pipeline.run.Periodic`` catches up at the resume).
     """
 
     def __init__(self, cfg: RunConfig, teacher: nn.Module, task, out_dir: str | Path, progress: bool = True,
-                 plot_fn: Callable | None = None, parallel: Parallel | None = None):
+                 callbacks: Sequence[Callable] = (), parallel: Parallel | None = None):
         d = validate(cfg).distill  # the boundary: the loop then calls the math unchecked (check=False)
         self.cfg, self.task, self.out = cfg, task, Path(out_dir)
         self.par = parallel or Parallel()
         self.par.local(d.batch_size)  # ValueError unless the global batch splits evenly over the ranks
-        self.progress, self.plot_fn = progress, plot_fn
+        self.progress, self.callbacks = progress, list(callbacks)  # each called as cb(trainer) after every update
         self.device = torch.device(cfg.device)
         self.plan: StepPlan = make_step_plan(d.method, d.timesteps, d.phase_boundaries)
         self.phase_lengths = split_steps(d.max_steps, self.plan.n_phases)
@@ -247,11 +249,12 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
                 record(rec, p, clock)
                 if self.step % d.checkpoint_every == 0:
                     self.save()
-                if self.plot_fn is not None and self.step % d.plot_every == 0:
-                    self.plot_fn(self.out / "samples" / f"step_{self.step:06d}.png", self)
-                # every rank stops at the same iteration if any was signalled (torchrun signals them all)
+                # every rank stops at the same iteration if any was signalled (torchrun signals them all), before
+                # the callbacks: the checkpoint first; a resume runs those due at its step (the run path)
                 if not self.par.all_finite(not caught) and self.step < stop:
                     raise Interrupted(caught[0] if caught else signal.SIGTERM, self.step, self._save_once())
+                for cb in self.callbacks:  # the run path's pictures, samples, exports (they decide when)
+                    cb(self)
         self._save_once()
         self._check_skipped()
 

@@ -104,6 +104,8 @@ class ModelSpec:
       (``num_frames``, ``.frames``) rather than images (``.images``);
     - ``sampling_kwargs(manifest)``: the pipeline call's keywords that switch its guidance off;
     - ``finish_manifest(model, manifest)``: family entries of the export manifest (in place), or None;
+    - ``decode(vae, latents)``: pixels in [-1, 1] of the latents the adapter samples (``[B, 3, H, W]`` images or
+      ``[B, 3, F, H, W]`` videos) through the folder's VAE, as the pipeline decodes them; None: no validation samples;
     - ``options``: config fields only this family takes -> who they apply to (for error messages);
     - ``plan``: the planner's numbers, or None (``pdmd plan`` does not list the family).
     The LoRA export mapping is diffusers' own: ``pipeline_class.save_lora_weights(transformer_lora_layers=...)``
@@ -125,6 +127,7 @@ class ModelSpec:
     video: bool = False
     shift_by_resolution: bool = False
     finish_manifest: Callable[[Any, dict], None] | None = None
+    decode: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
     options: dict = field(default_factory=dict)
     plan: PlanSpec | None = None
     aliases: tuple[str, ...] = ()

@@ -102,13 +102,15 @@ def _phase_of(t: float, boundaries: list[float]) -> int:
 
 
 def export_experts(model: DiffusersDenoiser, out_dir, steps: Sequence[float], phase_boundaries: Sequence[float],
-                   adapters: Sequence[str] | None = None, sampler: str = "euler", write: bool = True) -> dict:
+                   adapters: Sequence[str] | None = None, sampler: str = "euler", write: bool = True,
+                   extra: dict | None = None) -> dict:
     """Write each phase's expert as a diffusers LoRA file plus ``manifest.json``; return the manifest.
 
     ``steps``: the sampling steps' pdmd times, from 1.0 down; ``phase_boundaries``: t_1 > ... > t_{N-1}, each
     one of the steps; ``adapters``: the peft adapter of each phase (default ``expert_1`` ... ``expert_N``).
     For Wan 2.2 A14B, phase k's expert is taken from ``model.for_phase(k)``'s transformer. Sharded (FSDP2)
-    adapters are gathered, a collective: call it on every rank, with ``write`` true on one.
+    adapters are gathered, a collective: call it on every rank, with ``write`` true on one. ``extra``: more
+    manifest entries (e.g. the generator update ``step`` of a periodic export).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -151,6 +153,7 @@ def export_experts(model: DiffusersDenoiser, out_dir, steps: Sequence[float], ph
                 "phase_boundary_sigmas": [sig(b) for b in bounds], "experts": experts, "steps": step_rows}
     if spec.finish_manifest is not None:
         spec.finish_manifest(model, manifest)
+    manifest.update(extra or {})
     if write:
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest

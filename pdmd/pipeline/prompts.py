@@ -17,6 +17,7 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from pdmd.models._local import component_dir, read_json
 from pdmd.models.registry import KINDS, get_spec
 
-__all__ = ["encode_prompts", "encode_with", "PromptCache", "KINDS"]
+__all__ = ["encode_prompts", "encode_with", "is_cached", "PromptCache", "KINDS"]
 
 META = "meta.json"
 
@@ -57,11 +58,33 @@ def _digest(kind, prompts, negative, pad_to) -> str:
     return hashlib.sha256(json.dumps([kind, list(prompts), negative, pad_to]).encode()).hexdigest()[:16]
 
 
+def _settings(kind, spec, prompts, negative_prompt, max_sequence_length):
+    """(negative prompt, token limit, padded length, digest) of a cache of ``prompts`` with these settings."""
+    negative = spec.prompts.default_negative if negative_prompt is None else negative_prompt
+    max_len = max_sequence_length or spec.prompts.max_sequence_length
+    pad_to = spec.prompts.padded_length(max_len)
+    return negative, max_len, pad_to, _digest(kind, list(prompts), negative, pad_to if pad_to is not None else max_len)
+
+
+def is_cached(out_dir, kind: str, prompts: Sequence[str], negative_prompt: str | None = None,
+              max_sequence_length: int | None = None) -> bool:
+    """``out_dir`` holds a complete cache of exactly ``prompts`` with these settings (encoding would write nothing)."""
+    out = Path(out_dir)
+    if not (out / META).is_file():
+        return False
+    digest = _settings(kind, get_spec(kind), prompts, negative_prompt, max_sequence_length)[3]
+    try:
+        return read_json(out / META).get("digest") == digest and len(PromptCache(out)) == len(prompts)
+    except ValueError:  # unreadable or incomplete
+        return False
+
+
 def encode_with(kind: str, components: dict, prompts: Sequence[str], out_dir, negative_prompt: str | None = None,
                 batch_size: int = 8, shard_size: int = 256, max_sequence_length: int | None = None,
-                device="cpu", progress: bool = True) -> Path:
+                device="cpu", progress: bool = True, replace: bool = False) -> Path:
     """Encode ``prompts`` and the negative prompt with already loaded tokenizers and text encoders, given as the
-    family's pipeline arguments (``{"tokenizer": ..., "text_encoder": ...}``)."""
+    family's pipeline arguments (``{"tokenizer": ..., "text_encoder": ...}``). ``out_dir`` holding a cache of
+    other prompts or settings is a ValueError, or is cleared first with ``replace``."""
     spec = get_spec(kind)
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -71,16 +94,16 @@ def encode_with(kind: str, components: dict, prompts: Sequence[str], out_dir, ne
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if max_sequence_length is not None and spec.prompts.max_sequence_length is None:
         raise ValueError(f"max_sequence_length: {spec.title} takes none (it pads per batch with a mask)")
-    negative = spec.prompts.default_negative if negative_prompt is None else negative_prompt
-    max_len = max_sequence_length or spec.prompts.max_sequence_length
-    pad_to = spec.prompts.padded_length(max_len)
+    negative, max_len, pad_to, digest = _settings(kind, spec, prompts, negative_prompt, max_sequence_length)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"kind": kind, "count": len(prompts), "negative_prompt": negative, "pad_to": pad_to, "shard_size": shard_size,
-            "digest": _digest(kind, prompts, negative, pad_to if pad_to is not None else max_len), "prompts": prompts}
+            "digest": digest, "prompts": prompts}
     old = read_json(out / META) if (out / META).is_file() else None
     if old is not None and (old.get("digest") != meta["digest"] or old.get("shard_size") != shard_size):
-        raise ValueError(f"out_dir {str(out)!r} holds a cache of other prompts or settings; use a new folder")
+        if not replace:
+            raise ValueError(f"out_dir {str(out)!r} holds a cache of other prompts or settings; use a new folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / META).write_text(json.dumps(meta, indent=1))
     pipe = _encoder_pipeline(spec, components)
 

@@ -1,9 +1,10 @@
 """Real models: the hooks of ``pdmd distill`` (``pdmd.pipeline.run``) and ``pdmd encode-prompts`` for a config
 with a ``model:`` section (``configs/wan2.1-t2v-14b.yaml``, ``configs/wan2.2-t2v-a14b.yaml``, ``configs/qwen-image.yaml``).
 
-The config is the one schema of ``pdmd.config`` (its ``model``, ``data`` and ``export`` sections). ``RealHooks``
-loads the teacher from the local folder, gives the trainer the prompt cache, and exports the experts as diffusers
-LoRA files with their manifest.
+The config is the one schema of ``pdmd.config`` (its ``model``, ``data``, ``export`` and ``validation`` sections).
+``RealHooks`` loads the teacher from the local folder, gives the trainer the prompt cache, renders validation samples
+(``pdmd.pipeline.validation``) and exports the experts periodically (``PeriodicExport``) along the way, and exports
+them as diffusers LoRA files with their manifest at the end.
 """
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import torch
 
 from pdmd.config import ConfigError, RunConfig, load_config, updated
 from pdmd.models.registry import get_spec
-from pdmd.pipeline.run import Hooks, run
+from pdmd.pipeline.export import MANIFEST
+from pdmd.pipeline.run import Hooks, Periodic, run
+from pdmd.runtime.rundir import clean_step_temps, install_dir, rotate_steps, staging, step_dir
 
-__all__ = ["PromptTask", "RealHooks", "load_real_config", "encode_real", "distill_real"]
+__all__ = ["PromptTask", "RealHooks", "PeriodicExport", "load_real_config", "encode_real", "encode_validation",
+           "validation_cache", "distill_real"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,7 +88,8 @@ def _at_model_switch(cfg: RunConfig, teacher) -> RunConfig:
 
 
 def encode_real(cfg: RunConfig, progress: bool = True) -> Path:
-    """Encode ``data.prompts`` into ``data.prompt_cache`` with the model's own text encoder (freed afterwards)."""
+    """Encode ``data.prompts`` into ``data.prompt_cache`` with the model's own text encoder (freed afterwards),
+    and ``validation.prompts``, if given, into its ``validation/`` folder (``encode_validation``)."""
     from pdmd.pipeline.prompts import encode_prompts
 
     d = cfg.data
@@ -93,8 +98,59 @@ def encode_real(cfg: RunConfig, progress: bool = True) -> Path:
         raise ValueError(f"data.prompts: {str(path)!r} is not a file (one prompt per line)")
     prompts = [p for p in path.read_text().splitlines() if p.strip()]
     extra = {"max_sequence_length": d.max_sequence_length} if d.max_sequence_length else {}
-    return encode_prompts(cfg.model.kind, cfg.model.path, prompts, d.prompt_cache, d.negative_prompt,
-                          dtype=torch_dtype(cfg), device=cfg.device, progress=progress, **extra)
+    out = encode_prompts(cfg.model.kind, cfg.model.path, prompts, d.prompt_cache, d.negative_prompt,
+                         dtype=torch_dtype(cfg), device=cfg.device, progress=progress, **extra)
+    encode_validation(cfg, progress)
+    return out
+
+
+def validation_cache(cfg: RunConfig) -> Path:
+    """Where the validation prompts' embeddings live: ``<data.prompt_cache>/validation``."""
+    return Path(cfg.data.prompt_cache) / "validation"
+
+
+def encode_validation(cfg: RunConfig, progress: bool = True) -> Path | None:
+    """Encode ``validation.prompts`` into ``validation_cache(cfg)`` unless it holds them already (other prompts
+    there are replaced); None when the config has none."""
+    from pdmd.pipeline.prompts import encode_prompts, is_cached
+    from pdmd.pipeline.validation import read_prompts
+
+    prompts = read_prompts(cfg.validation.prompts)
+    if not prompts:
+        return None
+    d, folder = cfg.data, validation_cache(cfg)
+    if is_cached(folder, cfg.model.kind, prompts, d.negative_prompt, d.max_sequence_length):
+        return folder
+    extra = {"max_sequence_length": d.max_sequence_length} if d.max_sequence_length else {}
+    return encode_prompts(cfg.model.kind, cfg.model.path, prompts, folder, d.negative_prompt, dtype=torch_dtype(cfg),
+                          device=cfg.device, progress=progress, replace=True, **extra)
+
+
+class PeriodicExport(Periodic):
+    """Every ``export.export_every`` updates the experts as they are, into ``<export dir>/step_N/`` (LoRA files and
+    manifest with its ``step``; written beside it and renamed whole); the ``export.keep`` newest are kept. The
+    adapters are gathered on every rank (FSDP2), rank 0 writes."""
+
+    def __init__(self, cfg: RunConfig, out: Path, par):
+        super().__init__(cfg.export.export_every, par)
+        self.dir, self.keep, self.sampler = Path(cfg.export.dir or out / "experts"), cfg.export.keep, cfg.export.sampler
+        if par.is_main:
+            clean_step_temps(self.dir)
+
+    def done(self, trainer) -> bool:
+        return (step_dir(self.dir, trainer.step) / MANIFEST).is_file()
+
+    def run(self, trainer) -> None:
+        from pdmd.pipeline.export import export_experts
+
+        dest = step_dir(self.dir, trainer.step)
+        tmp = staging(dest) if self.par.is_main else dest
+        plan = trainer.plan
+        export_experts(trainer.experts.module, tmp, list(plan.timesteps[:-1]), list(plan.boundaries[1:-1]),
+                       sampler=self.sampler, write=self.par.is_main, extra={"step": trainer.step})
+        if self.par.is_main:
+            install_dir(tmp, dest)
+            rotate_steps(self.dir, self.keep, trainer.step)
 
 
 class RealHooks(Hooks):
@@ -106,7 +162,13 @@ class RealHooks(Hooks):
         return ("phase_boundaries",) if cfg.default_boundaries else ()
 
     def check(self, cfg: RunConfig, out: Path) -> None:
+        from pdmd.models._local import component_dir
         from pdmd.pipeline.prompts import PromptCache
+        from pdmd.pipeline.validation import read_prompts
+
+        if cfg.validation.sample_every:  # before any work: the prompts (file) and the VAE folder
+            read_prompts(cfg.validation.prompts)
+            component_dir(cfg.model.path, "vae", "validation.sample_every: the model's vae")
 
         cache = cfg.data.prompt_cache
         if not (Path(cache) / "meta.json").is_file():
@@ -119,6 +181,10 @@ class RealHooks(Hooks):
         from pdmd.pipeline.prompts import PromptCache
 
         cfg, teacher, shapes = _load_teacher(cfg)
+        v = cfg.validation
+        if v.sample_every:  # the latents of the validation resolution (a bad one fails here, before training)
+            self.validation_shape = tuple(get_spec(cfg.model.kind).latent_shape(
+                teacher, *(v.resolution or cfg.data.resolutions[0])))
         if progress and par.is_main:
             for res, shape in zip(cfg.data.resolutions, shapes):
                 print(f"pdmd distill: (frames, height, width) {res} -> latents {shape}")
@@ -130,6 +196,22 @@ class RealHooks(Hooks):
                       "experts on " + ", ".join("high" if teacher.for_phase(k) is teacher.high else "low"
                                                 for k in range(1, len(cfg.distill.phase_boundaries) + 2)))
         return cfg, teacher, PromptTask(PromptCache(cfg.data.prompt_cache), shapes)
+
+    def callbacks(self, cfg, out, par, progress):
+        cbs = []
+        v = cfg.validation
+        if v.sample_every:
+            from pdmd.pipeline.validation import Validation, read_prompts
+
+            if par.is_main:  # the text encoder on the device before training, freed before it starts
+                encode_validation(cfg, progress)
+            par.barrier()
+            cbs.append(Validation(get_spec(cfg.model.kind), cfg.model.path, validation_cache(cfg),
+                                  read_prompts(v.prompts), v.seeds, self.validation_shape, v.fps, cfg.export.sampler,
+                                  v.sample_every, out, par))
+        if cfg.export.export_every:
+            cbs.append(PeriodicExport(cfg, out, par))
+        return cbs
 
     def finish(self, cfg, trainer, out, par, seconds):
         from pdmd.pipeline.export import export_experts

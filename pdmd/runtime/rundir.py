@@ -28,7 +28,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["hold", "clean_temps", "read_log", "trim_log", "log_line", "install", "candidates", "step_path", "warn"]
+__all__ = ["hold", "clean_temps", "read_log", "trim_log", "log_line", "install", "candidates", "step_path", "warn",
+           "step_dir", "step_dirs", "staging", "install_dir", "clean_step_temps", "rotate_steps"]
 
 LOCK = ".lock"
 _STEP = re.compile(r"^checkpoint\.step_(\d+)\.(safetensors|dcp)$")
@@ -196,3 +197,65 @@ def install(tmp: Path, latest: Path, keep: int, previous_step: int | None, new_s
         _remove(old)
     for _, p in _rotated(latest)[max(keep - 1, 0):]:
         _remove(p)
+
+
+# ---------------------------------------------------------------------- step folders (samples, periodic exports)
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir(parent: str | Path, step: int) -> Path:
+    """``parent/step_000200``: the folder of what a run wrote at one step (validation samples, an export)."""
+    return Path(parent) / f"step_{step:06d}"
+
+
+def step_dirs(parent: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the ``step_N`` folders in ``parent``, oldest first."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in parent.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name)))
+
+
+def staging(dest: Path) -> Path:
+    """An empty ``dest.tmp`` to write ``dest``'s files into before ``install_dir``."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        _remove(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def install_dir(tmp: Path, dest: Path) -> None:
+    """Make the finished folder ``tmp`` the folder ``dest``, replacing one there: a reader finds the old one or the
+    new one, whole (a folder cannot be renamed over another, so the old one goes to ``dest.old`` first)."""
+    old = dest.with_name(dest.name + ".old")
+    if old.exists():
+        _remove(old)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old.exists():
+        _remove(old)
+
+
+def clean_step_temps(parent: str | Path) -> None:
+    """Remove the ``step_N.tmp`` folders an interrupted write left in ``parent``; restore a ``step_N.old`` whose
+    replacement never arrived (a crash between the two renames of ``install_dir``)."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for p in sorted(parent.glob("step_*.tmp")):
+        _remove(p)
+    for p in sorted(parent.glob("step_*.old")):
+        dest = p.with_name(p.name[:-len(".old")])
+        _remove(p) if dest.exists() else os.replace(p, dest)
+
+
+def rotate_steps(parent: str | Path, keep: int, upto: int) -> list[Path]:
+    """Keep the ``keep`` newest ``step_N`` folders with N <= ``upto`` and remove the older ones; folders past
+    ``upto`` (written before a resume to an earlier checkpoint) are left to be replaced when the run gets there."""
+    mine = [p for s, p in step_dirs(parent) if s <= upto]
+    gone = mine[:max(len(mine) - keep, 0)]
+    for p in gone:
+        _remove(p)
+    return gone

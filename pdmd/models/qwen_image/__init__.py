@@ -29,6 +29,17 @@ def _encode(pipe, prompts, max_sequence_length, device):
     return trim_to_mask(embeds, mask), None
 
 
+def _decode(vae, latents):
+    """QwenImagePipeline's decoding of the unpacked latents [B, C, H, W]: statistics undone, one-frame video VAE."""
+    import torch
+
+    c = vae.config
+    latents = latents.to(vae.device, vae.dtype)[:, :, None]
+    mean = torch.tensor(c.latents_mean).view(1, c.z_dim, 1, 1, 1).to(latents)
+    inv_std = 1.0 / torch.tensor(c.latents_std).view(1, c.z_dim, 1, 1, 1).to(latents)
+    return vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
+
+
 SPEC = ModelSpec(
     name="qwen-image", title="Qwen-Image", transformer_class="QwenImageTransformer2DModel",
     pipeline_class="QwenImagePipeline", denoisers=(QwenImageDenoiser,), load=_load, latent_shape=_latent_shape,
@@ -37,7 +48,7 @@ SPEC = ModelSpec(
                        default_negative=" ",  # QwenImagePipeline's documented empty negative prompt
                        padded_length=lambda n: None),
     timestep_scale=1.0, shift_by_resolution=True,
-    sampling_kwargs=lambda m: {"true_cfg_scale": 1.0},
+    sampling_kwargs=lambda m: {"true_cfg_scale": 1.0}, decode=_decode,
     options={"model.shift_resolution": "Qwen-Image (its shift depends on the resolution)"},
     plan=PLAN, aliases=("qwen",),
 )

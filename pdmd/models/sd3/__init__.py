@@ -29,6 +29,12 @@ def _encode(pipe, prompts, max_sequence_length, device):
     return [e.cpu().contiguous() for e in embeds], pooled.cpu().contiguous()
 
 
+def _decode(vae, latents):
+    """StableDiffusion3Pipeline's decoding: scaling and shift undone, then the VAE's decoder ([B, 3, H, W])."""
+    latents = latents.to(vae.device, vae.dtype)
+    return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+
+
 SPEC = ModelSpec(
     name="sd3", title="SD3", transformer_class="SD3Transformer2DModel", pipeline_class="StableDiffusion3Pipeline",
     denoisers=(SD3Denoiser,), load=_load, latent_shape=_latent_shape, lora_targets=SD3Denoiser.lora_targets,
@@ -38,7 +44,7 @@ SPEC = ModelSpec(
                        encode=_encode, default_negative="", max_sequence_length=256,  # the pipeline's defaults
                        padded_length=lambda n: None,  # stored at full length already: every row has one length
                        cond_keys=("embeds", "pooled")),
-    timestep_scale=1000.0, sampling_kwargs=lambda m: {"guidance_scale": 1.0},
+    timestep_scale=1000.0, sampling_kwargs=lambda m: {"guidance_scale": 1.0}, decode=_decode,
     options={"data.max_sequence_length": "SD3 (T5 pads to it)"},
     plan=PLAN, aliases=("sd3.5",),
 )

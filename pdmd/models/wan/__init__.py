@@ -35,6 +35,17 @@ def _encode(pipe, prompts, max_sequence_length, device):
     return trim_to_mask(embeds, mask), None
 
 
+def _decode(vae, latents):
+    """WanPipeline's decoding: the VAE's latent statistics undone, then its decoder ([B, 3, F, H, W] in [-1, 1])."""
+    import torch
+
+    c = vae.config
+    latents = latents.to(vae.device, vae.dtype)
+    mean = torch.tensor(c.latents_mean).view(1, c.z_dim, 1, 1, 1).to(latents)
+    inv_std = 1.0 / torch.tensor(c.latents_std).view(1, c.z_dim, 1, 1, 1).to(latents)
+    return vae.decode(latents / inv_std + mean, return_dict=False)[0]
+
+
 def _finish_manifest(model, manifest: dict) -> None:
     if not isinstance(model, WanMoEDenoiser):
         return
@@ -58,7 +69,7 @@ SPEC = ModelSpec(
                        default_negative="", max_sequence_length=512),  # WanPipeline's defaults
     timestep_scale=1000.0, video=True,
     sampling_kwargs=lambda m: {"guidance_scale": 1.0, **({"guidance_scale_2": 1.0} if "boundary_ratio" in m else {})},
-    finish_manifest=_finish_manifest,
+    finish_manifest=_finish_manifest, decode=_decode,
     options={"model.boundary_sigma": _A14B, "model.phase_transformers": _A14B, "teacher.guidance_scale_low": _A14B,
              "data.max_sequence_length": "Wan (UMT5 pads to it)"},
     plan=PLAN,
