@@ -195,6 +195,7 @@ class ExportConfig(_Section):
     """The exported experts of a real-model run."""
     dir: str | None = _f(None, "folder for expert_k.safetensors and manifest.json (null: OUT/experts)")
     sampler: str = _f("euler", "euler | renoise: the few-step sampler the manifest describes")
+    format: str = _f("diffusers", "diffusers | comfy | both: LoRA files diffusers loads (expert_k), ComfyUI loads (expert_k_comfy), or both")
 
 
 class RunConfig(_Section):

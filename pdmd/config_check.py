@@ -9,6 +9,8 @@ import re
 
 from pdmd.config import MODEL_DTYPES, METHODS, TASKS, ConfigError, RunConfig
 
+EXPORT_FORMATS = ("diffusers", "comfy", "both")  # export.format: pdmd.pipeline.export.FORMATS, or both of them
+
 __all__ = ["validate", "require_device"]
 
 
@@ -101,6 +103,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 def _check_export(cfg: RunConfig) -> None:
     x = cfg.export
     _check(x.sampler in ("euler", "renoise"), "export.sampler", f"must be 'euler' or 'renoise', got {x.sampler!r}")
+    _check(x.format in EXPORT_FORMATS, "export.format", f"must be one of {list(EXPORT_FORMATS)}, got {x.format!r}")
 
 
 def _check_model(cfg: RunConfig) -> None:
@@ -133,6 +136,9 @@ def _check_model(cfg: RunConfig) -> None:
            f"{spec.title} makes images, frames must be 1, got {res}")
     _check(m.shift_resolution is None or len(m.shift_resolution) == 2, "model.shift_resolution",
            f"must be [height, width], got {m.shift_resolution}")
+    _check(cfg.export.format == "diffusers" or spec.comfy is not None, "export.format",
+           f"{cfg.export.format!r}: {spec.title} has no ComfyUI key map, so its experts cannot be written in ComfyUI's "
+           "layout; use 'diffusers'")
 
 
 def require_device(device: str, field: str = "device") -> None:

@@ -132,12 +132,13 @@ class RealHooks(Hooks):
         return cfg, teacher, PromptTask(PromptCache(cfg.data.prompt_cache), shapes)
 
     def finish(self, cfg, trainer, out, par, seconds):
-        from pdmd.pipeline.export import export_experts
+        from pdmd.pipeline.export import export_experts, formats_of
 
         plan = trainer.plan
         manifest = export_experts(trainer.experts.module, cfg.export.dir or out / "experts", list(plan.timesteps[:-1]),
                                   list(plan.boundaries[1:-1]), sampler=cfg.export.sampler,
-                                  write=par.is_main)  # adapters gathered on every rank
+                                  write=par.is_main,  # adapters gathered on every rank
+                                  formats=formats_of(cfg.export.format))
         manifest["seconds"] = round(seconds["distillation"], 1)
         return manifest
 
