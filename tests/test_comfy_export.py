@@ -72,7 +72,9 @@ def _original_state_dict(spec, transformer) -> dict:
 
 def _comfy_key_map(original_sd: dict) -> dict:
     """ComfyUI's ``model_lora_keys_unet`` for a model whose state dict is ``diffusion_model.`` + the original names:
-    the generic entries (every model) and the QwenImage branch's bare and ``transformer.`` ones."""
+    its generic entries, made for every model (``lora_unet_<name with _>`` and ``diffusion_model.<name>`` for each
+    ``<name>.weight``; the key itself for other tensors). The family branches (WAN21, QwenImage) only add other
+    prefixes (``transformer.``, bare names, ``lycoris_``), which the files pdmd writes do not use."""
     key_map = {}
     for k in ("diffusion_model." + n for n in original_sd):
         if k.endswith(".weight"):
@@ -122,6 +124,8 @@ def _check_comfy_file(path, spec, denoiser_transformer, base_transformer, adapte
         assert weight in patches, weight
         up, down, alpha = patches[weight]
         assert original[weight[len("diffusion_model."):]].shape == layer.get_base_layer().weight.shape
+        # the same float32 matrices and product; only where the scale is multiplied in differs (one rounding):
+        # float32's default tolerance
         torch.testing.assert_close(_comfy_delta(up, down, alpha), layer.get_delta_weight(adapter).float())
     return lora
 
@@ -177,7 +181,9 @@ def test_wan21_comfy_files_map_and_reproduce_the_experts(tmp_path):
         b = load_file(str(tmp_path / "diffusers" / f"{name}_comfy.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    # (c) diffusers' reader of ComfyUI-format Wan LoRAs loads the file and gives the expert's outputs
+    # (c) diffusers' reader of ComfyUI-format Wan LoRAs loads the file and gives the expert's outputs. It folds
+    # alpha / rank into the matrices (one rounding each) where peft scales the product: float32 differences of a few
+    # ulp per layer through two blocks, hence rtol 1e-5 (~80 float32 ulp)
     x, cond = torch.randn(1, 4, 1, 8, 8), torch.randn(1, 6, 16)
     for name in ("expert_1", "expert_2"):
         pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
