@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_diversity(sub)
     _add_sample(sub)
+    _add_export(sub)
     add_plan_parser(sub)
     return p
 
@@ -99,6 +100,21 @@ def _add_sample(sub) -> None:
     s.set_defaults(func=commands.sample)
 
 
+def _add_export(sub) -> None:
+    """``pdmd export``: convert a run's exported experts into another LoRA layout (ComfyUI's)."""
+    x = sub.add_parser("export", help="write a run's exported experts in ComfyUI's LoRA layout (expert_k_comfy.safetensors)")
+    src = x.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory of pdmd distill with a model: section (its experts are in RUN/experts)")
+    src.add_argument("--experts", help="an export folder (manifest.json + expert_k.safetensors), e.g. the config's export.dir")
+    x.add_argument("--format", choices=["comfy"], default="comfy",
+                   help="comfy: diffusion_model.<original module>.lora_down/lora_up/alpha, the keys ComfyUI's LoRA loader maps")
+    x.add_argument("--out", help="folder for the converted files and their manifest.json (default: the export folder itself, "
+                                 "whose manifest.json gains the ComfyUI entries)")
+    x.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="dtype of the LoRA matrices (default: the experts' own)")
+    x.set_defaults(func=commands.export)
+
+
 # commands whose --out is a directory they write into (sample checks its own --out)
 _OUT_DIRS = ("toy1d", "distill", "compare", "eval")
 
@@ -122,6 +138,7 @@ _SIZES = {
     "encode-prompts": "data.max_sequence_length and model.dtype",
     "sample": "--n (--run), or --height, --width, --frames and --dtype (--pipeline)",
     "toy1d": "--steps",
+    "export": "the experts' size (rank) and --dtype",
 }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from pdmd.config import RunConfig, load_config
 from pdmd.runtime.parallel import shutdown
 
-__all__ = ["load_args_config", "distill", "compare", "encode", "sample", "toy1d", "check_out", "seeds_of"]
+__all__ = ["load_args_config", "distill", "compare", "encode", "sample", "export", "toy1d", "check_out", "seeds_of"]
 
 
 def load_args_config(args, for_run: bool = True) -> RunConfig:
@@ -77,8 +77,9 @@ def distill(args) -> int:
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
             return 0
         where = cfg.export.dir or Path(args.out) / "experts"
+        files = [f for e in r["experts"] for f in (e.get("file"), e.get("comfy_file")) if f]
         print(f"distilled {len(r['experts'])} experts in {r['seconds']} s; wrote {where}/manifest.json and "
-              + ", ".join(e["file"] for e in r["experts"]))
+              + ", ".join(files))
         return 0
     if cfg.task == "digits":
         return _digits_done(args, r)
@@ -179,6 +180,29 @@ def sample(args) -> int:
     out = sample_pipeline(args.pipeline, args.experts, prompts, args.out, args.seeds, args.height, args.width,
                           args.frames, args.dtype, args.device)
     print(f"wrote {len(prompts) * len(args.seeds)} samples under {out}")
+    return 0
+
+
+def export(args) -> int:
+    """``pdmd export``: an export folder's diffusers LoRA files in another layout (ComfyUI's)."""
+    from pdmd.pipeline.export import MANIFEST, export_comfy
+
+    folder = Path(args.experts) if args.experts else Path(args.run) / "experts"
+    flag = "--experts" if args.experts else "--run"
+    if not (folder / MANIFEST).is_file():
+        hint = (" (a run whose config set export.dir exported there: pass that folder with --experts)"
+                if not args.experts else "")
+        raise ValueError(f"{flag}: {str(folder)!r} holds no {MANIFEST} (not a pdmd export){hint}")
+    out = Path(args.out) if args.out else folder
+    check_out(out, "--out" if args.out else flag)
+    manifest = export_comfy(folder, out, dtype=args.dtype)
+    for e in manifest["experts"]:
+        print(f"{out / e['comfy_file']}: expert {e['name']} (phase {e['phase']}) -> {e['comfy_model']}")
+    passes = manifest["comfy"]["passes"]
+    print(f"wrote {out / MANIFEST}; in ComfyUI: {len(passes)} KSamplerAdvanced passes of {passes[0]['steps']} steps, "
+          f"cfg 1, sampler {manifest['comfy']['sampler_name']}, scheduler "
+          f"{manifest['comfy']['scheduler'] or 'custom (the manifest sigmas)'}, shift {manifest['comfy']['shift']:g} "
+          "(docs/models.md, 'Using the experts in ComfyUI')")
     return 0
 
 

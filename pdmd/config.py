@@ -208,6 +208,7 @@ class ExportConfig(_Section):
     sampler: str = _f("euler", "euler | renoise: the few-step sampler the manifest describes")
     export_every: Int = _f(0, "generator updates between exports to DIR/step_N/ (0: only the final export into DIR)")
     keep: Int = _f(3, "the newest periodic exports kept (DIR/step_N/); the final export in DIR is always kept")
+    format: str = _f("diffusers", "diffusers | comfy | both: LoRA files diffusers loads (expert_k), ComfyUI loads (expert_k_comfy), or both")
 
 
 class ValidationConfig(_Section):

@@ -9,6 +9,8 @@ import re
 
 from pdmd.config import MODEL_DTYPES, METHODS, TASKS, ConfigError, RunConfig
 
+EXPORT_FORMATS = ("diffusers", "comfy", "both")  # export.format: pdmd.pipeline.export.FORMATS, or both of them
+
 __all__ = ["validate", "require_device"]
 
 
@@ -105,6 +107,7 @@ def _check_export(cfg: RunConfig) -> None:
     _check(x.export_every >= 0, "export.export_every", f"must be >= 0 (0: off), got {x.export_every}")
     _check(x.keep >= 1, "export.keep", f"must be >= 1 (the newest periodic exports kept), got {x.keep}")
     _check(v.sample_every >= 0, "validation.sample_every", f"must be >= 0 (0: off), got {v.sample_every}")
+    _check(x.format in EXPORT_FORMATS, "export.format", f"must be one of {list(EXPORT_FORMATS)}, got {x.format!r}")
     toy = (f"applies to real-model runs (a model: section) only; the {cfg.task} task writes its progress pictures "
            "every distill.plot_every (set it to 0 or remove it)")
     _check(x.export_every == 0 or cfg.is_real, "export.export_every", toy.replace("its progress pictures", "its experts"))
@@ -171,6 +174,9 @@ def _check_model(cfg: RunConfig) -> None:
                f"{spec.title} makes images, frames must be 1, got {v.resolution}")
     _check(m.shift_resolution is None or len(m.shift_resolution) == 2, "model.shift_resolution",
            f"must be [height, width], got {m.shift_resolution}")
+    _check(cfg.export.format == "diffusers" or spec.comfy is not None, "export.format",
+           f"{cfg.export.format!r}: {spec.title} has no ComfyUI key map, so its experts cannot be written in ComfyUI's "
+           "layout; use 'diffusers'")
 
 
 def require_device(device: str, field: str = "device") -> None:

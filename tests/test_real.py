@@ -207,6 +207,7 @@ def test_wan22_a14b_prompts_to_lora_files_for_both_transformers(tmp_path):
     cfg["distill"].pop("phase_boundaries")  # defaults to the model's switch: t = 0.875 / (12 - 11 * 0.875)
     tb = 0.875 / (12 - 11 * 0.875)
     cfg["distill"]["timesteps"] = [1.0, 0.7, round(tb, 6), 0.2, 0.0]
+    cfg["export"] = {"format": "both"}  # the diffusers files and ComfyUI's (tests/test_comfy_export.py checks those)
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["encode-prompts", "--config", str(cfg_path), "--quiet"]) == 0
     out = tmp_path / "run"
@@ -223,6 +224,11 @@ def test_wan22_a14b_prompts_to_lora_files_for_both_transformers(tmp_path):
         assert set(exported) == set(trained) and exported
         assert all(torch.equal(v, trained[k]) for k, v in exported.items())
         assert any(float(v.abs().max()) > 0 for k, v in exported.items() if ".lora_B." in k)
+        comfy = load_file(str(out / "experts" / f"{name}_comfy.safetensors"))  # the same matrices, original names
+        assert torch.equal(comfy["diffusion_model.blocks.1.cross_attn.o.lora_down.weight"],
+                           exported["transformer.blocks.1.attn2.to_out.0.lora_A.weight"])
+        assert len(comfy) == 3 * len(exported) // 2  # down, up, alpha per adapted layer
+    assert ["high-noise" in e["comfy_model"] for e in manifest["experts"]] == [True, False]
 
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=12.0),
                        transformer=WanTransformer3DModel.from_pretrained(pipe_dir / "transformer"),

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["ModelSpec", "PromptSpec", "PlanSpec", "Arch", "trim_to_mask"]
+__all__ = ["ModelSpec", "PromptSpec", "PlanSpec", "ComfySpec", "Arch", "trim_to_mask"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,21 @@ class PlanSpec:
 
 
 @dataclass(frozen=True)
+class ComfySpec:
+    """How ComfyUI names the family's weights, for LoRA files its loader maps (``pdmd export --format comfy``).
+
+    ComfyUI's LoRA loader (``comfy/lora.py``, ``model_lora_keys_unet``) maps the key ``diffusion_model.<name>`` (with
+    ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``) to the weight ``<name>.weight`` of its own model, whose
+    module names are the family's original (non-diffusers) ones. ``original_name(name)``: the diffusers module or
+    parameter name -> that original name (ValueError for a name it does not know); ``model_of(manifest, expert)``:
+    in words, the ComfyUI diffusion model an expert's file goes with (e.g. a two-transformer model's high-noise one).
+    """
+
+    original_name: Callable[[str], str]
+    model_of: Callable[[dict, dict], str]
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One model family. ``name`` is ``model.kind`` in configs and the prompt cache's kind.
 
@@ -107,7 +122,9 @@ class ModelSpec:
     - ``decode(vae, latents)``: pixels in [-1, 1] of the latents the adapter samples (``[B, 3, H, W]`` images or
       ``[B, 3, F, H, W]`` videos) through the folder's VAE, as the pipeline decodes them; None: no validation samples;
     - ``options``: config fields only this family takes -> who they apply to (for error messages);
-    - ``plan``: the planner's numbers, or None (``pdmd plan`` does not list the family).
+    - ``plan``: the planner's numbers, or None (``pdmd plan`` does not list the family);
+    - ``comfy``: the family's original module names for ComfyUI LoRA files (``ComfySpec``), or None (the family
+      refuses ``--format comfy``).
     The LoRA export mapping is diffusers' own: ``pipeline_class.save_lora_weights(transformer_lora_layers=...)``
     with keys relative to the transformer, loaded back with ``load_lora_weights``.
     """
@@ -130,6 +147,7 @@ class ModelSpec:
     decode: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
     options: dict = field(default_factory=dict)
     plan: PlanSpec | None = None
+    comfy: ComfySpec | None = None
     aliases: tuple[str, ...] = ()
 
 

@@ -12,11 +12,15 @@ runs the manifest's sigmas and switches adapters by timestep while the pipeline 
 experts share one transformer). The pipeline class, its timestep convention and its guidance switches come
 from the family's ``ModelSpec`` (``pdmd/models/<family>/``). ``sample`` (``pdmd sample``) does all of this
 from a local pipeline folder and writes the images in the layout ``pdmd eval diversity`` reads.
+
+ComfyUI (``formats`` with ``"comfy"``; ``export_comfy`` for an existing export, ``pdmd export --format comfy``):
+``expert_k_comfy.safetensors`` in the key layout ComfyUI's LoRA loader maps (``pdmd.pipeline.comfy``).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -25,14 +29,16 @@ import torch
 
 from pdmd.models.base import DiffusersDenoiser
 from pdmd.models.registry import spec_for_pipeline, spec_of
+from pdmd.pipeline.comfy import COMFY_SUFFIX, add_comfy_section, comfy_state_dict, export_comfy, no_comfy, save_comfy
 from pdmd.runtime.parallel import gathered
 
 __all__ = ["lora_state_dict", "activate_adapter", "export_experts", "read_manifest", "load_experts", "expert_sampling", "sample",
-           "SAMPLERS"]
+           "comfy_state_dict", "export_comfy", "formats_of", "SAMPLERS", "FORMATS"]
 
 MANIFEST = "manifest.json"
 FORMAT = "pdmd-experts/1"
 SAMPLERS = ("euler", "renoise")  # deterministic flow ODE step, or x0 then fresh noise (diffusers stochastic_sampling)
+FORMATS = ("diffusers", "comfy")  # diffusers' LoRA layout (expert_k.safetensors), ComfyUI's (expert_k_comfy.safetensors)
 
 
 def _config_holder(modules, adapter: str):
@@ -103,20 +109,23 @@ def _phase_of(t: float, boundaries: list[float]) -> int:
 
 def export_experts(model: DiffusersDenoiser, out_dir, steps: Sequence[float], phase_boundaries: Sequence[float],
                    adapters: Sequence[str] | None = None, sampler: str = "euler", write: bool = True,
-                   extra: dict | None = None) -> dict:
+                   extra: dict | None = None, formats: Sequence[str] = ("diffusers",)) -> dict:
     """Write each phase's expert as a diffusers LoRA file plus ``manifest.json``; return the manifest.
 
     ``steps``: the sampling steps' pdmd times, from 1.0 down; ``phase_boundaries``: t_1 > ... > t_{N-1}, each
-    one of the steps; ``adapters``: the peft adapter of each phase (default ``expert_1`` ... ``expert_N``).
-    For Wan 2.2 A14B, phase k's expert is taken from ``model.for_phase(k)``'s transformer. Sharded (FSDP2)
-    adapters are gathered, a collective: call it on every rank, with ``write`` true on one. ``extra``: more
-    manifest entries (e.g. the generator update ``step`` of a periodic export).
+    one of the steps; ``adapters``: the peft adapter of each phase (default ``expert_1`` ... ``expert_N``);
+    ``formats``: ``diffusers`` (``expert_k.safetensors``) and/or ``comfy`` (``expert_k_comfy.safetensors``, see
+    ``pdmd.pipeline.comfy``; the family must declare ``ModelSpec.comfy``). For Wan 2.2 A14B, phase k's expert is
+    taken from ``model.for_phase(k)``'s transformer. Sharded (FSDP2) adapters are gathered, a collective: call it
+    on every rank, with ``write`` true on one. ``extra``: more manifest entries (e.g. the generator update ``step``
+    of a periodic export).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     import diffusers
 
     spec = spec_of(model)
+    formats = _check_formats(formats, spec)
     pipe_cls = getattr(diffusers, spec.pipeline_class)
     steps = _check_times("steps", steps, first_is_one=True)
     bounds = _check_times("phase_boundaries", phase_boundaries, first_is_one=False) if phase_boundaries else []
@@ -140,12 +149,18 @@ def export_experts(model: DiffusersDenoiser, out_dir, steps: Sequence[float], ph
         sub = model.for_phase(k)
         component = model.component_of(sub)
         sd, config = lora_state_dict(sub.transformer, name, owners=(sub, model))
-        if write:
+        entry = {"name": name, "phase": k, "file": f"{name}.safetensors" if "diffusers" in formats else None,
+                 "component": component, "t_range": [edges[k], edges[k - 1]],
+                 "sigma_range": [sig(edges[k]), sig(edges[k - 1])], "rank": config["r"], "alpha": config["lora_alpha"]}
+        if write and "diffusers" in formats:
             pipe_cls.save_lora_weights(out, transformer_lora_layers=sd, transformer_lora_adapter_metadata=config,
                                        weight_name=f"{name}.safetensors")
-        experts.append({"name": name, "phase": k, "file": f"{name}.safetensors", "component": component,
-                        "t_range": [edges[k], edges[k - 1]], "sigma_range": [sig(edges[k]), sig(edges[k - 1])],
-                        "rank": config["r"], "alpha": config["lora_alpha"]})
+        if "comfy" in formats:
+            comfy = comfy_state_dict(sd, config, spec.comfy.original_name)  # checks the names on every rank
+            entry["comfy_file"] = f"{name}{COMFY_SUFFIX}"
+            if write:
+                save_comfy(comfy, out / entry["comfy_file"], entry)
+        experts.append(entry)
     step_rows = [{"t": t, "sigma": sig(t), "timestep": 1000.0 * sig(t),  # the scheduler's timesteps
                   "expert": adapters[_phase_of(t, bounds) - 1]} for t in steps]
     manifest = {"format": FORMAT, "model": spec.name, "pipeline": pipe_cls.__name__, "shift": model.schedule.shift,
@@ -153,9 +168,11 @@ def export_experts(model: DiffusersDenoiser, out_dir, steps: Sequence[float], ph
                 "phase_boundary_sigmas": [sig(b) for b in bounds], "experts": experts, "steps": step_rows}
     if spec.finish_manifest is not None:
         spec.finish_manifest(model, manifest)
+    if "comfy" in formats:
+        add_comfy_section(manifest, spec)
     manifest.update(extra or {})
     if write:
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _write_json(out / MANIFEST, manifest)
     return manifest
 
 
@@ -172,6 +189,9 @@ def read_manifest(folder) -> dict:
 def load_experts(pipe, folder) -> dict:
     """Load the exported experts into a diffusers pipeline (adapter names = expert names); return the manifest."""
     manifest = read_manifest(folder)
+    if any(e.get("file") is None for e in manifest["experts"]):
+        raise ValueError(f"folder: {str(folder)!r} holds the experts in ComfyUI's layout only (export.format: comfy); "
+                         "load them in ComfyUI (docs/models.md), or export with export.format: diffusers or both")
     for e in manifest["experts"]:
         extra = {"load_into_transformer_2": True} if e["component"] == "transformer_2" else {}
         with warnings.catch_warnings():  # several experts in one transformer is the design, not an accident
@@ -180,6 +200,30 @@ def load_experts(pipe, folder) -> dict:
     if "boundary_ratio" in manifest:
         pipe.register_to_config(boundary_ratio=manifest["boundary_ratio"])
     return manifest
+
+
+def formats_of(name: str) -> tuple[str, ...]:
+    """``export.format`` (diffusers | comfy | both) as the ``formats`` of ``export_experts``."""
+    if name == "both":
+        return FORMATS
+    if name not in FORMATS:
+        raise ValueError(f"export.format must be one of {[*FORMATS, 'both']}, got {name!r}")
+    return (name,)
+
+
+def _check_formats(formats, spec) -> tuple[str, ...]:
+    formats = (formats,) if isinstance(formats, str) else tuple(formats)
+    if not formats or any(f not in FORMATS for f in formats):
+        raise ValueError(f"formats must be a non-empty list of {FORMATS}, got {list(formats)}")
+    if "comfy" in formats and spec.comfy is None:
+        raise ValueError(no_comfy(spec))
+    return formats
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def _fixed_sigmas_scheduler(sigmas: list[float], stochastic: bool):

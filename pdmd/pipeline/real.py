@@ -134,6 +134,7 @@ class PeriodicExport(Periodic):
     def __init__(self, cfg: RunConfig, out: Path, par):
         super().__init__(cfg.export.export_every, par)
         self.dir, self.keep, self.sampler = Path(cfg.export.dir or out / "experts"), cfg.export.keep, cfg.export.sampler
+        self.format = cfg.export.format
         if par.is_main:
             clean_step_temps(self.dir)
 
@@ -141,13 +142,14 @@ class PeriodicExport(Periodic):
         return (step_dir(self.dir, trainer.step) / MANIFEST).is_file()
 
     def run(self, trainer) -> None:
-        from pdmd.pipeline.export import export_experts
+        from pdmd.pipeline.export import export_experts, formats_of
 
         dest = step_dir(self.dir, trainer.step)
         tmp = staging(dest) if self.par.is_main else dest
         plan = trainer.plan
         export_experts(trainer.experts.module, tmp, list(plan.timesteps[:-1]), list(plan.boundaries[1:-1]),
-                       sampler=self.sampler, write=self.par.is_main, extra={"step": trainer.step})
+                       sampler=self.sampler, write=self.par.is_main, extra={"step": trainer.step},
+                       formats=formats_of(self.format))
         if self.par.is_main:
             install_dir(tmp, dest)
             rotate_steps(self.dir, self.keep, trainer.step)
@@ -214,12 +216,13 @@ class RealHooks(Hooks):
         return cbs
 
     def finish(self, cfg, trainer, out, par, seconds):
-        from pdmd.pipeline.export import export_experts
+        from pdmd.pipeline.export import export_experts, formats_of
 
         plan = trainer.plan
         manifest = export_experts(trainer.experts.module, cfg.export.dir or out / "experts", list(plan.timesteps[:-1]),
                                   list(plan.boundaries[1:-1]), sampler=cfg.export.sampler,
-                                  write=par.is_main)  # adapters gathered on every rank
+                                  write=par.is_main,  # adapters gathered on every rank
+                                  formats=formats_of(cfg.export.format))
         manifest["seconds"] = round(seconds["distillation"], 1)
         return manifest
 

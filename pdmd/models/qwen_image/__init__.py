@@ -9,7 +9,7 @@ from __future__ import annotations
 from pdmd.models.qwen_image.denoiser import (QwenImageDenoiser, load_qwen_image, pack_latents, qwen_image_shift,
                                              unpack_latents)
 from pdmd.models.qwen_image.plan import PLAN
-from pdmd.models.spec import ModelSpec, PromptSpec, trim_to_mask
+from pdmd.models.spec import ComfySpec, ModelSpec, PromptSpec, trim_to_mask
 
 __all__ = ["SPEC", "QwenImageDenoiser", "load_qwen_image", "qwen_image_shift", "pack_latents", "unpack_latents"]
 
@@ -22,6 +22,18 @@ def _latent_shape(d, frames, height, width):
     if frames != 1:
         raise ValueError(f"frames must be 1 for Qwen-Image (it makes images), got {frames}")
     return d.latent_shape(height, width)
+
+
+def _original_name(name: str) -> str:
+    """Qwen-Image's original names are diffusers' own: the model was released in the diffusers layout, diffusers'
+    single-file loader maps a checkpoint to ``QwenImageTransformer2DModel`` unchanged (its ``checkpoint_mapping_fn``
+    is the identity) and ComfyUI's ``comfy/ldm/qwen_image/model.py`` names its modules the same way
+    (``transformer_blocks.N.attn.to_q``, ``img_mlp.net.0.proj``, ``txt_mod.1``, ...)."""
+    return name
+
+
+def _comfy_model(manifest: dict, expert: dict) -> str:
+    return "the Qwen-Image model in ComfyUI's layout (e.g. qwen_image_fp8_e4m3fn.safetensors in models/diffusion_models)"
 
 
 def _encode(pipe, prompts, max_sequence_length, device):
@@ -51,4 +63,5 @@ SPEC = ModelSpec(
     sampling_kwargs=lambda m: {"true_cfg_scale": 1.0}, decode=_decode,
     options={"model.shift_resolution": "Qwen-Image (its shift depends on the resolution)"},
     plan=PLAN, aliases=("qwen",),
+    comfy=ComfySpec(original_name=_original_name, model_of=_comfy_model),
 )

@@ -7,7 +7,8 @@ noise) and ``transformer_2``, switched at ``boundary_ratio`` (see ``denoiser``).
 """
 from __future__ import annotations
 
-from pdmd.models.spec import ModelSpec, PromptSpec, trim_to_mask
+from pdmd.models.spec import ComfySpec, ModelSpec, PromptSpec, trim_to_mask
+from pdmd.models.wan.comfy import comfy_model, original_name
 from pdmd.models.wan.denoiser import WanDenoiser, WanMoEDenoiser, load_wan, scheduler_shift
 from pdmd.models.wan.plan import PLAN
 
@@ -73,4 +74,5 @@ SPEC = ModelSpec(
     options={"model.boundary_sigma": _A14B, "model.phase_transformers": _A14B, "teacher.guidance_scale_low": _A14B,
              "data.max_sequence_length": "Wan (UMT5 pads to it)"},
     plan=PLAN,
+    comfy=ComfySpec(original_name=original_name, model_of=comfy_model),
 )
