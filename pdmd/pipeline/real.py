@@ -107,6 +107,9 @@ class RealHooks(Hooks):
 
     def check(self, cfg: RunConfig, out: Path) -> None:
         from pdmd.pipeline.prompts import PromptCache
+        from pdmd.tools.plan_config import check_model_arch
+
+        check_model_arch(cfg)  # model.arch, when given, is the folder's transformer shape
 
         cache = cfg.data.prompt_cache
         if not (Path(cache) / "meta.json").is_file():

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pdmd.models.registry import SPECS, get_spec
 from pdmd.models.spec import Arch
 
-__all__ = ["Arch", "ARCHS", "param_shapes", "Plan", "make_plan", "format_plan", "saved_activation_bytes",
-           "optimizer_state_bytes", "add_plan_parser", "build_diffusers", "measure_layout", "measure_activations",
-           "activation_bytes", "tokens"]
+__all__ = ["Arch", "ARCHS", "param_shapes", "Plan", "Layout", "make_plan", "format_plan", "saved_activation_bytes",
+           "optimizer_state_bytes", "optimizer_bytes", "add_plan_parser", "build_diffusers", "measure_layout",
+           "measure_activations", "activation_bytes", "tokens", "arch_from_config", "arch_from_folder", "published_name", "OPTIMIZER_NAMES"]
 
 GiB = 1024**3
 OPT_BLOCK = 256  # AdamW8bitV: uint8 codes per value + 2 float32 scales per block of 256 values
@@ -46,6 +46,59 @@ def _plan(arch: Arch):
 ARCHS = {a.name: a for spec in SPECS.values() if spec.plan is not None for a in spec.plan.archs}
 
 
+def _shape_key(arch: Arch) -> tuple:
+    """Everything of ``arch`` that sets its parameters (not its name or default resolution)."""
+    return (get_spec(arch.family, "arch.family").name, arch.layers, arch.heads, arch.head_dim, arch.ffn, arch.text_dim,
+            arch.in_channels, arch.out_channels, tuple(arch.patch), arch.freq_dim, arch.copies,
+            tuple(sorted(arch.extra.items())))
+
+
+def published_name(arch: Arch) -> str | None:
+    """The name in ARCHS of the published architecture of ``arch``'s shape, or None."""
+    return next((name for name, a in ARCHS.items() if _shape_key(a) == _shape_key(arch)), None)
+
+
+def arch_from_config(kind: str, configs: list, where: str = "config.json") -> Arch:
+    """The Arch of a base of ``len(configs)`` transformers of family ``kind`` from their diffusers config.json
+    dicts (``model.config`` of a loaded one): named as its published architecture when it is one (with that
+    one's default resolution), else "custom". ValueError when the family has no planner numbers, a config is
+    not of the family's class, or the transformers differ in shape (the plan counts identical copies)."""
+    import dataclasses
+
+    spec = get_spec(kind, "model.kind")
+    if spec.plan is None or spec.plan.from_config is None:
+        raise ValueError(f"model.kind {spec.name!r} has no planner numbers (pdmd/models/<family>/plan.py)")
+    archs = []
+    for c in configs:
+        name = c.get("_class_name")
+        if name is not None and name != spec.transformer_class:
+            raise ValueError(f"{where}: holds a {name!r}, not the {spec.title} transformer ({spec.transformer_class})")
+        archs.append(spec.plan.from_config(c, "custom"))
+    if any(_shape_key(a) != _shape_key(archs[0]) for a in archs):
+        raise ValueError(f"{where}: the {len(archs)} transformers differ in shape; the planner counts identical copies")
+    arch = dataclasses.replace(archs[0], copies=len(archs))
+    name = published_name(arch)
+    if name is not None:
+        return ARCHS[name]
+    return dataclasses.replace(arch, name=f"custom {spec.name} ({arch.layers} blocks, dim {arch.dim})")
+
+
+def arch_from_folder(path, kind: str) -> tuple[Arch, list[str]]:
+    """(the Arch, the config.json files read) of the local diffusers folder ``path`` of family ``kind``: its
+    ``transformer/config.json``, and ``transformer_2/config.json`` when there is one (Wan 2.2 A14B)."""
+    from pathlib import Path
+
+    from pdmd.models._local import component_dir, read_json
+
+    folder = component_dir(path, "transformer", "model.path")
+    files = [folder / "config.json"]
+    second = Path(path).expanduser() / "transformer_2" / "config.json"
+    if folder != Path(path).expanduser() and second.is_file():
+        files.append(second)
+    arch = arch_from_config(kind, [read_json(f) for f in files], " and ".join(str(f) for f in files))
+    return arch, [str(f) for f in files]
+
+
 def param_shapes(arch: Arch) -> list[tuple[str, tuple, bool]]:
     """(name, shape, is_lora_target) for every parameter of one transformer, named as in diffusers."""
     return _plan(arch).param_shapes(arch)
@@ -54,6 +107,89 @@ def param_shapes(arch: Arch) -> list[tuple[str, tuple, bool]]:
 def optimizer_state_bytes(shapes) -> int:
     """AdamW8bitV state bytes for these parameter shapes: per tensor ceil(n / 256) blocks of 256 + 8 bytes."""
     return sum(math.ceil(max(1, math.prod(s)) / OPT_BLOCK) * (OPT_BLOCK + 8) for _, s, _ in shapes)
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw8bit-v": "8-bit v", "bnb-adamw8bit": "bnb 8-bit", "torchao-adamw8bit": "torchao 8-bit"}
+
+
+def optimizer_bytes(name: str, shapes, dtype_bytes: int) -> int:
+    """Per-parameter state bytes of optimizer ``name`` (``pdmd.runtime.optim.build_optimizer``'s names) for these
+    parameter shapes of ``dtype_bytes`` bytes per value (the scalar step counters not counted).
+
+    adamw: torch AdamW's m and v in the parameter's dtype. adamw8bit-v: ``optimizer_state_bytes``.
+    bnb-adamw8bit: bitsandbytes' 2-state 8-bit optimizer (``Optimizer2State.init_state``): uint8 m and v plus one
+    float32 absmax per block of 2048 values each, float32 m and v for tensors under 4096 values (its qmaps are
+    shared). torchao-adamw8bit: ``torchao.optim.AdamW8bit`` (``_AdamBase._new_buffer``, ``OptimState8bit.zeros``):
+    per state uint8 codes, a float32 scale per block of 256 and a 256-entry float32 qmap, for tensors of >= 4096
+    values divisible by 256; others keep m and v in the parameter's dtype. (Both read from their sources; under
+    FSDP2 they decide per local shard, which the plan approximates by the whole tensor.)"""
+    total = 0
+    for _, s, _ in shapes:
+        n = max(1, math.prod(s))
+        if name == "adamw":
+            total += 2 * dtype_bytes * n
+        elif name == "adamw8bit-v":
+            total += math.ceil(n / OPT_BLOCK) * (OPT_BLOCK + 8)
+        elif name == "bnb-adamw8bit":
+            total += 2 * 4 * n if n < 4096 else 2 * (n + 4 * math.ceil(n / 2048))
+        elif name == "torchao-adamw8bit":
+            total += 2 * (n + 4 * (n // 256) + 4 * 256) if n >= 4096 and n % 256 == 0 else 2 * dtype_bytes * n
+        else:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_NAMES)}, got {name!r}")
+    return total
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The trainer's memory choices the plan models, with the config field of each (the defaults are pdmd's
+    recipe: ``configs/wan2.1-t2v-14b.yaml``'s). The experts' LoRA adapters (and a LoRA fake score) are float32 in
+    every layout: peft upcasts adapters made on bf16 weights (``autocast_adapter_dtype``), and ``cast_frozen``
+    leaves them alone."""
+
+    frozen_dtype: str = "bfloat16"  # distill.frozen_dtype: the shared base weights
+    fake_kind: str = "full"  # fake.kind: full (a copy of the whole base) | lora (an adapter on the base)
+    fake_dtype: str = "bfloat16"  # fake.dtype (full)
+    fake_optimizer: str = "adamw8bit-v"  # fake.optimizer
+    fake_lora_rank: int = 32  # fake.lora_rank (lora)
+    generator_optimizer: str = "adamw"  # generator.optimizer (the experts' LoRA)
+
+    def __post_init__(self):
+        for name, v in (("frozen_dtype", self.frozen_dtype), ("fake_dtype", self.fake_dtype)):
+            if v not in DTYPE_BYTES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPE_BYTES)}, got {v!r}")
+        if self.fake_kind not in ("full", "lora"):
+            raise ValueError(f"fake_kind must be 'full' or 'lora', got {self.fake_kind!r}")
+        for name, v in (("fake_optimizer", self.fake_optimizer), ("generator_optimizer", self.generator_optimizer)):
+            if v not in OPTIMIZER_NAMES:
+                raise ValueError(f"{name} must be one of {sorted(OPTIMIZER_NAMES)}, got {v!r}")
+        if not (isinstance(self.fake_lora_rank, int) and self.fake_lora_rank >= 1):
+            raise ValueError(f"fake_lora_rank must be an integer >= 1, got {self.fake_lora_rank!r}")
+
+
+def _short(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[dtype]
+
+
+def _lora_shapes(shapes, rank: int) -> list:
+    """(name, shape, False) of the LoRA A [rank, in] and B [out, rank] of every LoRA target among ``shapes``."""
+    return [x for name, s, lora in shapes if lora for x in ((name + ".lora_A", (rank, s[1]), False),
+                                                             (name + ".lora_B", (s[0], rank), False))]
+
+
+def _block_of(name: str) -> str | None:
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("blocks", "transformer_blocks") else None
+
+
+def _max_block(shapes) -> int:
+    """Values of the largest repeated block among ``shapes``."""
+    out: dict = {}
+    for name, s, _ in shapes:
+        key = _block_of(name)
+        if key is not None:
+            out[key] = out.get(key, 0) + math.prod(s)
+    return max(out.values())
 
 
 def tokens(arch: Arch, frames: int, height: int, width: int) -> int:
@@ -96,6 +232,7 @@ class Plan:
     reference: dict
     activations: dict  # "checkpointing"/"no checkpointing" -> bytes per GPU
     settings: dict = field(default_factory=dict)  # make_plan's arguments, to re-plan on other GPU counts
+    grads: dict = field(default_factory=dict)  # per GPU: "fake" (all its trained tensors), "fake block", "expert"
 
     def bytes_per_param(self, layout: str) -> float:
         """Sharded state summed over all GPUs per base parameter (no activations, no FSDP buffers)."""
@@ -119,12 +256,13 @@ class Plan:
 
 def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: int = 1, frames: int | None = None,
               height: int | None = None, width: int | None = None, lora_rank: int = 64, experts: int = 2,
-              text_tokens: int = 512, optimizer_in_backward: bool = False) -> Plan:
+              text_tokens: int = 512, optimizer_in_backward: bool = False, layout: Layout | None = None) -> Plan:
     """Per-GPU memory by component for ``model`` (a name in ARCHS, or an Arch) on ``gpus`` GPUs of ``gpu_mem`` GiB.
 
     ``batch`` is the micro-batch per GPU; frames/height/width are in pixels (the model's defaults if None).
     ``optimizer_in_backward``: the fake score is updated inside backward (AdamW8bitV.step_in_backward),
-    so at most one block's gradients exist at a time.
+    so at most one block's gradients exist at a time. ``layout``: the dtype, fake-score and optimizer choices
+    (``Layout()``, pdmd's recipe, if None).
     """
     if not isinstance(model, Arch) and model not in ARCHS:
         raise ValueError(f"model must be one of {sorted(ARCHS)}, got {model!r}")
@@ -134,6 +272,7 @@ def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: 
     if not gpu_mem > 0:
         raise ValueError(f"gpu_mem must be > 0 GiB, got {gpu_mem}")
     arch = model if isinstance(model, Arch) else ARCHS[model]
+    lay = layout or Layout()
     frames = arch.defaults["frames"] if frames is None else frames
     height = arch.defaults["height"] if height is None else height
     width = arch.defaults["width"] if width is None else width
@@ -142,46 +281,52 @@ def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: 
     shapes = one * arch.copies  # the whole base: what the fake score copies and, in the last phase, trains
     P = sum(math.prod(s) for _, s, _ in shapes)
     L = sum(lora_rank * (s[0] + s[1]) for _, s, lora in one if lora)  # one expert's LoRA
-    block = max(_block_params(arch).values())
+    block = _max_block(one)
+    fb, fd = DTYPE_BYTES[lay.frozen_dtype], DTYPE_BYTES[lay.fake_dtype]
+    full = lay.fake_kind == "full"
+    # the fake score's trained tensors at the peak (the last phase: on every transformer): the whole base in
+    # fake.dtype, or a LoRA of fake.lora_rank on every transformer in float32
+    fake_shapes = shapes if full else _lora_shapes(shapes, lay.fake_lora_rank)
+    fake_value = fd if full else 4
+    fake_n = sum(math.prod(s) for _, s, _ in fake_shapes)
+    fake_block = block if full else _max_block(fake_shapes)  # one block's fake tensors (step in backward)
     n = gpus
-    fsdp = 3 * block * 2 if n > 1 else 0  # two gathered bf16 blocks (current + prefetch) + one block's grads
+    fsdp = 3 * block * max(fb, fd if full else 0) if n > 1 else 0  # two gathered blocks (current + prefetch) + one block's grads
+    expert_state = optimizer_bytes(lay.generator_optimizer, _lora_shapes(one, lora_rank), 4)
+    fake_state = optimizer_bytes(lay.fake_optimizer, fake_shapes, fake_value)
+    fake_label = (f"{_short(lay.fake_dtype)}, no fp32 master" if full and fd == 2 else _short(lay.fake_dtype) if full
+                  else f"LoRA r={lay.fake_lora_rank}, fp32")
     ours = {
-        "base weights (bf16, frozen, shared)": 2 * P / n,
+        f"base weights ({_short(lay.frozen_dtype)}, frozen, shared)": fb * P / n,
         f"generator experts (LoRA r={lora_rank}, x{experts}, fp32)": 4 * experts * L / n,
-        "fake score (bf16, no fp32 master)": 2 * P / n,
-        "gradients (fake bf16 + expert fp32)": (2 * (block if optimizer_in_backward else P) + 4 * L) / n,
-        "optimizer states (8-bit v + expert AdamW)": (optimizer_state_bytes(shapes) + 8 * L) / n,
+        f"fake score ({fake_label})": fake_value * fake_n / n,
+        f"gradients (fake {_short(lay.fake_dtype) if full else 'LoRA fp32'} + expert fp32)":
+            (fake_value * (fake_block if optimizer_in_backward else fake_n) + 4 * L) / n,
+        f"optimizer states ({OPTIMIZER_NAMES[lay.fake_optimizer]} + expert {OPTIMIZER_NAMES[lay.generator_optimizer]})":
+            (fake_state + expert_state) / n,
         "FSDP2 gather buffers": fsdp,
     }
+    ref_fsdp = 3 * block * 2 if n > 1 else 0
     reference = {
         "base weights (bf16, frozen teacher)": 2 * P / n,
         "generator (fp32 master)": 4 * P / n,
         "fake score (fp32 master)": 4 * P / n,
         "gradients (fp32, both)": 8 * P / n,
         "optimizer states (fp32 AdamW m+v, both)": 16 * P / n,
-        "FSDP2 gather buffers": fsdp,
+        "FSDP2 gather buffers": ref_fsdp,
     }
     act = {k: activation_bytes(arch, batch, n_tok, text_tokens, ck)
            for k, ck in (("checkpointing", True), ("no checkpointing", False))}
     settings = dict(gpus=gpus, gpu_mem=gpu_mem, batch=batch, frames=frames, height=height, width=width,
                     lora_rank=lora_rank, experts=experts, text_tokens=text_tokens,
-                    optimizer_in_backward=optimizer_in_backward)
+                    optimizer_in_backward=optimizer_in_backward, layout=lay)
+    grads = {"fake": fake_value * fake_n / n, "fake block": fake_value * fake_block / n, "expert": 4 * L / n}
     return Plan(arch, gpus, gpu_mem, batch, n_tok, P, L, {k: int(v) for k, v in ours.items()},
-                {k: int(v) for k, v in reference.items()}, act, settings)
+                {k: int(v) for k, v in reference.items()}, act, settings, grads)
 
 
-def _block_params(arch: Arch) -> dict:
-    out = {}
-    for name, s, _ in param_shapes(arch):
-        parts = name.split(".")
-        key = ".".join(parts[:2]) if parts[0] in ("blocks", "transformer_blocks") else "other"
-        out[key] = out.get(key, 0) + math.prod(s)
-    out.pop("other", None)
-    return out
-
-
-def format_plan(plan: Plan) -> str:
-    """The table ``pdmd plan`` prints."""
+def format_plan(plan: Plan, fewest: bool = True) -> str:
+    """The table ``pdmd plan`` prints (``fewest``: with the fewest GPUs of this size at this micro-batch per GPU)."""
     a = plan.arch
     g = lambda b: f"{b / GiB:9.2f}"  # noqa: E731
     lines = [
@@ -205,9 +350,10 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {name:<44}{g(plan.total('ours', ck))}   {g(plan.total('reference', ck))}")
         lines.append(f"  {'  fits (' + str(int((1 - HEADROOM) * 100)) + ' % of GPU memory)':<44}"
                      f"{'yes' if plan.fits('ours', ck) else 'no':>9}   {'yes' if plan.fits('reference', ck) else 'no':>9}")
-        few = [plan.min_gpus(layout, ck) for layout in ("ours", "reference")]
-        few = [">256" if m is None else str(m) for m in few]
-        lines.append(f"  {'  fewest GPUs of this size that fit':<44}{few[0]:>9}   {few[1]:>9}")
+        if fewest:
+            few = [plan.min_gpus(layout, ck) for layout in ("ours", "reference")]
+            few = [">256" if m is None else str(m) for m in few]
+            lines.append(f"  {'  fewest GPUs of this size that fit':<44}{few[0]:>9}   {few[1]:>9}")
     return "\n".join(lines)
 
 
@@ -229,34 +375,93 @@ def saved_activation_bytes(module, fn) -> int:
     return sum(seen.values())
 
 
-def _plan_cmd(args) -> int:
-    plan = make_plan(args.model, gpus=args.gpus, gpu_mem=args.gpu_mem, batch=args.batch, frames=args.frames,
-                     height=args.height, width=args.width, lora_rank=args.lora_rank, experts=args.experts,
-                     text_tokens=args.text_tokens, optimizer_in_backward=args.optimizer_in_backward)
-    print(format_plan(plan))
-    from pdmd.tools.recipe import format_recipes  # the memory switches (fp8 base, offload, step in backward)
+# the preset flags and the config fields that set the same thing under --config
+_PRESET_FLAGS = {"batch": "distill.batch_size (global; split over --gpus)", "frames": "data.resolutions",
+                 "height": "data.resolutions", "width": "data.resolutions", "lora_rank": "generator.lora_rank",
+                 "experts": "distill.phase_boundaries", "optimizer_in_backward": "memory.recipe [step_in_backward]"}
+_PRESET_DEFAULTS = {"batch": 1, "lora_rank": 64, "experts": 2}
 
-    print(format_recipes(args.model, gpus=args.gpus, gpu_mem=args.gpu_mem, batch=args.batch, frames=args.frames,
-                         height=args.height, width=args.width, lora_rank=args.lora_rank, experts=args.experts,
-                         text_tokens=args.text_tokens))
+
+def _plan_cmd(args) -> int:
+    import json
+
+    if args.config is not None:
+        return _plan_config_cmd(args)
+    if args.overrides:
+        raise ValueError("--set overrides a config field: use it with --config FILE")
+    if args.model is None:
+        raise ValueError(f"pdmd plan needs --config FILE (a real-model config) or --model NAME, one of {sorted(ARCHS)}")
+    kw = {k: (_PRESET_DEFAULTS.get(k) if getattr(args, k) is None else getattr(args, k))
+          for k in ("batch", "frames", "height", "width", "lora_rank", "experts")}
+    kw["text_tokens"] = 512 if args.text_tokens is None else args.text_tokens
+    plan = make_plan(args.model, gpus=args.gpus or 1, gpu_mem=args.gpu_mem, optimizer_in_backward=bool(args.optimizer_in_backward),
+                     **kw)
+    from pdmd.tools.recipe import choose_recipe, format_recipe_list  # the memory switches (fp8 base, offload, step in backward)
+
+    best, every = choose_recipe(args.model, gpus=plan.gpus, gpu_mem=args.gpu_mem, **kw)
+    if args.json:
+        print(json.dumps(_plan_json(plan, best, every), indent=2))
+        return 0
+    print(format_plan(plan))
+    print(format_recipe_list(best, every, plan.gpus, args.gpu_mem))
+    return 0
+
+
+def _plan_json(plan: Plan, best, every) -> dict:
+    from pdmd.tools.plan_config import _recipe_json
+
+    return {"model": plan.arch.name, "gpus": plan.gpus, "gpu_mem_gib": plan.gpu_mem_gib, "batch_per_gpu": plan.batch,
+            "tokens": plan.tokens, "base_params": plan.base_params, "lora_params_per_expert": plan.lora_params,
+            "ours_bytes": dict(plan.ours), "reference_bytes": dict(plan.reference),
+            "activations_bytes": dict(plan.activations),
+            "totals_bytes": {lay: {k: plan.total(lay, k == "checkpointing") for k in ("checkpointing", "no checkpointing")}
+                             for lay in ("ours", "reference")},
+            "fits": {lay: {k: plan.fits(lay, k == "checkpointing") for k in ("checkpointing", "no checkpointing")}
+                     for lay in ("ours", "reference")},
+            "bytes_per_param": {lay: plan.bytes_per_param(lay) for lay in ("ours", "reference")},
+            "cheapest": _recipe_json(best), "recipes": [_recipe_json(x) for x in every]}
+
+
+def _plan_config_cmd(args) -> int:
+    import json
+
+    from pdmd.config import load_config
+    from pdmd.tools.plan_config import config_plan_json, format_config_plan, plan_config
+
+    given = [k for k in _PRESET_FLAGS if getattr(args, k) not in (None, False)]
+    if given:
+        k = given[0]
+        raise ValueError(f"--{k.replace('_', '-')} is a preset flag; with --config set {_PRESET_FLAGS[k]} in the config "
+                         "or with --set")
+    cfg = load_config(args.config, overrides=args.overrides)
+    r = plan_config(cfg, gpus=args.gpus or 1, gpu_mem=args.gpu_mem, model=args.model, text_tokens=args.text_tokens)
+    print(json.dumps(config_plan_json(r), indent=2) if args.json else format_config_plan(r))
     return 0
 
 
 def add_plan_parser(sub) -> None:
     """Register ``pdmd plan`` on the CLI's subparsers."""
-    p = sub.add_parser("plan", help="memory plan per GPU: our layout vs the reference recipe")
-    p.add_argument("--model", required=True, choices=sorted(ARCHS))
-    p.add_argument("--gpus", type=int, default=1)
+    p = sub.add_parser("plan", help="memory plan per GPU of a config (--config) or a published model (--model): our "
+                                    "layout vs the reference recipe, and the cheapest memory recipe that fits")
+    p.add_argument("--config", default=None, help="a real-model YAML config (docs/config.md): plan what it chose")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="overrides",
+                   help="with --config: override one config field (repeatable), e.g. --set distill.batch_size=8")
+    p.add_argument("--model", default=None, choices=sorted(ARCHS),
+                   help="a published architecture; with --config: the one to plan when model.path does not exist here "
+                        "(overrides model.arch)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs (default 1); with --config distill.batch_size is split over them")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
-    p.add_argument("--batch", type=int, default=1, help="micro-batch per GPU")
-    p.add_argument("--frames", type=int, default=None, help="video frames (4k+1 for Wan; 1 for images)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--lora-rank", type=int, default=64)
-    p.add_argument("--experts", type=int, default=2, help="generator experts (phases)")
-    p.add_argument("--text-tokens", type=int, default=512)
-    p.add_argument("--optimizer-in-backward", action="store_true",
-                   help="fake-score update inside backward: no full set of fake gradients")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes per GPU)")
+    p.add_argument("--batch", type=int, default=None, help="--model: micro-batch per GPU (default 1)")
+    p.add_argument("--frames", type=int, default=None, help="--model: video frames (4k+1 for Wan; 1 for images)")
+    p.add_argument("--height", type=int, default=None, help="--model: pixels")
+    p.add_argument("--width", type=int, default=None, help="--model: pixels")
+    p.add_argument("--lora-rank", type=int, default=None, help="--model: the experts' LoRA rank (default 64)")
+    p.add_argument("--experts", type=int, default=None, help="--model: generator experts, phases (default 2)")
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help="text tokens per sample (default 512; with --config the family's padding of data.max_sequence_length)")
+    p.add_argument("--optimizer-in-backward", action="store_true", default=None,
+                   help="--model: fake-score update inside backward: no full set of fake gradients")
     p.set_defaults(func=_plan_cmd)
 
 
