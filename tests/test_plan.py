@@ -167,8 +167,8 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from pdmd.config import ConfigError, load_config  # noqa: E402
-from pdmd.tools.planner import arch_from_config, optimizer_bytes, optimizer_state_bytes  # noqa: E402
-from pdmd.tools.plan_config import plan_config  # noqa: E402
+from pdmd.tools.planner import optimizer_bytes, optimizer_state_bytes  # noqa: E402
+from pdmd.tools.plan_config import arch_from_config, plan_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED = {"wan2.1-t2v-14b": ("wan2.1-14b", 512), "wan2.2-t2v-a14b": ("wan2.2-a14b", 512),

@@ -1,4 +1,4 @@
-"""``pdmd plan --config FILE``: the memory plan of a user's own real-model config.
+"""``pdmd plan``: the command, and ``--config FILE``, the memory plan of a user's own real-model config.
 
 What it reads from the config (the same mapping ``memory.recipe: auto`` uses at run time, ``pdmd.tools.recipe.plan_kw``):
   model       model.kind and the architecture: read from ``model.path``'s transformer/config.json (and
@@ -15,18 +15,69 @@ and a full fake score to fake.dtype, so it does not change the steady state the 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pdmd.models.registry import get_spec
 from pdmd.runtime.memory import parse_recipe
-from pdmd.tools.planner import (ARCHS, GiB, HEADROOM, _shape_key, activation_bytes, arch_from_folder, format_plan,
-                                make_plan, tokens)
+from pdmd.tools.planner import (ARCHS, GiB, HEADROOM, Arch, Plan, activation_bytes, format_plan, make_plan,
+                                tokens)
 from pdmd.tools.recipe import (UNSHARDED, allowed_switches, choose_recipe, format_recipe_list, largest_resolution,
                                plan_kw, recipe_memory)
 
-__all__ = ["arch_for_config", "check_model_arch", "plan_config", "format_config_plan", "config_plan_json"]
+__all__ = ["arch_for_config", "check_model_arch", "plan_config", "format_config_plan", "config_plan_json",
+           "arch_from_config", "arch_from_folder", "published_name", "add_plan_parser"]
 
 MAX_GPUS = 256
+
+
+def _shape_key(arch: Arch) -> tuple:
+    """Everything of ``arch`` that sets its parameters (not its name or default resolution)."""
+    return (get_spec(arch.family, "arch.family").name, arch.layers, arch.heads, arch.head_dim, arch.ffn, arch.text_dim,
+            arch.in_channels, arch.out_channels, tuple(arch.patch), arch.freq_dim, arch.copies,
+            tuple(sorted(arch.extra.items())))
+
+
+def published_name(arch: Arch) -> str | None:
+    """The name in ARCHS of the published architecture of ``arch``'s shape, or None."""
+    return next((name for name, a in ARCHS.items() if _shape_key(a) == _shape_key(arch)), None)
+
+
+def arch_from_config(kind: str, configs: list, where: str = "config.json") -> Arch:
+    """The Arch of a base of ``len(configs)`` transformers of family ``kind`` from their diffusers config.json
+    dicts (``model.config`` of a loaded one): named as its published architecture when it is one (with that
+    one's default resolution), else "custom". ValueError when the family has no planner numbers, a config is
+    not of the family's class, or the transformers differ in shape (the plan counts identical copies)."""
+    spec = get_spec(kind, "model.kind")
+    if spec.plan is None or spec.plan.from_config is None:
+        raise ValueError(f"model.kind {spec.name!r} has no planner numbers (pdmd/models/<family>/plan.py)")
+    archs = []
+    for c in configs:
+        name = c.get("_class_name")
+        if name is not None and name != spec.transformer_class:
+            raise ValueError(f"{where}: holds a {name!r}, not the {spec.title} transformer ({spec.transformer_class})")
+        archs.append(spec.plan.from_config(c, "custom"))
+    if any(_shape_key(a) != _shape_key(archs[0]) for a in archs):
+        raise ValueError(f"{where}: the {len(archs)} transformers differ in shape; the planner counts identical copies")
+    arch = dataclasses.replace(archs[0], copies=len(archs))
+    name = published_name(arch)
+    if name is not None:
+        return ARCHS[name]
+    return dataclasses.replace(arch, name=f"custom {spec.name} ({arch.layers} blocks, dim {arch.dim})")
+
+
+def arch_from_folder(path, kind: str) -> tuple[Arch, list[str]]:
+    """(the Arch, the config.json files read) of the local diffusers folder ``path`` of family ``kind``: its
+    ``transformer/config.json``, and ``transformer_2/config.json`` when there is one (Wan 2.2 A14B)."""
+    from pdmd.models._local import component_dir, read_json
+
+    folder = component_dir(path, "transformer", "model.path")
+    files = [folder / "config.json"]
+    second = Path(path).expanduser() / "transformer_2" / "config.json"
+    if folder != Path(path).expanduser() and second.is_file():
+        files.append(second)
+    arch = arch_from_config(kind, [read_json(f) for f in files], " and ".join(str(f) for f in files))
+    return arch, [str(f) for f in files]
 
 
 def _needs_model(cfg, what: str) -> None:
@@ -276,3 +327,89 @@ def config_plan_json(r: dict) -> dict:
         "cheapest": _recipe_json(r["cheapest"]), "recipes": [_recipe_json(x) for x in r["recipes"]],
         "fewest_gpus": r["fewest_gpus"],
     }
+
+
+# the preset flags and the config fields that set the same thing under --config
+_PRESET_FLAGS = {"batch": "distill.batch_size (global; split over --gpus)", "frames": "data.resolutions",
+                 "height": "data.resolutions", "width": "data.resolutions", "lora_rank": "generator.lora_rank",
+                 "experts": "distill.phase_boundaries", "optimizer_in_backward": "memory.recipe [step_in_backward]"}
+_PRESET_DEFAULTS = {"batch": 1, "lora_rank": 64, "experts": 2}
+
+
+def _plan_cmd(args) -> int:
+    import json
+
+    if args.config is not None:
+        return _plan_config_cmd(args)
+    if args.overrides:
+        raise ValueError("--set overrides a config field: use it with --config FILE")
+    if args.model is None:
+        raise ValueError(f"pdmd plan needs --config FILE (a real-model config) or --model NAME, one of {sorted(ARCHS)}")
+    kw = {k: (_PRESET_DEFAULTS.get(k) if getattr(args, k) is None else getattr(args, k))
+          for k in ("batch", "frames", "height", "width", "lora_rank", "experts")}
+    kw["text_tokens"] = 512 if args.text_tokens is None else args.text_tokens
+    plan = make_plan(args.model, gpus=1 if args.gpus is None else args.gpus, gpu_mem=args.gpu_mem,
+                     optimizer_in_backward=bool(args.optimizer_in_backward), **kw)
+    best, every = choose_recipe(args.model, gpus=plan.gpus, gpu_mem=args.gpu_mem, **kw)
+    if args.json:
+        print(json.dumps(_plan_json(plan, best, every), indent=2))
+        return 0
+    print(format_plan(plan))
+    print(format_recipe_list(best, every, plan.gpus, args.gpu_mem))
+    return 0
+
+
+def _plan_json(plan: Plan, best, every) -> dict:
+    return {"model": plan.arch.name, "gpus": plan.gpus, "gpu_mem_gib": plan.gpu_mem_gib, "batch_per_gpu": plan.batch,
+            "tokens": plan.tokens, "base_params": plan.base_params, "lora_params_per_expert": plan.lora_params,
+            "ours_bytes": dict(plan.ours), "reference_bytes": dict(plan.reference),
+            "activations_bytes": dict(plan.activations),
+            "totals_bytes": {lay: {k: plan.total(lay, k == "checkpointing") for k in ("checkpointing", "no checkpointing")}
+                             for lay in ("ours", "reference")},
+            "fits": {lay: {k: plan.fits(lay, k == "checkpointing") for k in ("checkpointing", "no checkpointing")}
+                     for lay in ("ours", "reference")},
+            "bytes_per_param": {lay: plan.bytes_per_param(lay) for lay in ("ours", "reference")},
+            "cheapest": _recipe_json(best), "recipes": [_recipe_json(x) for x in every]}
+
+
+def _plan_config_cmd(args) -> int:
+    import json
+
+    from pdmd.config import load_config
+
+    given = [k for k in _PRESET_FLAGS if getattr(args, k) not in (None, False)]
+    if given:
+        k = given[0]
+        raise ValueError(f"--{k.replace('_', '-')} is a preset flag; with --config set {_PRESET_FLAGS[k]} in the config "
+                         "or with --set")
+    cfg = load_config(args.config, overrides=args.overrides)
+    r = plan_config(cfg, gpus=1 if args.gpus is None else args.gpus, gpu_mem=args.gpu_mem, model=args.model,
+                    text_tokens=args.text_tokens)
+    print(json.dumps(config_plan_json(r), indent=2) if args.json else format_config_plan(r))
+    return 0
+
+
+def add_plan_parser(sub) -> None:
+    """Register ``pdmd plan`` on the CLI's subparsers."""
+    p = sub.add_parser("plan", help="memory plan per GPU of a config (--config) or a published model (--model): our "
+                                    "layout vs the reference recipe, and the cheapest memory recipe that fits")
+    p.add_argument("--config", default=None, help="a real-model YAML config (docs/config.md): plan what it chose")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="overrides",
+                   help="with --config: override one config field (repeatable), e.g. --set distill.batch_size=8")
+    p.add_argument("--model", default=None, choices=sorted(ARCHS),
+                   help="a published architecture; with --config: the one to plan when model.path does not exist here "
+                        "(overrides model.arch)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs (default 1); with --config distill.batch_size is split over them")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes per GPU)")
+    p.add_argument("--batch", type=int, default=None, help="--model: micro-batch per GPU (default 1)")
+    p.add_argument("--frames", type=int, default=None, help="--model: video frames (4k+1 for Wan; 1 for images)")
+    p.add_argument("--height", type=int, default=None, help="--model: pixels")
+    p.add_argument("--width", type=int, default=None, help="--model: pixels")
+    p.add_argument("--lora-rank", type=int, default=None, help="--model: the experts' LoRA rank (default 64)")
+    p.add_argument("--experts", type=int, default=None, help="--model: generator experts, phases (default 2)")
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help="text tokens per sample (default 512; with --config the family's padding of data.max_sequence_length)")
+    p.add_argument("--optimizer-in-backward", action="store_true", default=None,
+                   help="--model: fake-score update inside backward: no full set of fake gradients")
+    p.set_defaults(func=_plan_cmd)
