@@ -16,6 +16,8 @@ Layouts (all sharded over N GPUs with FSDP2, frozen weights in bf16):
              peak counts two.
   reference  frozen bf16 teacher; full-parameter generator and fake score, each with an fp32
              master copy, fp32 gradients and fp32 AdamW m and v (16 B/param each)
+``Layout`` varies ours as a config does (distill.frozen_dtype, fake.kind/dtype/optimizer/lora_rank,
+generator.optimizer; ``pdmd plan --config``, ``pdmd.tools.plan_config``); its defaults are the layout above.
 """
 from __future__ import annotations
 
