@@ -167,7 +167,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from pdmd.config import ConfigError, load_config  # noqa: E402
-from pdmd.tools.planner import optimizer_bytes, optimizer_state_bytes  # noqa: E402
+from pdmd.tools.planner import Layout, optimizer_bytes, optimizer_state_bytes  # noqa: E402
 from pdmd.tools.plan_config import arch_from_config, plan_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -357,3 +357,26 @@ def test_plan_config_clear_errors(tmp_path, capsys):
     with pytest.raises(ConfigError) as e:
         load_config(CONFIGS / "sd3.5-medium.yaml", overrides=["model.arch=wan2.1-14b"])
     assert e.value.field == "model.arch"
+
+
+def test_lora_rows_count_the_trainers_adapters(diffusers_models):
+    """The experts' and a LoRA fake score's parameters in the plan are those Experts puts on the teacher (float32),
+    for one transformer and for a two-transformer base (the fake adapter on both, each expert on one)."""
+    import torch
+
+    from pdmd.core.experts import Experts
+    from pdmd.models import WanDenoiser
+    from pdmd.models.wan import WanMoEDenoiser
+    from tiny_models import tiny_wan
+
+    for copies in (1, 2):
+        t = (WanDenoiser(tiny_wan().to(torch.bfloat16), shift=3.0) if copies == 1 else
+             WanMoEDenoiser(tiny_wan().to(torch.bfloat16), tiny_wan(1).to(torch.bfloat16), 3.0, boundary_sigma=0.9))
+        e = Experts(t, 2, 4, 4.0, fake_lora_rank=3)
+        arch = arch_from_config("wan", [dict(tiny_wan().config)] * copies)
+        plan = make_plan(arch, frames=5, height=32, width=32, lora_rank=4, layout=Layout(fake_kind="lora", fake_lora_rank=3))
+        held = {k: sum(p.numel() for n, p in e.module.named_parameters() if f".{k}." in n) for k in ("expert_1", "fake")}
+        assert all(p.dtype == torch.float32 for n, p in e.module.named_parameters() if "lora_" in n)
+        assert held["expert_1"] == plan.lora_params
+        row = next(v for k, v in plan.ours.items() if k.startswith("fake score"))
+        assert row == 4 * held["fake"]
