@@ -9,7 +9,7 @@ import warnings
 
 from pdmd import commands
 from pdmd.commands import check_out
-from pdmd.tools.planner import add_plan_parser
+from pdmd.tools.plan_config import add_plan_parser
 
 
 class _Parser(argparse.ArgumentParser):

@@ -186,6 +186,8 @@ class ModelConfig(_Section):
     """A local diffusers model (a real-model run)."""
     kind: str = _f(..., "the model family: a pdmd.models registry name (wan | qwen-image | sd3)")
     path: str = _f(..., "local diffusers folder (transformer/, text_encoder/, tokenizer/, scheduler/)")
+    arch: str | None = _f(None, "the published architecture (pdmd plan --model names, e.g. wan2.1-14b); null: read from "
+                          "path's transformer/config.json; checked against it when both exist")
     shift: Float | None = _f(None, "flow shift (null: the folder's scheduler; Qwen-Image: from shift_resolution)")
     dtype: str | None = _f(None, "float32 | bfloat16 | float16 (null: as stored)")
     shift_resolution: list[Int] | None = _f(None, "Qwen-Image: [height, width] whose scheduler shift is used")

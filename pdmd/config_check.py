@@ -149,6 +149,10 @@ def _check_model(cfg: RunConfig) -> None:
         spec = get_spec(m.kind, "model.kind")
     except ValueError as e:
         raise ConfigError(str(e), "model.kind") from None
+    if m.arch is not None:
+        names = [a.name for a in spec.plan.archs] if spec.plan is not None else []
+        _check(m.arch in names, "model.arch", f"must be a published {spec.name} architecture, one of {names} (pdmd plan "
+                                              f"--model names), or null to read it from model.path; got {m.arch!r}")
     _check(m.dtype is None or m.dtype in MODEL_DTYPES, "model.dtype", f"must be one of {sorted(MODEL_DTYPES)}, got {m.dtype!r}")
     _check(cfg.distill.method in ("phased", "phased_sgts"), "distill.method",
            f"must be 'phased' or 'phased_sgts' for a real model (one LoRA expert per phase), got {cfg.distill.method!r}")

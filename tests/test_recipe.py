@@ -13,7 +13,7 @@ from pdmd.tools.recipe import arch_of, resolve_recipe
 from pdmd.runtime.offload import ActivationOffload
 from pdmd.runtime.parallel import Parallel
 from pdmd.tools.planner import ARCHS, GiB, build_diffusers, make_plan, param_shapes
-from pdmd.tools.recipe import SWITCHES, choose_recipe, recipe_memory
+from pdmd.tools.recipe import SWITCHES, choose_recipe, layout_of, recipe_memory
 
 from test_plan import TINY_WAN, _pixels
 from trainer_helpers import tiny_cfg, tiny_teacher
@@ -185,13 +185,14 @@ def test_auto_recipe_on_a_gpu_picks_among_the_allowed_switches(monkeypatch, diff
                 c.in_channels, c.out_channels, tuple(c.patch_size), c.freq_dim)
     task = None
     res = [[5, 64, 64]]  # 2 x 4 x 4 = 32 tokens
-    kw = dict(lora_rank=2, experts=2, batch=4, frames=5, height=64, width=64)
-    plain, fp8 = (recipe_memory(arch, s, **kw)["total"] for s in ((), ("fp8_base",)))
-    mem = (plain + fp8) / 2 / 0.9  # bytes: the plain layout does not fit 90 % of it, fp8_base (and more) does
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=mem))
     cfg = tiny_cfg(batch_size=4, lora_rank=2, optimizer_fake="adamw8bit-v", betas=[0.0, 0.999], bf16=True,
                    activation_checkpointing=True)
     cfg = updated(cfg, {"device": "cuda", "fake.grad_clip": "none"})
+    # the config's own layout (the toy's float32 base and fake score), as auto plans it (pdmd plan --config too)
+    kw = dict(lora_rank=2, experts=2, batch=4, frames=5, height=64, width=64, layout=layout_of(cfg))
+    plain, fp8 = (recipe_memory(arch, s, **kw)["total"] for s in ((), ("fp8_base",)))
+    mem = (plain + fp8) / 2 / 0.9  # bytes: the plain layout does not fit 90 % of it, fp8_base (and more) does
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=mem))
     cfg.memory.recipe = "auto"
     assert resolve_recipe(cfg, teacher, task, Parallel(), arch=arch, resolutions=res) == ("step_in_backward",)
     cfg.fake.grad_clip = "global"  # step_in_backward not allowed: the next cheapest that fits

@@ -75,7 +75,10 @@ class PlanSpec:
     text tokens too (joint attention); ``build(arch)`` the diffusers model (random weights, current device);
     ``forward(arch, model, batch, frames, height, width, text_tokens)`` one forward on random inputs;
     ``per_block(arch, batch, n_tokens, text_tokens)``: bytes each block saves, when the blocks differ (else
-    every block saves ``batch * tokens * (act[0] d + act[1] ffn)``).
+    every block saves ``batch * tokens * (act[0] d + act[1] ffn)``); ``from_config(config, name)``: the ``Arch`` of
+    a diffusers ``config.json`` of the family's transformer class (ValueError for a setting the shapes do not
+    model); ``text_tokens(max_sequence_length)``: text tokens per sample the transformer sees (the prompt cache's
+    padding; ``data.max_sequence_length`` or None).
     """
 
     archs: tuple[Arch, ...]
@@ -87,6 +90,8 @@ class PlanSpec:
     build: Callable[[Arch], Any]
     forward: Callable[..., torch.Tensor]
     per_block: Callable[..., list] | None = None
+    from_config: Callable[[dict, str], Arch] | None = None
+    text_tokens: Callable[[int | None], int] | None = None
 
 
 @dataclass(frozen=True)

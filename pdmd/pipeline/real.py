@@ -167,7 +167,9 @@ class RealHooks(Hooks):
         from pdmd.models._local import component_dir
         from pdmd.pipeline.prompts import PromptCache
         from pdmd.pipeline.validation import read_prompts
+        from pdmd.tools.plan_config import check_model_arch
 
+        check_model_arch(cfg)  # model.arch, when given, is the folder's transformer shape
         if cfg.validation.sample_every:  # before any work: the prompts (file) and the VAE folder
             read_prompts(cfg.validation.prompts)
             component_dir(cfg.model.path, "vae", "validation.sample_every: the model's vae")

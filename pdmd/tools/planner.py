@@ -16,6 +16,8 @@ Layouts (all sharded over N GPUs with FSDP2, frozen weights in bf16):
              peak counts two.
   reference  frozen bf16 teacher; full-parameter generator and fake score, each with an fp32
              master copy, fp32 gradients and fp32 AdamW m and v (16 B/param each)
+``Layout`` varies ours as a config does (distill.frozen_dtype, fake.kind/dtype/optimizer/lora_rank,
+generator.optimizer; ``pdmd plan --config``, ``pdmd.tools.plan_config``); its defaults are the layout above.
 """
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ from dataclasses import dataclass, field
 from pdmd.models.registry import SPECS, get_spec
 from pdmd.models.spec import Arch
 
-__all__ = ["Arch", "ARCHS", "param_shapes", "Plan", "make_plan", "format_plan", "saved_activation_bytes",
-           "optimizer_state_bytes", "add_plan_parser", "build_diffusers", "measure_layout", "measure_activations",
-           "activation_bytes", "tokens"]
+__all__ = ["Arch", "ARCHS", "param_shapes", "Plan", "Layout", "make_plan", "format_plan", "saved_activation_bytes",
+           "optimizer_state_bytes", "optimizer_bytes", "build_diffusers", "measure_layout",
+           "measure_activations", "activation_bytes", "tokens", "OPTIMIZER_NAMES"]
 
 GiB = 1024**3
 OPT_BLOCK = 256  # AdamW8bitV: uint8 codes per value + 2 float32 scales per block of 256 values
@@ -54,6 +56,89 @@ def param_shapes(arch: Arch) -> list[tuple[str, tuple, bool]]:
 def optimizer_state_bytes(shapes) -> int:
     """AdamW8bitV state bytes for these parameter shapes: per tensor ceil(n / 256) blocks of 256 + 8 bytes."""
     return sum(math.ceil(max(1, math.prod(s)) / OPT_BLOCK) * (OPT_BLOCK + 8) for _, s, _ in shapes)
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw8bit-v": "8-bit v", "bnb-adamw8bit": "bnb 8-bit", "torchao-adamw8bit": "torchao 8-bit"}
+
+
+def optimizer_bytes(name: str, shapes, dtype_bytes: int) -> int:
+    """Per-parameter state bytes of optimizer ``name`` (``pdmd.runtime.optim.build_optimizer``'s names) for these
+    parameter shapes of ``dtype_bytes`` bytes per value (the scalar step counters not counted).
+
+    adamw: torch AdamW's m and v in the parameter's dtype. adamw8bit-v: ``optimizer_state_bytes``.
+    bnb-adamw8bit: bitsandbytes' 2-state 8-bit optimizer (``Optimizer2State.init_state``): uint8 m and v plus one
+    float32 absmax per block of 2048 values each, float32 m and v for tensors under 4096 values (its qmaps are
+    shared). torchao-adamw8bit: ``torchao.optim.AdamW8bit`` (``_AdamBase._new_buffer``, ``OptimState8bit.zeros``):
+    per state uint8 codes, a float32 scale per block of 256 and a 256-entry float32 qmap, for tensors of >= 4096
+    values divisible by 256; others keep m and v in the parameter's dtype. (Both read from their sources; under
+    FSDP2 they decide per local shard, which the plan approximates by the whole tensor.)"""
+    total = 0
+    for _, s, _ in shapes:
+        n = max(1, math.prod(s))
+        if name == "adamw":
+            total += 2 * dtype_bytes * n
+        elif name == "adamw8bit-v":
+            total += math.ceil(n / OPT_BLOCK) * (OPT_BLOCK + 8)
+        elif name == "bnb-adamw8bit":
+            total += 2 * 4 * n if n < 4096 else 2 * (n + 4 * math.ceil(n / 2048))
+        elif name == "torchao-adamw8bit":
+            total += 2 * (n + 4 * (n // 256) + 4 * 256) if n >= 4096 and n % 256 == 0 else 2 * dtype_bytes * n
+        else:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_NAMES)}, got {name!r}")
+    return total
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The trainer's memory choices the plan models, with the config field of each (the defaults are pdmd's
+    recipe: ``configs/wan2.1-t2v-14b.yaml``'s). The experts' LoRA adapters (and a LoRA fake score) are float32 in
+    every layout: peft upcasts adapters made on bf16 weights (``autocast_adapter_dtype``), and ``cast_frozen``
+    leaves them alone."""
+
+    frozen_dtype: str = "bfloat16"  # distill.frozen_dtype: the shared base weights
+    fake_kind: str = "full"  # fake.kind: full (a copy of the whole base) | lora (an adapter on the base)
+    fake_dtype: str = "bfloat16"  # fake.dtype (full)
+    fake_optimizer: str = "adamw8bit-v"  # fake.optimizer
+    fake_lora_rank: int = 32  # fake.lora_rank (lora)
+    generator_optimizer: str = "adamw"  # generator.optimizer (the experts' LoRA)
+
+    def __post_init__(self):
+        for name, v in (("frozen_dtype", self.frozen_dtype), ("fake_dtype", self.fake_dtype)):
+            if v not in DTYPE_BYTES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPE_BYTES)}, got {v!r}")
+        if self.fake_kind not in ("full", "lora"):
+            raise ValueError(f"fake_kind must be 'full' or 'lora', got {self.fake_kind!r}")
+        for name, v in (("fake_optimizer", self.fake_optimizer), ("generator_optimizer", self.generator_optimizer)):
+            if v not in OPTIMIZER_NAMES:
+                raise ValueError(f"{name} must be one of {sorted(OPTIMIZER_NAMES)}, got {v!r}")
+        if not (isinstance(self.fake_lora_rank, int) and self.fake_lora_rank >= 1):
+            raise ValueError(f"fake_lora_rank must be an integer >= 1, got {self.fake_lora_rank!r}")
+
+
+def _short(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[dtype]
+
+
+def _lora_shapes(shapes, rank: int) -> list:
+    """(name, shape, False) of the LoRA A [rank, in] and B [out, rank] of every LoRA target among ``shapes``."""
+    return [x for name, s, lora in shapes if lora for x in ((name + ".lora_A", (rank, s[1]), False),
+                                                             (name + ".lora_B", (s[0], rank), False))]
+
+
+def _block_of(name: str) -> str | None:
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("blocks", "transformer_blocks") else None
+
+
+def _max_block(shapes) -> int:
+    """Values of the largest repeated block among ``shapes``."""
+    out: dict = {}
+    for name, s, _ in shapes:
+        key = _block_of(name)
+        if key is not None:
+            out[key] = out.get(key, 0) + math.prod(s)
+    return max(out.values())
 
 
 def tokens(arch: Arch, frames: int, height: int, width: int) -> int:
@@ -96,6 +181,7 @@ class Plan:
     reference: dict
     activations: dict  # "checkpointing"/"no checkpointing" -> bytes per GPU
     settings: dict = field(default_factory=dict)  # make_plan's arguments, to re-plan on other GPU counts
+    grads: dict = field(default_factory=dict)  # per GPU: "fake" (all its trained tensors), "fake block", "expert"
 
     def bytes_per_param(self, layout: str) -> float:
         """Sharded state summed over all GPUs per base parameter (no activations, no FSDP buffers)."""
@@ -119,12 +205,13 @@ class Plan:
 
 def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: int = 1, frames: int | None = None,
               height: int | None = None, width: int | None = None, lora_rank: int = 64, experts: int = 2,
-              text_tokens: int = 512, optimizer_in_backward: bool = False) -> Plan:
+              text_tokens: int = 512, optimizer_in_backward: bool = False, layout: Layout | None = None) -> Plan:
     """Per-GPU memory by component for ``model`` (a name in ARCHS, or an Arch) on ``gpus`` GPUs of ``gpu_mem`` GiB.
 
     ``batch`` is the micro-batch per GPU; frames/height/width are in pixels (the model's defaults if None).
     ``optimizer_in_backward``: the fake score is updated inside backward (AdamW8bitV.step_in_backward),
-    so at most one block's gradients exist at a time.
+    so at most one block's gradients exist at a time. ``layout``: the dtype, fake-score and optimizer choices
+    (``Layout()``, pdmd's recipe, if None).
     """
     if not isinstance(model, Arch) and model not in ARCHS:
         raise ValueError(f"model must be one of {sorted(ARCHS)}, got {model!r}")
@@ -134,6 +221,7 @@ def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: 
     if not gpu_mem > 0:
         raise ValueError(f"gpu_mem must be > 0 GiB, got {gpu_mem}")
     arch = model if isinstance(model, Arch) else ARCHS[model]
+    lay = layout or Layout()
     frames = arch.defaults["frames"] if frames is None else frames
     height = arch.defaults["height"] if height is None else height
     width = arch.defaults["width"] if width is None else width
@@ -142,46 +230,52 @@ def make_plan(model: "str | Arch", gpus: int = 1, gpu_mem: float = 80.0, batch: 
     shapes = one * arch.copies  # the whole base: what the fake score copies and, in the last phase, trains
     P = sum(math.prod(s) for _, s, _ in shapes)
     L = sum(lora_rank * (s[0] + s[1]) for _, s, lora in one if lora)  # one expert's LoRA
-    block = max(_block_params(arch).values())
+    block = _max_block(one)
+    fb, fd = DTYPE_BYTES[lay.frozen_dtype], DTYPE_BYTES[lay.fake_dtype]
+    full = lay.fake_kind == "full"
+    # the fake score's trained tensors at the peak (the last phase: on every transformer): the whole base in
+    # fake.dtype, or a LoRA of fake.lora_rank on every transformer in float32
+    fake_shapes = shapes if full else _lora_shapes(shapes, lay.fake_lora_rank)
+    fake_value = fd if full else 4
+    fake_n = sum(math.prod(s) for _, s, _ in fake_shapes)
+    fake_block = block if full else _max_block(fake_shapes)  # one block's fake tensors (step in backward)
     n = gpus
-    fsdp = 3 * block * 2 if n > 1 else 0  # two gathered bf16 blocks (current + prefetch) + one block's grads
+    fsdp = 3 * block * max(fb, fd if full else 0) if n > 1 else 0  # two gathered blocks (current + prefetch) + one block's grads
+    expert_state = optimizer_bytes(lay.generator_optimizer, _lora_shapes(one, lora_rank), 4)
+    fake_state = optimizer_bytes(lay.fake_optimizer, fake_shapes, fake_value)
+    fake_label = (f"{_short(lay.fake_dtype)}, no fp32 master" if full and fd == 2 else _short(lay.fake_dtype) if full
+                  else f"LoRA r={lay.fake_lora_rank}, fp32")
     ours = {
-        "base weights (bf16, frozen, shared)": 2 * P / n,
+        f"base weights ({_short(lay.frozen_dtype)}, frozen, shared)": fb * P / n,
         f"generator experts (LoRA r={lora_rank}, x{experts}, fp32)": 4 * experts * L / n,
-        "fake score (bf16, no fp32 master)": 2 * P / n,
-        "gradients (fake bf16 + expert fp32)": (2 * (block if optimizer_in_backward else P) + 4 * L) / n,
-        "optimizer states (8-bit v + expert AdamW)": (optimizer_state_bytes(shapes) + 8 * L) / n,
+        f"fake score ({fake_label})": fake_value * fake_n / n,
+        f"gradients (fake {_short(lay.fake_dtype) if full else 'LoRA fp32'} + expert fp32)":
+            (fake_value * (fake_block if optimizer_in_backward else fake_n) + 4 * L) / n,
+        f"optimizer states ({OPTIMIZER_NAMES[lay.fake_optimizer]} + expert {OPTIMIZER_NAMES[lay.generator_optimizer]})":
+            (fake_state + expert_state) / n,
         "FSDP2 gather buffers": fsdp,
     }
+    ref_fsdp = 3 * block * 2 if n > 1 else 0
     reference = {
         "base weights (bf16, frozen teacher)": 2 * P / n,
         "generator (fp32 master)": 4 * P / n,
         "fake score (fp32 master)": 4 * P / n,
         "gradients (fp32, both)": 8 * P / n,
         "optimizer states (fp32 AdamW m+v, both)": 16 * P / n,
-        "FSDP2 gather buffers": fsdp,
+        "FSDP2 gather buffers": ref_fsdp,
     }
     act = {k: activation_bytes(arch, batch, n_tok, text_tokens, ck)
            for k, ck in (("checkpointing", True), ("no checkpointing", False))}
     settings = dict(gpus=gpus, gpu_mem=gpu_mem, batch=batch, frames=frames, height=height, width=width,
                     lora_rank=lora_rank, experts=experts, text_tokens=text_tokens,
-                    optimizer_in_backward=optimizer_in_backward)
+                    optimizer_in_backward=optimizer_in_backward, layout=lay)
+    grads = {"fake": fake_value * fake_n / n, "fake block": fake_value * fake_block / n, "expert": 4 * L / n}
     return Plan(arch, gpus, gpu_mem, batch, n_tok, P, L, {k: int(v) for k, v in ours.items()},
-                {k: int(v) for k, v in reference.items()}, act, settings)
+                {k: int(v) for k, v in reference.items()}, act, settings, grads)
 
 
-def _block_params(arch: Arch) -> dict:
-    out = {}
-    for name, s, _ in param_shapes(arch):
-        parts = name.split(".")
-        key = ".".join(parts[:2]) if parts[0] in ("blocks", "transformer_blocks") else "other"
-        out[key] = out.get(key, 0) + math.prod(s)
-    out.pop("other", None)
-    return out
-
-
-def format_plan(plan: Plan) -> str:
-    """The table ``pdmd plan`` prints."""
+def format_plan(plan: Plan, fewest: bool = True) -> str:
+    """The table ``pdmd plan`` prints (``fewest``: with the fewest GPUs of this size at this micro-batch per GPU)."""
     a = plan.arch
     g = lambda b: f"{b / GiB:9.2f}"  # noqa: E731
     lines = [
@@ -205,9 +299,10 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {name:<44}{g(plan.total('ours', ck))}   {g(plan.total('reference', ck))}")
         lines.append(f"  {'  fits (' + str(int((1 - HEADROOM) * 100)) + ' % of GPU memory)':<44}"
                      f"{'yes' if plan.fits('ours', ck) else 'no':>9}   {'yes' if plan.fits('reference', ck) else 'no':>9}")
-        few = [plan.min_gpus(layout, ck) for layout in ("ours", "reference")]
-        few = [">256" if m is None else str(m) for m in few]
-        lines.append(f"  {'  fewest GPUs of this size that fit':<44}{few[0]:>9}   {few[1]:>9}")
+        if fewest:
+            few = [plan.min_gpus(layout, ck) for layout in ("ours", "reference")]
+            few = [">256" if m is None else str(m) for m in few]
+            lines.append(f"  {'  fewest GPUs of this size that fit':<44}{few[0]:>9}   {few[1]:>9}")
     return "\n".join(lines)
 
 
@@ -227,37 +322,6 @@ def saved_activation_bytes(module, fn) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
-
-
-def _plan_cmd(args) -> int:
-    plan = make_plan(args.model, gpus=args.gpus, gpu_mem=args.gpu_mem, batch=args.batch, frames=args.frames,
-                     height=args.height, width=args.width, lora_rank=args.lora_rank, experts=args.experts,
-                     text_tokens=args.text_tokens, optimizer_in_backward=args.optimizer_in_backward)
-    print(format_plan(plan))
-    from pdmd.tools.recipe import format_recipes  # the memory switches (fp8 base, offload, step in backward)
-
-    print(format_recipes(args.model, gpus=args.gpus, gpu_mem=args.gpu_mem, batch=args.batch, frames=args.frames,
-                         height=args.height, width=args.width, lora_rank=args.lora_rank, experts=args.experts,
-                         text_tokens=args.text_tokens))
-    return 0
-
-
-def add_plan_parser(sub) -> None:
-    """Register ``pdmd plan`` on the CLI's subparsers."""
-    p = sub.add_parser("plan", help="memory plan per GPU: our layout vs the reference recipe")
-    p.add_argument("--model", required=True, choices=sorted(ARCHS))
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
-    p.add_argument("--batch", type=int, default=1, help="micro-batch per GPU")
-    p.add_argument("--frames", type=int, default=None, help="video frames (4k+1 for Wan; 1 for images)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--lora-rank", type=int, default=64)
-    p.add_argument("--experts", type=int, default=2, help="generator experts (phases)")
-    p.add_argument("--text-tokens", type=int, default=512)
-    p.add_argument("--optimizer-in-backward", action="store_true",
-                   help="fake-score update inside backward: no full set of fake gradients")
-    p.set_defaults(func=_plan_cmd)
 
 
 def build_diffusers(arch: Arch, device="cpu"):

@@ -28,9 +28,11 @@ import math
 import torch
 
 from pdmd.runtime.memory import SWITCHES, parse_recipe, step_in_backward_blockers
-from pdmd.tools.planner import tokens, GiB, HEADROOM, _plan, activation_bytes, make_plan, optimizer_state_bytes, param_shapes
+from pdmd.tools.planner import (DTYPE_BYTES, GiB, HEADROOM, Layout, _plan, _short, activation_bytes, make_plan,
+                                 param_shapes, tokens)
 
-__all__ = ["SWITCHES", "recipe_memory", "choose_recipe", "format_recipes", "parse_recipe", "arch_of", "resolve_recipe"]
+__all__ = ["SWITCHES", "recipe_memory", "choose_recipe", "format_recipes", "parse_recipe", "arch_of", "resolve_recipe",
+           "format_recipe_list", "n_phases", "layout_of", "text_tokens_of", "largest_resolution", "plan_kw", "allowed_switches"]
 
 NUMERICS = ("fp8_base",)  # switches that change the trained numbers (the others are tested equal)
 
@@ -39,16 +41,23 @@ def _in_block(name: str) -> bool:
     return name.split(".")[0] in ("blocks", "transformer_blocks")
 
 
-def recipe_memory(model, switches=(), gpus: int = 1, gpu_mem: float = 80.0, **plan_kw) -> dict:
-    """Modelled bytes per GPU of our layout under ``switches`` (checkpointing on): components, "total", "fits",
-    "host" (host memory per GPU: offloaded tensors, and with fp8_base the fake score's bf16 source) and "traffic" (host<->GPU bytes per forward-and-backward pass)."""
+def recipe_memory(model, switches=(), gpus: int = 1, gpu_mem: float = 80.0, checkpointing: bool = True,
+                  **plan_kw) -> dict:
+    """Modelled bytes per GPU of our layout under ``switches`` (activation checkpointing on unless ``checkpointing``
+    is False): components, "total", "fits", "host" (host memory per GPU: offloaded tensors, and with fp8_base the
+    fake score's source weights) and "traffic" (host<->GPU bytes per forward-and-backward pass). ``plan_kw`` go to
+    ``make_plan`` (``layout``: the dtype, fake-score and optimizer choices)."""
     switches = set(switches)
     bad = switches - set(SWITCHES)
     if bad:
         raise ValueError(f"switches must be among {list(SWITCHES)}, got {sorted(bad)}")
+    if "activation_offload" in switches and not checkpointing:
+        raise ValueError("activation_offload moves the checkpointed blocks' inputs: it needs activation checkpointing")
     plan = make_plan(model, gpus=gpus, gpu_mem=gpu_mem, **plan_kw)
     arch, n, s = plan.arch, gpus, plan.settings
-    shapes = param_shapes(arch) * arch.copies
+    lay = s["layout"]
+    fb = DTYPE_BYTES[lay.frozen_dtype]
+    full = lay.fake_kind == "full"
     P, L = plan.base_params, plan.lora_params
     blocks: dict = {}
     fp8_bytes = 0  # base bytes of one transformer in fp8_base: block Linear weights 1 B + fp32 scale per row
@@ -57,36 +66,37 @@ def recipe_memory(model, switches=(), gpus: int = 1, gpu_mem: float = 80.0, **pl
         if _in_block(name):
             key = ".".join(name.split(".")[:2])
             linear = name.endswith(".weight") and len(shape) == 2
-            b8 = size + 4 * shape[0] if linear else 2 * size
+            b8 = size + 4 * shape[0] if linear else fb * size
             bb = blocks.setdefault(key, [0, 0])
-            bb[0], bb[1] = bb[0] + 2 * size, bb[1] + b8
+            bb[0], bb[1] = bb[0] + fb * size, bb[1] + b8
             fp8_bytes += b8
         else:
-            fp8_bytes += 2 * size
-    block_bf16 = max(b[0] for b in blocks.values())
+            fp8_bytes += fb * size
     block_base = max(b[1] if "fp8_base" in switches else b[0] for b in blocks.values())
-    base_total = fp8_bytes * arch.copies if "fp8_base" in switches else 2 * P
+    base_total = fp8_bytes * arch.copies if "fp8_base" in switches else fb * P
     n_blocks = len(blocks) * arch.copies
     if "weight_offload" in switches:  # two blocks on the GPU (in use + prefetched), everything outside blocks stays
         base_gpu = (base_total - n_blocks * block_base) / n + 2 * block_base
         host = base_total / n
     else:
         base_gpu, host = base_total / n, 0.0
-    if "fp8_base" in switches:  # the bf16 source the fake score restarts from at each phase, kept on the host
-        host += 2 * P / n
-    fake_grads = (block_bf16 if "step_in_backward" in switches else 2 * P) / n  # block_bf16 is in bytes
-    expert_grads = 4 * L / n
-    fsdp = 3 * block_bf16 if n > 1 else 0
+    if "fp8_base" in switches and full:  # the source the full fake score restarts from at each phase, on the host
+        host += fb * P / n
+    # the plan's rows, by their names' first words (their parentheses say the layout)
+    rows = {k.split(" (")[0]: v for k, v in plan.ours.items()}
+    fake_grads = plan.grads["fake block" if "step_in_backward" in switches else "fake"]
+    expert_grads = plan.grads["expert"]  # the plan's gradients row adds both; they never coexist
+    fake_label = _short(lay.fake_dtype) if full else f"LoRA r={lay.fake_lora_rank}, fp32"
     comp = {
         "base weights": base_gpu,
-        "generator experts (fp32 LoRA)": 4 * s["experts"] * L / n,
-        "fake score (bf16)": 2 * P / n,
+        "generator experts (fp32 LoRA)": rows["generator experts"],
+        f"fake score ({fake_label})": rows["fake score"],
         "gradients (max of fake, expert)": max(fake_grads, expert_grads),
-        "optimizer states": (optimizer_state_bytes(shapes) + 8 * L) / n,
-        "FSDP2 gather buffers": fsdp,
+        "optimizer states": rows["optimizer states"],
+        "FSDP2 gather buffers": rows["FSDP2 gather buffers"],
     }
     text = s["text_tokens"]
-    act = activation_bytes(arch, s["batch"], plan.tokens, text, True)
+    act = activation_bytes(arch, s["batch"], plan.tokens, text, checkpointing)
     seq = plan.tokens + (text if _plan(arch).text_in_blocks else 0)  # joint attention: blocks carry the text
     inputs = arch.layers * s["batch"] * seq * arch.dim * 2  # the checkpointed blocks' bf16 inputs
     traffic = 0.0
@@ -96,7 +106,7 @@ def recipe_memory(model, switches=(), gpus: int = 1, gpu_mem: float = 80.0, **pl
         traffic += 2 * inputs
     if "weight_offload" in switches:
         traffic += 3 * (base_total / n - (base_gpu - 2 * block_base))  # forward, recompute, backward
-    comp["activations (checkpointing)"] = act
+    comp["activations (checkpointing)" if checkpointing else "activations (no checkpointing)"] = act
     comp = {k: int(v) for k, v in comp.items()}
     total = sum(comp.values())
     return {"switches": tuple(x for x in SWITCHES if x in switches), "components": comp, "total": total,
@@ -109,8 +119,10 @@ def _cost(r: dict) -> tuple:
 
 
 def choose_recipe(model, gpus: int = 1, gpu_mem: float = 80.0, allowed=SWITCHES, **plan_kw) -> tuple[dict, list]:
-    """(the cheapest fitting recipe or None, every recipe's memory sorted by cost) over subsets of ``allowed``."""
-    allowed = [x for x in SWITCHES if x in allowed]
+    """(the cheapest fitting recipe or None, every recipe's memory sorted by cost) over subsets of ``allowed``
+    (without activation checkpointing, ``checkpointing=False``, activation_offload is never among them)."""
+    allowed = [x for x in SWITCHES if x in allowed
+               and not (x == "activation_offload" and not plan_kw.get("checkpointing", True))]
     every = [recipe_memory(model, combo, gpus, gpu_mem, **plan_kw)
              for k in range(len(allowed) + 1) for combo in itertools.combinations(allowed, k)]
     every.sort(key=_cost)
@@ -120,10 +132,16 @@ def choose_recipe(model, gpus: int = 1, gpu_mem: float = 80.0, allowed=SWITCHES,
 def format_recipes(model, gpus: int = 1, gpu_mem: float = 80.0, allowed=SWITCHES, **plan_kw) -> str:
     """What ``pdmd plan`` prints below the layout table: the chosen recipe and every recipe's total."""
     best, every = choose_recipe(model, gpus, gpu_mem, allowed, **plan_kw)
+    return format_recipe_list(best, every, gpus, gpu_mem, plan_kw.get("checkpointing", True))
+
+
+def format_recipe_list(best, every, gpus: int, gpu_mem: float, checkpointing: bool = True) -> str:
+    """``choose_recipe``'s answer as ``pdmd plan`` prints it."""
     g = lambda b: f"{b / GiB:8.2f}"  # noqa: E731
     name = lambda r: " + ".join(r["switches"]) or "(none)"  # noqa: E731
     limit = (1 - HEADROOM) * gpu_mem
-    lines = ["", f"memory recipes (ours, checkpointing; fits = total <= {limit:g} GiB, {int((1 - HEADROOM) * 100)} % of "
+    ck = "checkpointing" if checkpointing else "no activation checkpointing"
+    lines = ["", f"memory recipes (ours, {ck}; fits = total <= {limit:g} GiB, {int((1 - HEADROOM) * 100)} % of "
              f"{gpu_mem:g} GiB), cheapest first:",
              f"  {'switches':<66}{'GiB':>8}{'fits':>6}{'host GiB':>10}{'traffic GiB':>13}"]
     for r in every:
@@ -161,19 +179,80 @@ def arch_of(teacher):
     return None
 
 
+def n_phases(cfg) -> int:
+    """Generator experts (phases) of ``cfg.distill``: as ``pdmd.core.sampler.make_step_plan`` counts them (tested equal)."""
+    d = cfg.distill
+    if d.method in ("dmd", "dmd_sgts"):
+        return 1
+    if d.method == "phased":
+        return len(d.timesteps) - 1
+    return len(d.phase_boundaries) + 1
+
+
+def layout_of(cfg) -> Layout:
+    """The planner's ``Layout`` of a config: distill.frozen_dtype, fake.kind, fake.dtype, fake.optimizer,
+    fake.lora_rank and generator.optimizer."""
+    f = cfg.fake
+    return Layout(frozen_dtype=cfg.distill.frozen_dtype, fake_kind=f.kind, fake_dtype=f.dtype,
+                  fake_optimizer=f.optimizer, fake_lora_rank=f.lora_rank, generator_optimizer=cfg.generator.optimizer)
+
+
+def text_tokens_of(cfg, arch) -> int:
+    """Text tokens per sample the family's transformer sees for this config (its ``PlanSpec.text_tokens``; 512 when
+    the family does not say)."""
+    per = _plan(arch).text_tokens
+    msl = cfg.data.max_sequence_length if getattr(cfg, "data", None) is not None else None
+    return 512 if per is None else per(msl)
+
+
+def largest_resolution(arch, resolutions) -> tuple[int, int, int]:
+    """The (frames, height, width) of ``resolutions`` with the most tokens: the one whose activations peak."""
+    return tuple(max(resolutions, key=lambda r: tokens(arch, *r)))
+
+
+def plan_kw(cfg, arch, world: int, resolution) -> dict:
+    """``make_plan`` / ``recipe_memory`` keywords for ``cfg`` on ``world`` processes at ``resolution`` (frames,
+    height, width pixels): the micro-batch per GPU (distill.batch_size split over the ranks: ValueError unless it
+    splits evenly, as the trainer requires), generator.lora_rank, the phases, the text tokens, the layout and
+    distill.activation_checkpointing."""
+    d = cfg.distill
+    if d.batch_size % world:
+        raise ValueError(f"distill.batch_size {d.batch_size} does not split evenly over {world} GPUs (the trainer "
+                         "gives each the same share): choose a GPU count that divides it")
+    frames, height, width = resolution
+    return dict(batch=d.batch_size // world, lora_rank=cfg.generator.lora_rank, experts=n_phases(cfg),
+                text_tokens=text_tokens_of(cfg, arch), frames=frames, height=height, width=width,
+                layout=layout_of(cfg), checkpointing=d.activation_checkpointing)
+
+
+UNSHARDED = ("fp8_base", "weight_offload")  # not combined with FSDP2 sharding yet (docs/memory.md)
+
+
+def allowed_switches(cfg, distributed: bool) -> list[str]:
+    """The switches "auto" may pick for ``cfg``: step_in_backward only where ``step_in_backward_blockers`` finds
+    nothing, activation_offload only with activation checkpointing, no offload under compile, fp8_base only with
+    bf16 autocast, and neither fp8_base nor weight_offload under several processes."""
+    d = cfg.distill
+    return [s for s in SWITCHES
+            if not (s == "step_in_backward" and step_in_backward_blockers(cfg))
+            and not (s == "activation_offload" and not d.activation_checkpointing)
+            and not (s in ("activation_offload", "weight_offload") and d.compile)
+            and not (s == "fp8_base" and not d.bf16)
+            and not (s in UNSHARDED and distributed)]
+
+
 def resolve_recipe(cfg, teacher, task, par, arch=None, resolutions=None) -> tuple[str, ...]:
     """The switches of ``cfg.memory.recipe`` for this run (see the module docstring); ValueError naming
     memory.recipe when "auto" finds nothing that fits, or a switch cannot run under several processes.
     ``arch`` and ``resolutions`` (frames, height, width pixels) override what "auto" reads from the teacher
-    (``arch_of``) and from ``data.resolutions``."""
-    d = cfg.distill
+    (``arch_of``) and from ``data.resolutions``. "auto" plans what ``pdmd plan --config`` shows for this config
+    (``plan_kw``: the config's batch, phases, text tokens, dtypes, fake score and optimizers)."""
     recipe = parse_recipe(cfg.memory.recipe)
-    unsharded = ("fp8_base", "weight_offload")  # not combined with FSDP2 sharding yet (docs/memory.md)
     if recipe != "auto":
-        bad = [s for s in recipe if s in unsharded and par.distributed]
+        bad = [s for s in recipe if s in UNSHARDED and par.distributed]
         if bad:
             raise ValueError(f"memory.recipe {bad} runs in one process only here; with {par.world} processes use "
-                             f"{[s for s in SWITCHES if s not in unsharded]}")
+                             f"{[s for s in SWITCHES if s not in UNSHARDED]}")
         return recipe
     device = torch.device(cfg.device)
     if device.type != "cuda":
@@ -185,19 +264,12 @@ def resolve_recipe(cfg, teacher, task, par, arch=None, resolutions=None) -> tupl
     resolutions = resolutions or (cfg.data.resolutions if getattr(cfg, "data", None) is not None else None)
     if not resolutions:
         raise ValueError("memory.recipe 'auto' plans for data.resolutions; this run has none: list the switches")
-    frames, height, width = max(resolutions, key=lambda r: tokens(arch, *r))
-    allowed = [s for s in SWITCHES
-               if not (s == "step_in_backward" and step_in_backward_blockers(cfg))
-               and not (s == "activation_offload" and not d.activation_checkpointing)
-               and not (s in ("activation_offload", "weight_offload") and d.compile)
-               and not (s == "fp8_base" and not d.bf16)
-               and not (s in unsharded and par.distributed)]
+    allowed = allowed_switches(cfg, par.distributed)
     gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    best, every = choose_recipe(arch, gpus=par.world, gpu_mem=gib, allowed=allowed, batch=par.local(d.batch_size),
-                                lora_rank=cfg.generator.lora_rank, experts=len(d.phase_boundaries) + 1,
-                                frames=frames, height=height, width=width)
+    best, every = choose_recipe(arch, gpus=par.world, gpu_mem=gib, allowed=allowed,
+                                **plan_kw(cfg, arch, par.world, largest_resolution(arch, resolutions)))
     if best is None:
         raise ValueError(f"memory.recipe 'auto': no set of the allowed switches {allowed} fits {par.world} x "
                          f"{gib:.3g} GiB (smallest {min(r['total'] for r in every) / 2**30:.3g} GiB per GPU; "
-                         "pdmd plan shows the details)")
+                         "pdmd plan --config shows the details)")
     return best["switches"]

@@ -7,11 +7,12 @@ bf16): per block 56 d per image-or-text token (MLP 4 d included), outside the bl
 """
 from __future__ import annotations
 
-from pdmd.models._plan_util import linear
+from pdmd.models._plan_util import config_check, config_value, linear
 from pdmd.models.spec import Arch, PlanSpec
 
+_IMAGE = {"frames": 1, "height": 1024, "width": 1024}
 ARCHS = (Arch("qwen-image", "qwen-image", 60, 24, 128, 4 * 3072, 3584, in_channels=64, patch=(1, 2, 2),
-              defaults={"frames": 1, "height": 1024, "width": 1024}),)
+              defaults=_IMAGE),)
 
 
 def param_shapes(arch: Arch) -> list:
@@ -73,5 +74,20 @@ def forward(arch: Arch, model, batch: int, frames: int, height: int, width: int,
                  timestep=t / 1000, img_shapes=[(1, h, w)] * batch).sample
 
 
+def from_config(c: dict, name: str) -> Arch:
+    """The Arch of a ``QwenImageTransformer2DModel`` config.json."""
+    v = lambda k: config_value(c, k, "Qwen-Image")  # noqa: E731
+    config_check(not c.get("guidance_embeds", False), c, "guidance_embeds", "Qwen-Image", "no guidance embedding")
+    d, p = v("num_attention_heads") * v("attention_head_dim"), v("patch_size")
+    return Arch(name, "qwen-image", v("num_layers"), v("num_attention_heads"), v("attention_head_dim"), 4 * d,
+                v("joint_attention_dim"), in_channels=v("in_channels"),
+                out_channels=c.get("out_channels") or v("in_channels"), patch=(1, p, p), defaults=_IMAGE)
+
+
+def text_tokens(max_sequence_length: int | None) -> int:
+    return 512  # prompts are padded to the longest in a batch, at most QwenImagePipeline's max_sequence_length 512
+
+
 PLAN = PlanSpec(archs=ARCHS, param_shapes=param_shapes, tokens=tokens, latent_tokens=latent_tokens,
-                act=(56.0, 0.0, 8.0), text_in_blocks=True, build=build, forward=forward)
+                act=(56.0, 0.0, 8.0), text_in_blocks=True, build=build, forward=forward, from_config=from_config,
+                text_tokens=text_tokens)

@@ -14,7 +14,7 @@ checks it on configurations not used for the fit.
 """
 from __future__ import annotations
 
-from pdmd.models._plan_util import linear
+from pdmd.models._plan_util import config_check, config_value, linear
 from pdmd.models.spec import Arch, PlanSpec
 
 _IMAGE = {"frames": 1, "height": 1024, "width": 1024}
@@ -103,5 +103,26 @@ def per_block(arch: Arch, batch: int, n_tokens: int, text_tokens: int) -> list:
             for i in range(arch.layers)]
 
 
+def from_config(c: dict, name: str) -> Arch:
+    """The Arch of an ``SD3Transformer2DModel`` config.json (SD3 and SD3.5)."""
+    v = lambda k: config_value(c, k, "SD3")  # noqa: E731
+    d, p = v("num_attention_heads") * v("attention_head_dim"), v("patch_size")
+    config_check(v("caption_projection_dim") == d, c, "caption_projection_dim", "SD3", f"heads x head_dim = {d}")
+    dual = tuple(c.get("dual_attention_layers") or ())
+    config_check(dual == tuple(range(len(dual))), c, "dual_attention_layers", "SD3", "the first k blocks (0, 1, ...)")
+    config_check(c.get("qk_norm") in (None, "rms_norm"), c, "qk_norm", "SD3", "null or 'rms_norm'")
+    out = c.get("out_channels")
+    return Arch(name, "sd3", v("num_layers"), v("num_attention_heads"), v("attention_head_dim"), 4 * d,
+                v("joint_attention_dim"), in_channels=v("in_channels"), out_channels=v("in_channels") if out is None else out,
+                patch=(1, p, p), defaults=_IMAGE,
+                extra={"pooled_dim": v("pooled_projection_dim"), "dual_layers": len(dual),
+                       "qk_norm": c.get("qk_norm") == "rms_norm", "pos_embed_max_size": v("pos_embed_max_size")})
+
+
+def text_tokens(max_sequence_length: int | None) -> int:
+    return 77 + (max_sequence_length or 256)  # CLIP's 77 tokens beside T5's, as StableDiffusion3Pipeline joins them
+
+
 PLAN = PlanSpec(archs=ARCHS, param_shapes=param_shapes, tokens=tokens, latent_tokens=latent_tokens,
-                act=(59.0, 0.0, 6.0), text_in_blocks=True, build=build, forward=forward, per_block=per_block)
+                act=(59.0, 0.0, 6.0), text_in_blocks=True, build=build, forward=forward, per_block=per_block,
+                from_config=from_config, text_tokens=text_tokens)

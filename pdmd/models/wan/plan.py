@@ -11,7 +11,7 @@ norm/modulation intermediates make up much of the 69), outside the blocks 10 d.
 """
 from __future__ import annotations
 
-from pdmd.models._plan_util import linear
+from pdmd.models._plan_util import config_check, config_value, linear
 from pdmd.models.spec import Arch, PlanSpec
 
 _VIDEO = {"frames": 81, "height": 480, "width": 832}
@@ -76,5 +76,24 @@ def forward(arch: Arch, model, batch: int, frames: int, height: int, width: int,
     return model(x, t, txt).sample
 
 
+def from_config(c: dict, name: str) -> Arch:
+    """The Arch of a ``WanTransformer3DModel`` config.json (the text-to-video layout; image-to-video A14B too: its
+    first-frame latents only widen ``in_channels``)."""
+    v = lambda k: config_value(c, k, "Wan")  # noqa: E731
+    config_check(c.get("image_dim") is None, c, "image_dim", "Wan", "no image embedder (Wan 2.1 I2V's CLIP branch)")
+    config_check(c.get("added_kv_proj_dim") is None, c, "added_kv_proj_dim", "Wan", "no image key/value projections")
+    config_check(c.get("cross_attn_norm", True) is True, c, "cross_attn_norm", "Wan", "cross_attn_norm true")
+    config_check(c.get("qk_norm", "rms_norm_across_heads") == "rms_norm_across_heads", c, "qk_norm", "Wan",
+                 "'rms_norm_across_heads'")
+    return Arch(name, "wan", v("num_layers"), v("num_attention_heads"), v("attention_head_dim"), v("ffn_dim"),
+                v("text_dim"), in_channels=v("in_channels"), out_channels=v("out_channels"),
+                patch=tuple(v("patch_size")), freq_dim=v("freq_dim"), defaults=_VIDEO)
+
+
+def text_tokens(max_sequence_length: int | None) -> int:
+    return max_sequence_length or 512  # WanPipeline pads every prompt to it (512 by default)
+
+
 PLAN = PlanSpec(archs=ARCHS, param_shapes=param_shapes, tokens=tokens, latent_tokens=latent_tokens,
-                act=(69.0, 4.0, 10.0), text_in_blocks=False, build=build, forward=forward)
+                act=(69.0, 4.0, 10.0), text_in_blocks=False, build=build, forward=forward, from_config=from_config,
+                text_tokens=text_tokens)
