@@ -24,7 +24,8 @@ setup(
         # everything the CPU test suite needs (triton runs its kernels under TRITON_INTERPRET=1)
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton", "diffusers", "transformers",
                 "scikit-learn"],
-        "models": ["diffusers", "transformers", "peft"],
+        # ftfy: diffusers' WanImageToVideoPipeline (0.42) cleans prompt strings with it unconditionally
+        "models": ["diffusers", "transformers", "peft", "ftfy"],
         "gpu": ["triton", "bitsandbytes"],
     },
     entry_points={"console_scripts": ["pdmd=pdmd.cli:entry"]},
