@@ -181,7 +181,7 @@ def sample(args) -> int:
     if args.images:
         from pdmd.pipeline.real import image_paths
 
-        images = image_paths(args.images, len(prompts))
+        images = image_paths(args.images, len(prompts), "--images")
     out = sample_pipeline(args.pipeline, args.experts, prompts, args.out, args.seeds, args.height, args.width,
                           args.frames, args.dtype, args.device, images=images)
     print(f"wrote {len(prompts) * len(args.seeds)} samples under {out}")

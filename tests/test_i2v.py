@@ -256,6 +256,15 @@ def test_i2v_prompts_and_images_to_lora_files_the_i2v_pipeline_samples_with(fold
             tr.enable_adapters()
             assert not torch.allclose(raw, c["out"], atol=1e-4)
 
+    # a cache without the images at a training resolution is refused before any model loads
+    cfg["data"]["resolutions"].append([9, 32, 48])
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"holds the conditioning images at .*, not at \[\[9, 32, 48\]\]: rerun pdmd encode"):
+        main(["distill", "--config", str(cfg_path), "--out", str(tmp_path / "run2"), "--quiet"])
+    (tmp_path / "few.txt").write_text(f"{images[0]}\n")
+    with pytest.raises(ValueError, match="lists 1 images, but there are 5 prompts"):
+        main(["encode-prompts", "--config", str(cfg_path), "--set", f"data.images={tmp_path / 'few.txt'}", "--quiet"])
+
     # pdmd sample: the image-to-video experts need an image per prompt. diffusers 0.42.1's image-to-video pipeline
     # cleans prompt strings with ftfy even when it is not installed (the `models` extra installs it); without it,
     # the text-to-video pipeline's own cleaning (no ftfy: text unchanged)

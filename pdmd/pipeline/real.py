@@ -98,7 +98,7 @@ def _at_model_switch(cfg: RunConfig, teacher) -> RunConfig:
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def image_paths(images, count: int) -> list[Path]:
+def image_paths(images, count: int, field: str = "data.images") -> list[Path]:
     """``data.images``: a text file of image paths, line i for prompt i (relative to the file's folder; blank lines
     skipped, as in the prompts file), or a folder whose image files, sorted by name, go with the prompts in order."""
     src = Path(images).expanduser()
@@ -109,9 +109,9 @@ def image_paths(images, count: int) -> list[Path]:
         paths = [src.parent / line.strip() for line in src.read_text().splitlines() if line.strip()]
         where = f"file {str(src)!r} lists {len(paths)} images"
     else:
-        raise ValueError(f"data.images: {str(src)!r} is neither a folder of images nor a file listing them")
+        raise ValueError(f"{field}: {str(src)!r} is neither a folder of images nor a file listing them")
     if len(paths) != count:
-        raise ValueError(f"data.images: the {where}, but data.prompts has {count} prompts: give one image per prompt")
+        raise ValueError(f"{field}: the {where}, but there are {count} prompts: give one image per prompt")
     return paths
 
 
