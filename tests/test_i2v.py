@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 
 from pdmd.cli import main
 from pdmd.models import WanDenoiser, WanMoEDenoiser, load_wan
@@ -231,6 +232,14 @@ def test_i2v_prompts_and_images_to_lora_files_the_i2v_pipeline_samples_with(fold
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in log] == [1, 1, 2, 2] and all(r["nonfinite_skipped"] == 0 for r in log)
     assert {a for a, _ in shapes} == {(2, 4, 6), (1, 4, 4)} and all(a == b for a, b in shapes)
+    monkeypatch.setattr(PhasedDMDTrainer, "_draw", draw)
+    # stopped inside phase 2 and resumed (its pools refilled from their RNG state, conditions and all): the same experts
+    part = tmp_path / "part"
+    assert main(["distill", "--config", str(cfg_path), "--out", str(part), "--max-steps", "3", "--quiet"]) == 0
+    assert main(["distill", "--config", str(cfg_path), "--out", str(part), "--max-steps", "4", "--resume", "--quiet"]) == 0
+    for name in ("expert_1", "expert_2"):
+        a, b = (load_file(str(d / "experts" / f"{name}.safetensors")) for d in (out, part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     manifest = json.loads((out / "experts" / "manifest.json").read_text())
     assert manifest["pipeline"] == "WanImageToVideoPipeline" and manifest["image_condition"]
     assert manifest["model"] == "wan-a14b" and [e["component"] for e in manifest["experts"]] == ["transformer", "transformer_2"]

@@ -115,14 +115,13 @@ def encode_with(kind: str, components: dict, prompts: Sequence[str], out_dir, ne
         raise ValueError(f"out_dir {str(out)!r} holds a cache of other prompts or settings; use a new folder")
     (out / META).write_text(json.dumps(meta, indent=1))
     pipe = _encoder_pipeline(spec, components)
-    write = _write
 
     def pooled_part(pooled):
         return {} if pooled is None else {"pooled": pooled}
 
     if not (out / "negative.safetensors").is_file():
         rows, pooled = _encode_batch(spec, pipe, [negative], max_len, device)
-        write(out / "negative.safetensors", {"embeds": rows[0], **pooled_part(pooled)})
+        _write(out / "negative.safetensors", {"embeds": rows[0], **pooled_part(pooled)})
     shards = range(0, len(prompts), shard_size)
     for s in tqdm(shards, desc="encoding prompts", unit="shard", disable=not progress):
         path = out / f"shard_{s // shard_size:05d}.safetensors"
@@ -134,7 +133,7 @@ def encode_with(kind: str, components: dict, prompts: Sequence[str], out_dir, ne
             rows, p = _encode_batch(spec, pipe, chunk[b:b + batch_size], max_len, device)
             embeds += rows
             pooled += [] if p is None else [p]
-        write(path, {"embeds": torch.cat(embeds), "lengths": torch.tensor([len(e) for e in embeds]),
+        _write(path, {"embeds": torch.cat(embeds), "lengths": torch.tensor([len(e) for e in embeds]),
                      **pooled_part(torch.cat(pooled) if pooled else None)})
     return out
 
