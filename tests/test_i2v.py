@@ -270,6 +270,10 @@ def test_i2v_prompts_and_images_to_lora_files_the_i2v_pipeline_samples_with(fold
     cfg_path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match=r"holds the conditioning images at .*, not at \[\[9, 32, 48\]\]: rerun pdmd encode"):
         main(["distill", "--config", str(cfg_path), "--out", str(tmp_path / "run2"), "--quiet"])
+    t2v = save_pipeline_dir(tmp_path / "t2v", "WanPipeline", {"transformer": tiny_wan(0)},
+                            {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 5.0})
+    with pytest.raises(ValueError, match="holds no image-to-video model"):
+        main(["distill", "--config", str(cfg_path), "--out", str(tmp_path / "run3"), "--set", f"model.path={t2v}", "--quiet"])
     (tmp_path / "few.txt").write_text(f"{images[0]}\n")
     with pytest.raises(ValueError, match="lists 1 images, but there are 5 prompts"):
         main(["encode-prompts", "--config", str(cfg_path), "--set", f"data.images={tmp_path / 'few.txt'}", "--quiet"])

@@ -150,9 +150,13 @@ class RealHooks(Hooks):
         if pc.kind != cfg.model.kind:
             raise ValueError(f"data.prompt_cache: {cache!r} was encoded for {pc.kind!r}, not {cfg.model.kind!r}")
         images = get_spec(cfg.model.kind).prompts.images
-        if images is not None and images.takes_images(cfg.model.path) and not pc.has_images:
+        takes = images is not None and images.takes_images(cfg.model.path)
+        if takes and not pc.has_images:
             raise ValueError(f"data.prompt_cache: {cache!r} holds no conditioning images, but {cfg.model.path!r} is an "
                              "image-to-video model: set data.images and rerun pdmd encode-prompts into a new folder")
+        if pc.has_images and not takes:
+            raise ValueError(f"data.prompt_cache: {cache!r} holds conditioning images (image-to-video), but "
+                             f"{cfg.model.path!r} holds no image-to-video model: check model.path")
         if pc.has_images:
             have = set(pc.image_resolutions())
             missing = [r for r in cfg.data.resolutions if tuple(r) not in have]
