@@ -26,7 +26,8 @@ setup(
                 "scikit-learn", "tensorboard", "wandb>=0.19.10", "imageio", "imageio-ffmpeg"],
         # log.backends: tensorboard, wandb (pdmd/runtime/logs.py); imageio + imageio-ffmpeg write .mp4 videos
         "log": ["tensorboard", "wandb>=0.19.10", "imageio", "imageio-ffmpeg"],
-        "models": ["diffusers", "transformers", "peft", "imageio", "imageio-ffmpeg"],
+        # ftfy: diffusers' WanImageToVideoPipeline (0.42) cleans prompt strings with it unconditionally
+        "models": ["diffusers", "transformers", "peft", "ftfy", "imageio", "imageio-ffmpeg"],
         "gpu": ["triton", "bitsandbytes"],
     },
     entry_points={"console_scripts": ["pdmd=pdmd.cli:entry"]},

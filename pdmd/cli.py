@@ -90,6 +90,9 @@ def _add_sample(sub) -> None:
     s.add_argument("--n", type=int, default=1000, help="--run: samples per prompt")
     s.add_argument("--prompt", action="append", help="--run: one prompt name; --pipeline: a prompt (repeatable)")
     s.add_argument("--prompts", help="--pipeline: text file, one prompt per line")
+    s.add_argument("--image", action="append", help="--pipeline, image-to-video experts: the image of each --prompt, in order")
+    s.add_argument("--images", help="--pipeline, image-to-video experts: a folder of images (sorted) or a file of paths, "
+                                    "one per prompt (as data.images)")
     s.add_argument("--seed", type=int, default=0, help="--run: seed")
     s.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="--pipeline: one sample per seed")
     s.add_argument("--height", type=int)

@@ -177,8 +177,15 @@ def sample(args) -> int:
     from pdmd.pipeline.export import sample as sample_pipeline
 
     prompts = args.prompt or [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+    if args.image and args.images:
+        raise ValueError("pdmd sample: give --image (one per --prompt) or --images, not both")
+    images = args.image
+    if args.images:
+        from pdmd.pipeline.real import image_paths
+
+        images = image_paths(args.images, len(prompts), "--images")
     out = sample_pipeline(args.pipeline, args.experts, prompts, args.out, args.seeds, args.height, args.width,
-                          args.frames, args.dtype, args.device)
+                          args.frames, args.dtype, args.device, images=images)
     print(f"wrote {len(prompts) * len(args.seeds)} samples under {out}")
     return 0
 

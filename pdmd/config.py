@@ -202,6 +202,7 @@ class DataConfig(_Section):
     max_sequence_length: Int | None = _f(None, "tokens per prompt for the families whose text encoder pads to a length (see docs/models.md)")
     negative_prompt: str | None = _f(None, "the teacher's negative prompt for CFG")
     resolutions: list[list[Int]] = _f(..., "(frames, height, width) pixels; one is drawn per iteration")
+    images: str | None = _f(None, "image-to-video: a folder of images (sorted by name) or a file of image paths, one per prompt in order")
 
 
 class ExportConfig(_Section):

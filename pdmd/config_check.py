@@ -171,6 +171,10 @@ def _check_model(cfg: RunConfig) -> None:
     _check(spec.video or all(r[0] == 1 for r in res), "data.resolutions",
            f"{spec.title} makes images, frames must be 1, got {res}")
     v = cfg.validation
+    _check(not (v.sample_every and data.images is not None), "validation.sample_every",
+           f"is {v.sample_every}, but validation samples of an image-to-video run (data.images) are not supported yet: "
+           "they would need a first frame per validation prompt; set it to 0 and sample the periodic exports with "
+           "`pdmd sample --image`")
     if v.sample_every:
         _check(spec.decode is not None, "validation.sample_every",
                f"is {v.sample_every}, but {spec.title} declares no VAE decoding (ModelSpec.decode): set it to 0")

@@ -11,7 +11,7 @@ from pdmd.models import qwen_image_shift
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["wan2.1-t2v-14b", "wan2.2-t2v-a14b", "qwen-image", "sd3.5-medium"])
+@pytest.mark.parametrize("name", ["wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "qwen-image", "sd3.5-medium"])
 def test_appendix_c_settings(name):
     c = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     assert c["distill"]["batch_size"] == 64 and c["distill"]["fake_updates_per_generator_update"] == 5
@@ -25,10 +25,33 @@ def test_appendix_c_settings(name):
         assert h % 16 == 0 and w % 16 == 0 and (f - 1) % 4 == 0
 
 
-def test_a14b_phase_boundary_is_the_models_own_switch():
-    c = yaml.safe_load((CONFIGS / "wan2.2-t2v-a14b.yaml").read_text())
+@pytest.mark.parametrize("name", ["wan2.2-t2v-a14b", "wan2.2-i2v-a14b"])
+def test_a14b_phase_boundary_is_the_models_own_switch(name):
+    """The boundary step's sigma is the switch, and (as the teacher computes it, in float32) not below it: the
+    step at the boundary is the high-noise transformer's last, so phase 1's fake score is that transformer alone."""
+    import torch
+
+    from pdmd.core.schedules import get_schedule
+    from pdmd.models.base import sigma_of
+
+    c = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     k, b = c["model"]["shift"], c["distill"]["phase_boundaries"][0]
     assert k * b / (1 + (k - 1) * b) == pytest.approx(c["model"]["boundary_sigma"], abs=1e-6)
+    sigma = sigma_of(get_schedule("flow", k), torch.tensor([b], dtype=torch.float64), torch.zeros(1))
+    assert bool(sigma >= c["model"]["boundary_sigma"])
+
+
+def test_i2v_config_is_the_paper_mixture_with_images():
+    """Wan2.2-I2V-A14B: the paper's mixture of resolutions (Appendix C: the same for T2V and I2V), the official
+    shift 5, switch 0.9 and guidance 3.5 for both transformers, conditioning images; it loads as a run config."""
+    from pdmd.config import load_config
+
+    cfg = load_config(CONFIGS / "wan2.2-i2v-a14b.yaml")
+    t2v = load_config(CONFIGS / "wan2.2-t2v-a14b.yaml")
+    assert cfg.data.resolutions == [[81, 720, 1280], [81, 1280, 720], [81, 480, 832], [81, 832, 480]] == t2v.data.resolutions
+    assert (cfg.model.kind, cfg.model.shift, cfg.model.boundary_sigma) == ("wan", 5.0, 0.9)
+    assert (cfg.teacher.guidance_scale, cfg.teacher.guidance_scale_low) == (3.5, 3.5)
+    assert cfg.data.images and cfg.data.prompt_cache != t2v.data.prompt_cache
 
 
 def test_qwen_shift_resolution_is_a_training_resolution():

@@ -33,7 +33,7 @@ def _family_names():
         spec = importlib.import_module(f"pdmd.models.{folder}").SPEC
         stems.add(re.split(r"[-_.]", spec.name)[0].lower())
         exact.update({spec.name, folder, *spec.aliases})
-        classes.update({spec.transformer_class, spec.pipeline_class, *(c.__name__ for c in spec.denoisers)})
+        classes.update({spec.transformer_class, spec.pipeline_class, *spec.pipelines, *(c.__name__ for c in spec.denoisers)})
     return stems, exact, classes
 
 
@@ -113,5 +113,6 @@ def test_every_family_folder_is_registered_with_a_complete_spec():
         for d in spec.denoisers:
             assert d.lora_targets == spec.lora_targets  # written once: the spec reads the adapter's
         assert registry.get_spec(kind) is spec and registry.spec_for_pipeline(spec.pipeline_class) is spec
+        assert all(registry.spec_for_pipeline(p) is spec for p in spec.pipelines)
     with pytest.raises(ValueError, match="kind must be one of"):
         registry.get_spec("flux")

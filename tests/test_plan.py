@@ -37,6 +37,8 @@ def test_known_sizes():
     assert sizes["wan2.1-1.3b"] == pytest.approx(1.42, abs=0.01)
     assert sizes["wan2.1-14b"] == pytest.approx(14.3, abs=0.05)
     assert sizes["wan2.2-a14b"] == pytest.approx(2 * sizes["wan2.1-14b"])
+    # I2V-A14B: 20 more input channels in each patch embedding (patch 1 x 2 x 2, width 5120)
+    assert sizes["wan2.2-i2v-a14b"] - sizes["wan2.2-a14b"] == pytest.approx(2 * 20 * 4 * 5120 / 1e9, rel=1e-9)
     assert sizes["qwen-image"] == pytest.approx(20.4, abs=0.05)
 
 

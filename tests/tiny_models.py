@@ -58,3 +58,23 @@ def save_pipeline_dir(root: Path, pipeline: str, transformers: dict, scheduler: 
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
     (root / "model_index.json").write_text(json.dumps(index))
     return root
+
+
+# Wan 2.2 I2V-A14B's layout at test sizes: the transformer takes 16 latent + 4 mask + 16 condition channels (36)
+# and predicts 16; the VAE (diffusers' test sizes) has z_dim 16, 4x time and 8x space compression
+WAN_I2V_CONFIG = dict(WAN_CONFIG, in_channels=36, out_channels=16)
+WAN_VAE_CONFIG = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+
+
+def tiny_wan_i2v(seed=0):
+    from diffusers import WanTransformer3DModel
+
+    return _randomise(WanTransformer3DModel(**WAN_I2V_CONFIG), seed)
+
+
+def tiny_wan_vae(seed=0):
+    """The VAE with its own (random, non-zero) initialisation: encoding must give distinct, finite latents."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(**WAN_VAE_CONFIG).eval()

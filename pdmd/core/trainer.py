@@ -60,7 +60,9 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
     """Distils ``teacher`` into K LoRA experts on its own weights (the module is wrapped in place).
 
     ``task`` supplies ``sample_cond(n, generator)`` (prompts) and ``latent_shape``, or ``latent_shapes`` for
-    several resolutions: each iteration then draws one of them, and each keeps its own boundary pool.
+    several resolutions: each iteration then draws one of them, and each keeps its own boundary pool. A task
+    whose condition depends on the resolution (image-to-video: the image's latents) sets ``cond_per_shape`` and
+    gets ``sample_cond(n, generator, shape)``.
     ``parallel`` (``pdmd.runtime.parallel``) shards the module and gives each rank its rows of every global batch.
     ``callbacks``: each is called as ``cb(trainer)`` on every rank after each generator update (and its checkpoint),
     except at the one where a signal stops the run (``pdmd.pipeline.run.Periodic`` catches up at the resume).
@@ -115,7 +117,8 @@ class PhasedDMDTrainer(PhaseMixin, UpdatesMixin, StateMixin):
         return self.par.shard(torch.randn((n, *shape), generator=self.gens["main"])).to(self.device)
 
     def _draw(self, n: int, gen: torch.Generator, shape: tuple):
-        cond = self.par.shard(self.task.sample_cond(n, gen))
+        by_shape = getattr(self.task, "cond_per_shape", False)
+        cond = self.par.shard(self.task.sample_cond(n, gen, shape) if by_shape else self.task.sample_cond(n, gen))
         noise = self.par.shard(torch.randn((n, *shape), generator=gen))
         cond = {k: v.to(self.device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(self.device)
         return noise.to(self.device), cond

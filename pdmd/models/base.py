@@ -32,7 +32,9 @@ def null_cond(cond):
     out = {"embeds": neg, "mask": cond.get("neg_mask")}
     # every other part of the condition (e.g. SD3's pooled embeddings) has its negative under neg_<key>
     out.update({k: cond[f"neg_{k}"] for k in cond if not k.startswith("neg_") and k not in out and f"neg_{k}" in cond})
-    return {**out, **{f"neg_{k}": v for k, v in out.items()}}
+    # a part with no negative (an image-to-video model's image latents) conditions both calls, as in the pipelines
+    shared = {k: v for k, v in cond.items() if not k.startswith("neg_") and k not in out and f"neg_{k}" not in cond}
+    return {**out, **{f"neg_{k}": v for k, v in out.items()}, **shared}
 
 
 def sigma_of(schedule: Schedule, t, x: torch.Tensor) -> torch.Tensor:

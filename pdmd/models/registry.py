@@ -39,6 +39,6 @@ def spec_of(model) -> ModelSpec:
 def spec_for_pipeline(name: str) -> ModelSpec:
     """The spec whose diffusers pipeline class is ``name`` (an export manifest's ``pipeline``)."""
     for spec in SPECS.values():
-        if spec.pipeline_class == name:
+        if name == spec.pipeline_class or name in spec.pipelines:
             return spec
     raise ValueError(f"pipeline {name!r} is not the pipeline of a known family ({KINDS})")

@@ -14,7 +14,24 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["ModelSpec", "PromptSpec", "PlanSpec", "ComfySpec", "Arch", "trim_to_mask"]
+__all__ = ["ModelSpec", "PromptSpec", "ImageSpec", "PlanSpec", "ComfySpec", "Arch", "trim_to_mask"]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Conditioning images (an image-to-video model's first frames), encoded once into the prompt cache.
+
+    ``takes_images(path)``: whether the model in the local folder ``path`` is conditioned on an image (read from
+    its configs, no weights loaded); ``load(path, device)``: what encodes them (e.g. the pipeline holding only
+    its VAE), loaded once; ``encode(encoder, image, frames, height, width, device)`` -> ``{cond key: tensor
+    [1, ...]}`` for one ``PIL.Image`` at one training resolution, built by the pipeline's own preprocessing and
+    latent preparation; ``keys``: the cond keys it makes (shared by the conditional and unconditional calls).
+    """
+
+    takes_images: Callable[[Any], bool]
+    load: Callable[..., Any]
+    encode: Callable[..., dict]
+    keys: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -28,7 +45,8 @@ class PromptSpec:
     ``max_sequence_length``: the pipeline's default token limit (None: the family takes no such setting);
     ``padded_length(max_sequence_length)``: the fixed length every batch is padded to (None: the longest
     prompt, with a mask). ``cond_keys``: the keys of the ``cond`` dict the adapter reads (the schema; the
-    negative prompt's are the same keys prefixed ``neg_``).
+    negative prompt's are the same keys prefixed ``neg_``). ``images``: the family's conditioning images
+    (``data.images``), or None: it takes none.
     """
 
     encoders: tuple[tuple[str, str, str], ...]
@@ -37,6 +55,7 @@ class PromptSpec:
     max_sequence_length: int | None = None
     padded_length: Callable[[int | None], int | None] = lambda n: n
     cond_keys: tuple[str, ...] = ("embeds", "mask")
+    images: ImageSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +139,8 @@ class ModelSpec:
     - ``timestep_scale``: the transformer's timestep is ``timestep_scale * sigma`` (sigma = the shifted
       flow time, ``shift`` the flow shift k: sigma = k t / (1 + (k - 1) t)); ``prediction``: what it outputs;
     - ``shift_by_resolution``: the scheduler's shift depends on the resolution (``model.shift_resolution``);
-    - ``pipeline_class``, ``transformer_class``: the diffusers classes; ``video``: the pipeline makes videos
+    - ``pipeline_class``, ``transformer_class``: the diffusers classes; ``pipelines``: the family's other
+      pipeline classes an export may name (``finish_manifest`` sets ``manifest["pipeline"]``); ``video``: the pipeline makes videos
       (``num_frames``, ``.frames``) rather than images (``.images``);
     - ``sampling_kwargs(manifest)``: the pipeline call's keywords that switch its guidance off;
     - ``finish_manifest(model, manifest)``: family entries of the export manifest (in place), or None;
@@ -154,6 +174,7 @@ class ModelSpec:
     plan: PlanSpec | None = None
     comfy: ComfySpec | None = None
     aliases: tuple[str, ...] = ()
+    pipelines: tuple[str, ...] = ()
 
 
 def trim_to_mask(embeds: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:

@@ -280,13 +280,16 @@ def expert_sampling(pipe, manifest: dict):
 
 
 def sample(pipeline_dir, experts_dir, prompts, out_dir, seeds=range(8), height=None, width=None, frames=None,
-           dtype: str = "bfloat16", device: str | None = None, progress: bool = True) -> Path:
+           dtype: str = "bfloat16", device: str | None = None, progress: bool = True, images=None) -> Path:
     """Sample with the exported experts through the diffusers pipeline of a local folder.
 
     Writes ``out_dir/<prompt index>/<seed>.png`` (the layout ``pdmd eval diversity`` reads; videos as
     ``<seed>/frame_XXXX.png``, plus ``<seed>.mp4`` when imageio is installed) and ``prompts.json``.
+    ``images``: one conditioning image file per prompt, for experts of an image-to-video pipeline (the
+    manifest's ``image_condition``), passed to it as ``image=``.
     """
     import diffusers
+    from diffusers.utils.import_utils import is_imageio_available
     from tqdm import tqdm
 
     from pdmd.models._local import component_dir, dtype_kwargs
@@ -298,6 +301,13 @@ def sample(pipeline_dir, experts_dir, prompts, out_dir, seeds=range(8), height=N
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("prompts must not be empty")
+    if manifest.get("image_condition") and images is None:
+        raise ValueError(f"images: the experts are for {manifest['pipeline']}, which starts from an image: give one "
+                         "image per prompt (--image / --images)")
+    if images is not None and not manifest.get("image_condition"):
+        raise ValueError(f"images: the experts are for {manifest['pipeline']}, which takes no conditioning image")
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"images: {len(images)} images for {len(prompts)} prompts; give one per prompt")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = getattr(diffusers, manifest["pipeline"]).from_pretrained(str(root), local_files_only=True,
                                                                     **dtype_kwargs(getattr(torch, dtype))).to(device)
@@ -306,6 +316,8 @@ def sample(pipeline_dir, experts_dir, prompts, out_dir, seeds=range(8), height=N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.json").write_text(json.dumps({f"{i:03d}": p for i, p in enumerate(prompts)}, indent=1))
+    if images is not None:
+        (out / "images.json").write_text(json.dumps({f"{i:03d}": str(p) for i, p in enumerate(images)}, indent=1))
     size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     video = spec_for_pipeline(manifest["pipeline"]).video
     if video and frames is not None:
@@ -316,16 +328,17 @@ def sample(pipeline_dir, experts_dir, prompts, out_dir, seeds=range(8), height=N
             folder = out / f"{i:03d}"
             folder.mkdir(exist_ok=True)
             gen = torch.Generator(device).manual_seed(int(seed))
+            image = {} if images is None else {"image": diffusers.utils.load_image(str(images[i]))}
             if video:
-                clip = pipe(prompt, generator=gen, output_type="pil", **size, **kw).frames[0]
+                clip = pipe(prompt=prompt, generator=gen, output_type="pil", **image, **size, **kw).frames[0]
                 if len(clip) == 1:
                     clip[0].save(folder / f"{seed}.png")
                     continue
                 (folder / str(seed)).mkdir(exist_ok=True)
                 for j, frame in enumerate(clip):
                     frame.save(folder / str(seed) / f"frame_{j:04d}.png")
-                if diffusers.utils.is_imageio_available():
+                if is_imageio_available():  # (not re-exported by diffusers.utils in 0.42)
                     diffusers.utils.export_to_video(clip, str(folder / f"{seed}.mp4"), fps=16)
             else:
-                pipe(prompt, generator=gen, output_type="pil", **size, **kw).images[0].save(folder / f"{seed}.png")
+                pipe(prompt=prompt, generator=gen, output_type="pil", **image, **size, **kw).images[0].save(folder / f"{seed}.png")
     return out

@@ -9,6 +9,13 @@ adapters take: ``{"embeds", "mask", "neg_embeds", "neg_mask"}``, plus ``pooled``
 with pooled embeddings. How each family pads and trims is in its folder (``pdmd/models/<family>/``).
 
 Each prompt is stored as the family's encoder gives it; shards already written are kept when the same job reruns.
+
+Conditioning images (an image-to-video model; the family's ``PromptSpec.images``): ``encode_prompts(...,
+images=[one per prompt], resolutions=[(frames, height, width), ...])`` then encodes each image once per training
+resolution with the family's encoder (e.g. the VAE, through the pipeline's own code) into
+``images/<frames>x<height>x<width>/shard_*.safetensors``, aligned with the prompt shards; a batch at a resolution
+carries them under the family's keys (shared by the conditional and unconditional calls). Rerunning with an added
+resolution encodes only that one.
 """
 from __future__ import annotations
 
@@ -29,9 +36,10 @@ from tqdm import tqdm
 from pdmd.models._local import component_dir, read_json
 from pdmd.models.registry import KINDS, get_spec
 
-__all__ = ["encode_prompts", "encode_with", "is_cached", "PromptCache", "KINDS"]
+__all__ = ["encode_prompts", "encode_with", "encode_images", "image_digest", "is_cached", "PromptCache", "KINDS"]
 
 META = "meta.json"
+IMAGES = "images"
 
 
 def _encoder_pipeline(spec, components: dict):
@@ -54,8 +62,28 @@ def _encode_batch(spec, pipe, prompts: list[str], max_sequence_length, device):
     return [r.cpu().contiguous() for r in rows], (None if pooled is None else pooled.cpu().contiguous())
 
 
-def _digest(kind, prompts, negative, pad_to) -> str:
-    return hashlib.sha256(json.dumps([kind, list(prompts), negative, pad_to]).encode()).hexdigest()[:16]
+def _digest(kind, prompts, negative, pad_to, images=None) -> str:
+    parts = [kind, list(prompts), negative, pad_to] + ([] if images is None else [images])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def image_digest(images: Sequence) -> str:
+    """One digest of the images' bytes, in order (a cache is tied to the images it encoded, not to their paths)."""
+    h = hashlib.sha256()
+    for path in images:
+        h.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def _write(path: Path, tensors: dict):
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)  # a shard exists only once complete
+
+
+def _res_name(resolution) -> str:
+    f, h, w = (int(v) for v in resolution)
+    return f"{f}x{h}x{w}"
 
 
 def _settings(kind, spec, prompts, negative_prompt, max_sequence_length):
@@ -81,10 +109,11 @@ def is_cached(out_dir, kind: str, prompts: Sequence[str], negative_prompt: str |
 
 def encode_with(kind: str, components: dict, prompts: Sequence[str], out_dir, negative_prompt: str | None = None,
                 batch_size: int = 8, shard_size: int = 256, max_sequence_length: int | None = None,
-                device="cpu", progress: bool = True, replace: bool = False) -> Path:
+                device="cpu", progress: bool = True, replace: bool = False, images_digest: str | None = None) -> Path:
     """Encode ``prompts`` and the negative prompt with already loaded tokenizers and text encoders, given as the
     family's pipeline arguments (``{"tokenizer": ..., "text_encoder": ...}``). ``out_dir`` holding a cache of
-    other prompts or settings is a ValueError, or is cleared first with ``replace``."""
+    other prompts or settings is a ValueError, or is cleared first with ``replace``. ``images_digest``
+    (``image_digest``): the cache also holds these conditioning images (``encode_images`` writes them)."""
     spec = get_spec(kind)
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -97,7 +126,10 @@ def encode_with(kind: str, components: dict, prompts: Sequence[str], out_dir, ne
     negative, max_len, pad_to, digest = _settings(kind, spec, prompts, negative_prompt, max_sequence_length)
     out = Path(out_dir)
     meta = {"kind": kind, "count": len(prompts), "negative_prompt": negative, "pad_to": pad_to, "shard_size": shard_size,
-            "digest": digest, "prompts": prompts}
+            "digest": _digest(kind, prompts, negative, pad_to if pad_to is not None else max_len, images_digest),
+            "prompts": prompts}
+    if images_digest is not None:
+        meta["images"] = {"keys": list(spec.prompts.images.keys), "digest": images_digest}
     old = read_json(out / META) if (out / META).is_file() else None
     if old is not None and (old.get("digest") != meta["digest"] or old.get("shard_size") != shard_size):
         if not replace:
@@ -107,17 +139,12 @@ def encode_with(kind: str, components: dict, prompts: Sequence[str], out_dir, ne
     (out / META).write_text(json.dumps(meta, indent=1))
     pipe = _encoder_pipeline(spec, components)
 
-    def write(path: Path, tensors: dict):
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)  # a shard exists only once complete
-
     def pooled_part(pooled):
         return {} if pooled is None else {"pooled": pooled}
 
     if not (out / "negative.safetensors").is_file():
         rows, pooled = _encode_batch(spec, pipe, [negative], max_len, device)
-        write(out / "negative.safetensors", {"embeds": rows[0], **pooled_part(pooled)})
+        _write(out / "negative.safetensors", {"embeds": rows[0], **pooled_part(pooled)})
     shards = range(0, len(prompts), shard_size)
     for s in tqdm(shards, desc="encoding prompts", unit="shard", disable=not progress):
         path = out / f"shard_{s // shard_size:05d}.safetensors"
@@ -129,16 +156,88 @@ def encode_with(kind: str, components: dict, prompts: Sequence[str], out_dir, ne
             rows, p = _encode_batch(spec, pipe, chunk[b:b + batch_size], max_len, device)
             embeds += rows
             pooled += [] if p is None else [p]
-        write(path, {"embeds": torch.cat(embeds), "lengths": torch.tensor([len(e) for e in embeds]),
+        _write(path, {"embeds": torch.cat(embeds), "lengths": torch.tensor([len(e) for e in embeds]),
                      **pooled_part(torch.cat(pooled) if pooled else None)})
     return out
 
 
+def _check_images(spec, path, prompts, images, resolutions):
+    """ValueError unless images are given exactly when the model takes them, one per prompt, all readable."""
+    takes = spec.prompts.images is not None and spec.prompts.images.takes_images(path)
+    if images is None:
+        if takes:
+            raise ValueError(f"data.images: {str(path)!r} holds an image-to-video model: give one conditioning image per "
+                             "prompt (data.images)")
+        return
+    if not takes:
+        raise ValueError(f"data.images: {str(path)!r} holds a {spec.title} model that takes no conditioning image "
+                         "(text-to-video or image); remove data.images or point model.path at an image-to-video model")
+    images = [Path(i) for i in images]
+    if len(images) != len(prompts):
+        raise ValueError(f"data.images: {len(images)} images for {len(prompts)} prompts; give one image per prompt, in "
+                         "the prompts' order")
+    missing = [str(i) for i in images if not i.is_file()]
+    if missing:
+        raise ValueError(f"data.images: {len(missing)} image files do not exist, e.g. {missing[:3]}")
+    if not resolutions:
+        raise ValueError("resolutions: conditioning images are encoded at the training resolutions; give at least one "
+                         "(frames, height, width)")
+
+
+def encode_images(kind: str, path, images: Sequence, resolutions: Sequence, out_dir, dtype: torch.dtype | None = None,
+                  device="cpu", progress: bool = True) -> Path:
+    """Encode the conditioning images (one per prompt of the cache in ``out_dir``) at each resolution with the
+    family's image encoder, loaded from ``path`` and freed afterwards; resolutions already complete are kept.
+    Stored in ``dtype`` (default float32; the model's own dtype loses nothing, the pipelines cast to it)."""
+    from diffusers.utils import load_image
+
+    spec, out = get_spec(kind), Path(out_dir)
+    meta = read_json(out / META)
+    if meta.get("images", {}).get("digest") != image_digest(images) or meta["count"] != len(images):
+        raise ValueError(f"out_dir {str(out)!r} was not encoded for these images; encode the prompts with them first "
+                         "(encode_prompts(..., images=...))")
+    size = meta["shard_size"]
+    todo = [(r, s) for r in resolutions for s in range(0, len(images), size)
+            if not (out / IMAGES / _res_name(r) / f"shard_{s // size:05d}.safetensors").is_file()]
+    if not todo:
+        return out
+    encoder = spec.prompts.images.load(path, device=device)
+    try:
+        for r, s in tqdm(todo, desc="encoding images", unit="shard", disable=not progress):
+            folder = out / IMAGES / _res_name(r)
+            folder.mkdir(parents=True, exist_ok=True)
+            parts: dict[str, list] = {}
+            for img in images[s:s + size]:
+                with torch.no_grad():
+                    got = spec.prompts.images.encode(encoder, load_image(str(img)), *(int(v) for v in r), device=device)
+                for k, v in got.items():
+                    parts.setdefault(k, []).append(v.to("cpu", dtype or torch.float32))
+            _write(folder / f"shard_{s // size:05d}.safetensors", {k: torch.cat(v).contiguous() for k, v in parts.items()})
+    finally:
+        del encoder
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
+
+
 def encode_prompts(kind: str, path, prompts: Sequence[str], out_dir, negative_prompt: str | None = None,
-                   dtype: torch.dtype | None = None, device="cpu", **kwargs) -> Path:
+                   dtype: torch.dtype | None = None, device="cpu", images: Sequence | None = None,
+                   resolutions: Sequence = (), **kwargs) -> Path:
     """Load the family's text encoders and tokenizers from the local folder ``path``, encode, write the cache,
-    free the encoders."""
+    free the encoders; then, for an image-to-video model, encode ``images`` (one file per prompt) at each of
+    ``resolutions`` (``encode_images``)."""
     spec = get_spec(kind)
+    _check_images(spec, path, list(prompts), images, resolutions)
+    if images is not None:
+        kwargs["images_digest"] = image_digest(images)
+    out = _encode_text(spec, kind, path, prompts, out_dir, negative_prompt, dtype, device, **kwargs)
+    if images is not None:
+        encode_images(kind, path, images, resolutions, out, dtype, device, kwargs.get("progress", True))
+    return out
+
+
+def _encode_text(spec, kind, path, prompts, out_dir, negative_prompt, dtype, device, **kwargs) -> Path:
     import transformers
     from transformers import AutoTokenizer
 
@@ -181,6 +280,41 @@ class PromptCache:
         self.negative = self._read(self.folder / "negative.safetensors", "embeds")
         with safe_open(str(self.folder / "negative.safetensors"), "pt") as f:
             self.negative_pooled = f.get_tensor("pooled") if "pooled" in f.keys() else None  # [1, P] or None
+        self.image_keys = tuple(self.meta.get("images", {}).get("keys", ()))
+
+    @property
+    def has_images(self) -> bool:
+        """The cache holds conditioning images (an image-to-video model): batches need a resolution."""
+        return bool(self.image_keys)
+
+    def image_resolutions(self) -> list[tuple[int, int, int]]:
+        """The (frames, height, width) at which every conditioning image is encoded (all shards present)."""
+        n_shards = -(-self.meta["count"] // self.meta["shard_size"])
+        out = []
+        for d in sorted((self.folder / IMAGES).glob("*x*x*")):
+            if all((d / f"shard_{i:05d}.safetensors").is_file() for i in range(n_shards)):
+                out.append(tuple(int(v) for v in d.name.split("x")))
+        return out
+
+    def _image_rows(self, by_shard: dict, n: int, resolution) -> dict:
+        """The conditioning images' tensors of the batch's rows at ``resolution`` (``by_shard`` as in ``batch``)."""
+        if resolution is None:
+            raise ValueError(f"resolution: the cache {str(self.folder)!r} holds conditioning images; give the batch's "
+                             "(frames, height, width)")
+        folder = self.folder / IMAGES / _res_name(resolution)
+        out: dict[str, list] = {k: [None] * n for k in self.image_keys}
+        for s, items in by_shard.items():
+            path = folder / f"shard_{s:05d}.safetensors"
+            if not path.is_file():
+                raise ValueError(f"resolution: the cache {str(self.folder)!r} holds no conditioning images at "
+                                 f"{tuple(resolution)} (it has {self.image_resolutions()}); rerun pdmd encode-prompts "
+                                 "with it in data.resolutions")
+            with safe_open(str(path), "pt") as f:
+                for key in self.image_keys:
+                    part = f.get_slice(key)
+                    for k, j in items:
+                        out[key][k] = part[j:j + 1]
+        return {k: torch.cat(v) for k, v in out.items()}
 
     def _shard(self, i: int) -> Path:
         return self.folder / f"shard_{i:05d}.safetensors"
@@ -215,11 +349,12 @@ class PromptCache:
         """Tokens of the longest stored prompt or of the negative prompt (a fixed padding for every batch)."""
         return max([len(self.negative)] + [int(lens.max()) for lens in self._lengths if len(lens)])
 
-    def batch(self, indices: Sequence[int], length: int | None = None) -> dict:
+    def batch(self, indices: Sequence[int], length: int | None = None, resolution=None) -> dict:
         """``cond`` for the given prompts: prompt and negative embeddings, padded, with their masks.
 
         ``length`` pads prompts and the negative prompt alike (default: the cache's ``pad_to`` or the longest
-        prompt of the batch); a fixed length lets batches and their null conditions be concatenated."""
+        prompt of the batch); a fixed length lets batches and their null conditions be concatenated.
+        ``resolution``: (frames, height, width) of the batch, for a cache with conditioning images (ignored otherwise)."""
         indices = [int(i) for i in indices]
         if not indices or any(not 0 <= i < len(self) for i in indices):
             raise ValueError(f"indices must be a non-empty list of integers in [0, {len(self)})")
@@ -245,10 +380,13 @@ class PromptCache:
         if self.negative_pooled is not None:  # the family's pooled embeddings, beside the sequence
             out["pooled"] = torch.cat(pooled)
             out["neg_pooled"] = self.negative_pooled.expand(len(rows), -1).clone()
+        if self.has_images:  # the image's condition at this resolution, shared by the negative prompt's call
+            out.update(self._image_rows(by_shard, len(rows), resolution))
         return out
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None, length: int | None = None) -> dict:
-        """A batch of prompts drawn uniformly with replacement (``length``: as in ``batch``)."""
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, length: int | None = None,
+               resolution=None) -> dict:
+        """A batch of prompts drawn uniformly with replacement (``length``, ``resolution``: as in ``batch``)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        return self.batch(torch.randint(len(self), (batch_size,), generator=generator).tolist(), length)
+        return self.batch(torch.randint(len(self), (batch_size,), generator=generator).tolist(), length, resolution)

@@ -42,16 +42,28 @@ class PromptTask:
     """The trainer's task for a real model: cached prompt embeddings and the latent shapes of the resolutions.
 
     Every batch is padded to one length (the longest cached prompt, or Wan's 512), so batches, the pool and the
-    null conditions concatenate; the masks keep Qwen-Image's padding out of attention.
+    null conditions concatenate; the masks keep Qwen-Image's padding out of attention. A cache with conditioning
+    images (image-to-video) gives each batch the images' condition at the resolution of the latents drawn:
+    ``sample_cond(n, generator, shape)`` with ``shape`` one of ``latent_shapes`` (the trainer passes it, as
+    ``cond_per_shape`` says), ``resolutions`` the (frames, height, width) of each.
     """
 
-    def __init__(self, cache, latent_shapes):
+    cond_per_shape = True
+
+    def __init__(self, cache, latent_shapes, resolutions=None):
         self.cache, self.latent_shapes = cache, [tuple(s) for s in latent_shapes]
         self.latent_shape = self.latent_shapes[0]
         self.length = cache.pad_to or cache.max_length
+        self.resolutions = [tuple(r) for r in resolutions] if resolutions is not None else None
+        if cache.has_images and (self.resolutions is None or len(self.resolutions) != len(self.latent_shapes)):
+            raise ValueError("resolutions: the prompt cache holds conditioning images; give the (frames, height, width) "
+                             "of each latent shape")
 
-    def sample_cond(self, n: int, generator: torch.Generator) -> dict:
-        return self.cache.sample(n, generator, length=self.length)
+    def sample_cond(self, n: int, generator: torch.Generator, shape=None) -> dict:
+        res = None
+        if self.cache.has_images:
+            res = self.resolutions[0 if shape is None else self.latent_shapes.index(tuple(shape))]
+        return self.cache.sample(n, generator, length=self.length, resolution=res)
 
 
 def _load_teacher(cfg: RunConfig):
@@ -87,9 +99,30 @@ def _at_model_switch(cfg: RunConfig, teacher) -> RunConfig:
     return updated(cfg, {"distill.phase_boundaries": near[:1]})
 
 
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def image_paths(images, count: int, field: str = "data.images") -> list[Path]:
+    """``data.images``: a text file of image paths, line i for prompt i (relative to the file's folder; blank lines
+    skipped, as in the prompts file), or a folder whose image files, sorted by name, go with the prompts in order."""
+    src = Path(images).expanduser()
+    if src.is_dir():
+        paths = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+        where = f"folder {str(src)!r} holds {len(paths)} image files ({', '.join(_IMAGE_SUFFIXES)})"
+    elif src.is_file():
+        paths = [src.parent / line.strip() for line in src.read_text().splitlines() if line.strip()]
+        where = f"file {str(src)!r} lists {len(paths)} images"
+    else:
+        raise ValueError(f"{field}: {str(src)!r} is neither a folder of images nor a file listing them")
+    if len(paths) != count:
+        raise ValueError(f"{field}: the {where}, but there are {count} prompts: give one image per prompt")
+    return paths
+
+
 def encode_real(cfg: RunConfig, progress: bool = True) -> Path:
     """Encode ``data.prompts`` into ``data.prompt_cache`` with the model's own text encoder (freed afterwards),
-    and ``validation.prompts``, if given, into its ``validation/`` folder (``encode_validation``)."""
+    ``data.images`` (an image-to-video model) at each of ``data.resolutions``, and ``validation.prompts``, if given,
+    into its ``validation/`` folder (``encode_validation``)."""
     from pdmd.pipeline.prompts import encode_prompts
 
     d = cfg.data
@@ -98,6 +131,8 @@ def encode_real(cfg: RunConfig, progress: bool = True) -> Path:
         raise ValueError(f"data.prompts: {str(path)!r} is not a file (one prompt per line)")
     prompts = [p for p in path.read_text().splitlines() if p.strip()]
     extra = {"max_sequence_length": d.max_sequence_length} if d.max_sequence_length else {}
+    if d.images is not None:
+        extra.update(images=image_paths(d.images, len(prompts)), resolutions=[tuple(r) for r in d.resolutions])
     out = encode_prompts(cfg.model.kind, cfg.model.path, prompts, d.prompt_cache, d.negative_prompt,
                          dtype=torch_dtype(cfg), device=cfg.device, progress=progress, **extra)
     encode_validation(cfg, progress)
@@ -177,9 +212,23 @@ class RealHooks(Hooks):
         cache = cfg.data.prompt_cache
         if not (Path(cache) / "meta.json").is_file():
             raise ValueError(f"data.prompt_cache: {cache!r} holds no prompt cache; run pdmd encode-prompts first")
-        if PromptCache(cache).kind != cfg.model.kind:
-            raise ValueError(f"data.prompt_cache: {cache!r} was encoded for {PromptCache(cache).kind!r}, not "
-                             f"{cfg.model.kind!r}")
+        pc = PromptCache(cache)
+        if pc.kind != cfg.model.kind:
+            raise ValueError(f"data.prompt_cache: {cache!r} was encoded for {pc.kind!r}, not {cfg.model.kind!r}")
+        images = get_spec(cfg.model.kind).prompts.images
+        takes = images is not None and images.takes_images(cfg.model.path)
+        if takes and not pc.has_images:
+            raise ValueError(f"data.prompt_cache: {cache!r} holds no conditioning images, but {cfg.model.path!r} is an "
+                             "image-to-video model: set data.images and rerun pdmd encode-prompts into a new folder")
+        if pc.has_images and not takes:
+            raise ValueError(f"data.prompt_cache: {cache!r} holds conditioning images (image-to-video), but "
+                             f"{cfg.model.path!r} holds no image-to-video model: check model.path")
+        if pc.has_images:
+            have = set(pc.image_resolutions())
+            missing = [r for r in cfg.data.resolutions if tuple(r) not in have]
+            if missing:
+                raise ValueError(f"data.prompt_cache: {cache!r} holds the conditioning images at {sorted(have)}, not at "
+                                 f"{missing}: rerun pdmd encode-prompts (it encodes only the missing resolutions)")
 
     def setup(self, cfg, out, par, progress):
         from pdmd.pipeline.prompts import PromptCache
@@ -199,7 +248,7 @@ class RealHooks(Hooks):
                       f"(t = {teacher.boundary_time:.6f}); phase boundaries {cfg.distill.phase_boundaries}; phase "
                       "experts on " + ", ".join("high" if teacher.for_phase(k) is teacher.high else "low"
                                                 for k in range(1, len(cfg.distill.phase_boundaries) + 2)))
-        return cfg, teacher, PromptTask(PromptCache(cfg.data.prompt_cache), shapes)
+        return cfg, teacher, PromptTask(PromptCache(cfg.data.prompt_cache), shapes, cfg.data.resolutions)
 
     def callbacks(self, cfg, out, par, progress):
         cbs = []

@@ -3,13 +3,16 @@
 Prompts (UMT5): the pipeline pads every prompt with zeros to ``max_sequence_length`` (512 in
 ``WanPipeline.__call__``) and the transformer attends to that padding, so batches are padded to that length
 again; each prompt is stored trimmed to its tokens. Wan 2.2 A14B's two transformers: ``transformer`` (high
-noise) and ``transformer_2``, switched at ``boundary_ratio`` (see ``denoiser``).
+noise) and ``transformer_2``, switched at ``boundary_ratio`` (see ``denoiser``). Wan 2.2 I2V-A14B (transformer
+``in_channels`` 36, ``WanImageToVideoPipeline``): the first-frame condition is encoded once into the prompt cache
+(``images``) and exports load into ``WanImageToVideoPipeline``.
 """
 from __future__ import annotations
 
-from pdmd.models.spec import ComfySpec, ModelSpec, PromptSpec, trim_to_mask
+from pdmd.models.spec import ComfySpec, ImageSpec, ModelSpec, PromptSpec, trim_to_mask
 from pdmd.models.wan.comfy import comfy_model, original_name
-from pdmd.models.wan.denoiser import WanDenoiser, WanMoEDenoiser, load_wan, scheduler_shift
+from pdmd.models.wan.denoiser import I2V_PIPELINE, IMAGE_KEY, WanDenoiser, WanMoEDenoiser, load_wan, scheduler_shift
+from pdmd.models.wan.images import encode_image, load_image_encoder, takes_images
 from pdmd.models.wan.plan import PLAN
 
 __all__ = ["SPEC", "WanDenoiser", "WanMoEDenoiser", "load_wan", "scheduler_shift"]
@@ -48,6 +51,9 @@ def _decode(vae, latents):
 
 
 def _finish_manifest(model, manifest: dict) -> None:
+    if model.image_channels:  # the same LoRA files (WanLoraLoaderMixin), loaded into the image-to-video pipeline
+        manifest["pipeline"] = I2V_PIPELINE
+        manifest["image_condition"] = True  # its call needs image=
     if not isinstance(model, WanMoEDenoiser):
         return
     manifest["model"] = "wan-a14b"
@@ -67,12 +73,15 @@ SPEC = ModelSpec(
     latent_shape=lambda d, frames, height, width: d.latent_shape(frames, height, width),
     lora_targets=WanDenoiser.lora_targets,
     prompts=PromptSpec(encoders=(("text_encoder", "UMT5EncoderModel", "tokenizer"),), encode=_encode,
-                       default_negative="", max_sequence_length=512),  # WanPipeline's defaults
+                       default_negative="", max_sequence_length=512,  # WanPipeline's defaults
+                       images=ImageSpec(takes_images=takes_images, load=load_image_encoder, encode=encode_image,
+                                        keys=(IMAGE_KEY,))),
+    pipelines=(I2V_PIPELINE,),
     timestep_scale=1000.0, video=True,
     sampling_kwargs=lambda m: {"guidance_scale": 1.0, **({"guidance_scale_2": 1.0} if "boundary_ratio" in m else {})},
     finish_manifest=_finish_manifest, decode=_decode,
     options={"model.boundary_sigma": _A14B, "model.phase_transformers": _A14B, "teacher.guidance_scale_low": _A14B,
-             "data.max_sequence_length": "Wan (UMT5 pads to it)"},
+             "data.max_sequence_length": "Wan (UMT5 pads to it)", "data.images": "Wan 2.2 A14B image-to-video"},
     plan=PLAN,
     comfy=ComfySpec(original_name=original_name, model_of=comfy_model),
 )

@@ -6,7 +6,13 @@ Conventions, from diffusers' WanPipeline and its flow schedulers:
   (sigma = k t / (1 + (k - 1) t), k = the scheduler's ``flow_shift``/``shift``);
 - the output is the flow velocity ``eps - x0`` (the scheduler steps x += (sigma_next - sigma) * v), which is
   pdmd's psi, so ``prediction = "flow"`` and no sign change;
-- Wan 2.2 A14B: ``transformer`` serves sigma >= ``boundary_ratio`` (high noise), ``transformer_2`` the rest.
+- Wan 2.2 A14B: ``transformer`` serves sigma >= ``boundary_ratio`` (high noise), ``transformer_2`` the rest;
+- image-to-video (``WanImageToVideoPipeline`` without an image encoder, Wan 2.2 I2V-A14B: transformer
+  ``in_channels`` 36 = 16 noisy latents + 20 condition channels): the transformer takes
+  ``cat([latents, condition], dim=1)``, ``condition`` = ``prepare_latents``'s 4 first-frame mask channels and the
+  16 normalised VAE latents of the first frame padded with zero frames; the cache stores that ``condition`` per
+  prompt and resolution (``images.py``) and the adapter reads it from ``cond["image_latents"]``; the output and the
+  latents the trainer sees stay 16 channels.
 """
 from __future__ import annotations
 
@@ -16,10 +22,13 @@ from typing import Sequence
 import torch
 
 from pdmd.core.schedules import get_schedule
-from pdmd.models._local import component_dir, dtype_kwargs, load_diffusers, optional_json
+from pdmd.models._local import component_dir, dtype_kwargs, load_diffusers, optional_json, read_json
 from pdmd.models.base import DiffusersDenoiser, sigma_of, split_cond, time_of_sigma
 
-__all__ = ["WanDenoiser", "WanMoEDenoiser", "load_wan", "scheduler_shift"]
+__all__ = ["WanDenoiser", "WanMoEDenoiser", "load_wan", "scheduler_shift", "IMAGE_KEY", "I2V_PIPELINE", "is_image_to_video"]
+
+IMAGE_KEY = "image_latents"  # the cond key of the image-to-video condition [B, 20, F', H', W']
+I2V_PIPELINE = "WanImageToVideoPipeline"
 
 
 def scheduler_shift(path) -> float | None:
@@ -48,11 +57,21 @@ class WanDenoiser(DiffusersDenoiser):
     def __init__(self, transformer, shift: float):
         super().__init__(get_schedule("flow", shift))
         self.transformer = transformer
+        c = transformer.config
+        if getattr(c, "image_dim", None) is not None:
+            raise ValueError("transformer: this Wan transformer takes CLIP image embeddings (image_dim set: Wan 2.1 "
+                             "I2V); pdmd supports Wan 2.1 / 2.2 text-to-video and Wan 2.2 A14B image-to-video")
+        # image-to-video: in_channels = the latents (out_channels) + the condition (4 mask + 16 latent channels)
+        self.channels = _channels(dict(c))[1]
+        self.image_channels = _channels(dict(c))[0] - self.channels
+        if self.image_channels < 0:
+            raise ValueError(f"transformer: in_channels {c.in_channels} < out_channels {c.out_channels}: not a Wan "
+                             "text- or image-to-video transformer")
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, F, H, W) of the latents for a video of ``frames`` x ``height`` x ``width`` pixels (Wan VAE: 4x time, 8x space)."""
         _check_size(frames, height, width, 16)
-        return (self.transformer.config.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
+        return (self.channels, (frames - 1) // 4 + 1, height // 8, width // 8)
 
     def forward(self, x_t: torch.Tensor, t, cond) -> torch.Tensor:
         x, one_frame = _as_video(x_t)
@@ -61,6 +80,8 @@ class WanDenoiser(DiffusersDenoiser):
             raise ValueError(f"cond has batch {embeds.shape[0]} but x_t has batch {x.shape[0]}")
         timestep = 1000.0 * sigma_of(self.schedule, t, x).to(x.device)
         dtype = self.transformer.dtype
+        if self.image_channels:  # WanImageToVideoPipeline: cat([latents, condition], dim=1).to(transformer dtype)
+            x = torch.cat([x, _image_condition(cond, x, self.image_channels)], dim=1)
         out = self.transformer(
             hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=embeds.to(x.device, dtype), return_dict=False
         )[0]
@@ -89,8 +110,16 @@ class WanMoEDenoiser(DiffusersDenoiser):
             raise ValueError(f"phase_transformers must be a non-empty list of 'high'/'low', got {list(phase_transformers)!r}")
         self.high = WanDenoiser(high, shift)
         self.low = WanDenoiser(low, shift)
+        if self.high.image_channels != self.low.image_channels:
+            raise ValueError(f"transformer and transformer_2 disagree: condition channels {self.high.image_channels} vs "
+                             f"{self.low.image_channels} (one text-to-video, one image-to-video?)")
         self.boundary_sigma = float(boundary_sigma)
         self.phase_transformers = tuple(phase_transformers)
+
+    @property
+    def image_channels(self) -> int:
+        """Condition channels of both transformers (20 for image-to-video, 0 for text-to-video)."""
+        return self.high.image_channels
 
     @property
     def boundary_time(self) -> float:
@@ -159,6 +188,20 @@ class WanMoEDenoiser(DiffusersDenoiser):
         return self.high if which == "high" else self.low
 
 
+def _image_condition(cond, x: torch.Tensor, channels: int) -> torch.Tensor:
+    """``cond["image_latents"]`` [B, channels, F, H, W] checked against the latents ``x`` [B, C, F, H, W]."""
+    c = cond.get(IMAGE_KEY) if isinstance(cond, dict) else None
+    if not torch.is_tensor(c):
+        raise ValueError(f"cond has no {IMAGE_KEY!r}: an image-to-video Wan transformer needs the first-frame condition "
+                         "latents; encode the prompt cache with data.images (pdmd encode-prompts)")
+    c = c.unsqueeze(2) if c.dim() == 4 else c
+    want = (x.shape[0], channels, *x.shape[2:])
+    if tuple(c.shape) != want:
+        raise ValueError(f"cond[{IMAGE_KEY!r}] has shape {tuple(c.shape)}, but latents {tuple(x.shape)} need {want} "
+                         "(the cache was encoded at another resolution?)")
+    return c.to(x.device)
+
+
 def _check_size(frames, height, width, multiple):
     for name, v in (("frames", frames), ("height", height), ("width", width)):
         if not isinstance(v, int) or v < 1:
@@ -186,7 +229,9 @@ def load_wan(path, shift: float | None = None, dtype: torch.dtype | None = None,
     """Wan from a local diffusers folder: one transformer (2.1) or the A14B pair (2.2, ``transformer_2``).
 
     ``shift`` defaults to the folder's scheduler config; ``boundary_sigma`` to ``boundary_ratio`` in its
-    ``model_index.json``. A folder holding just a transformer (its ``config.json``) works too.
+    ``model_index.json``. A folder holding just a transformer (its ``config.json``) works too. Image-to-video
+    (Wan 2.2 I2V-A14B) is read from the transformer's config (``in_channels`` 36 = 16 + 20 condition channels);
+    a ``WanImageToVideoPipeline`` folder must hold such a transformer.
     """
     from diffusers import WanTransformer3DModel
 
@@ -198,7 +243,11 @@ def load_wan(path, shift: float | None = None, dtype: torch.dtype | None = None,
         if shift is None:
             raise ValueError(f"shift: {str(root)!r} has no scheduler config with a flow shift; pass shift= (Wan: 3.0 at 480p, 5.0 at 720p; A14B: 12.0)")
     kw = dtype_kwargs(dtype)
+    if index.get("expand_timesteps"):
+        raise ValueError(f"{str(root)!r} is a Wan 2.2 TI2V-5B folder (expand_timesteps: the first frame replaces the "
+                         "latents per token): not supported; pdmd takes Wan 2.1 / 2.2 T2V and Wan 2.2 A14B I2V")
     high = load_diffusers(WanTransformer3DModel, root, "transformer", "Wan transformer", **kw)
+    _check_pipeline(root, index, high)
     second = index.get("transformer_2")
     if not (isinstance(second, list) and second and second[0]):
         return WanDenoiser(high, shift)
@@ -208,3 +257,29 @@ def load_wan(path, shift: float | None = None, dtype: torch.dtype | None = None,
         if boundary_sigma is None:
             raise ValueError(f"boundary_sigma: {str(root / 'model_index.json')!r} has no boundary_ratio; pass boundary_sigma=")
     return WanMoEDenoiser(high, low, shift, boundary_sigma, phase_transformers)
+
+
+def _check_pipeline(root: Path, index: dict, transformer) -> None:
+    """The folder's pipeline class and its transformer's channels tell the same task (text- or image-to-video)."""
+    c = transformer.config
+    i2v = _channels(dict(c))[0] != _channels(dict(c))[1]
+    if index.get("_class_name") == I2V_PIPELINE and not i2v:
+        raise ValueError(f"{str(root)!r} is a {I2V_PIPELINE} folder, but its transformer takes in_channels "
+                         f"{c.in_channels} = out_channels (text-to-video): no room for the image condition")
+    if i2v and index.get("_class_name") not in (None, I2V_PIPELINE):
+        raise ValueError(f"{str(root)!r} is a {index.get('_class_name')} folder, but its transformer takes in_channels "
+                         f"{c.in_channels} (out_channels {c.out_channels}): an image-to-video transformer belongs in a "
+                         f"{I2V_PIPELINE} folder")
+
+
+def is_image_to_video(path) -> bool:
+    """Whether the local Wan folder ``path`` holds an image-to-video model (its transformer's config, no weights read)."""
+    cfg = read_json(component_dir(path, "transformer", "Wan transformer") / "config.json")
+    cin, cout = _channels(cfg)
+    return cin != cout
+
+
+def _channels(config: dict) -> tuple[int, int]:
+    """(in_channels, out_channels) of a WanTransformer3DModel config (out_channels None: = in_channels, as diffusers)."""
+    cin = int(config.get("in_channels") or 16)
+    return cin, int(config.get("out_channels") or cin)

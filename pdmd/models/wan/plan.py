@@ -4,7 +4,8 @@ Wan 2.1 shapes: Wan-Video/Wan2.1 wan/configs/wan_t2v_1_3B.py (dim 1536, ffn_dim 
 and wan_t2v_14B.py (dim 5120, ffn_dim 13824, 40 heads, 40 layers); patch (1, 2, 2), freq_dim 256,
 text_dim 4096 (umT5-XXL), VAE stride (4, 8, 8) with z_dim 16 (wan/configs/shared_config.py);
 diffusers' WanTransformer3DModel defaults are the 14B shape. Wan 2.2 T2V-A14B: two 14B-shaped
-transformers (transformer, transformer_2 in Wan-AI/Wan2.2-T2V-A14B-Diffusers), same Wan 2.1 VAE.
+transformers (transformer, transformer_2 in Wan-AI/Wan2.2-T2V-A14B-Diffusers), same Wan 2.1 VAE. Wan 2.2 I2V-A14B:
+the same pair with in_channels 36 (16 latents + 4 mask + 16 first-frame latents; only the patch embedding grows).
 Activations (bytes saved for backward per token, fitted on diffusers 0.42 in bf16, max error 1 % on tiny
 configs with d in {64, 128}, ffn in {128, 256}, 2-4 blocks, 192-1280 tokens): per block 69 d + 4 ffn (fp32
 norm/modulation intermediates make up much of the 69), outside the blocks 10 d.
@@ -19,6 +20,7 @@ ARCHS = (
     Arch("wan2.1-1.3b", "wan", 30, 12, 128, 8960, 4096, defaults=_VIDEO),
     Arch("wan2.1-14b", "wan", 40, 40, 128, 13824, 4096, defaults=_VIDEO),
     Arch("wan2.2-a14b", "wan", 40, 40, 128, 13824, 4096, copies=2, defaults=_VIDEO),
+    Arch("wan2.2-i2v-a14b", "wan", 40, 40, 128, 13824, 4096, in_channels=36, copies=2, defaults=_VIDEO),
 )
 
 
