@@ -21,7 +21,7 @@ def latents(names: tuple[str, ...], *tensors: Optional[Tensor]) -> tuple[Optiona
     first = tensors[0]
     if isinstance(first, Tensor):  # the common case: one test per tensor, the diagnosis only on a miss
         shape, device, dtype = first.shape, first.device, first.dtype
-        for t in tensors:
+        for t in tensors[1:]:
             if t is not None and (not isinstance(t, Tensor) or t.dtype is not dtype or t.shape != shape
                                   or t.device != device):
                 break
@@ -80,12 +80,13 @@ def coef(name: str, c, like: Tensor) -> Tensor:
 
 def coefs(like: Tensor, names: tuple[str, ...], *values) -> list[Tensor]:
     """:func:`coef` of each value (``names`` for the errors), the latents' batch, dtype and device read once."""
-    bsz, device = like.shape[0], like.device
+    per_sample, device = like.shape[:1], like.device
+    bsz = per_sample[0]
     dt = torch.float64 if like.dtype is torch.float64 else torch.float32
     out = []
     for name, c in zip(names, values):
         if isinstance(c, Tensor):
-            if c.dtype is dt and c.dim() == 1 and c.shape[0] == bsz and c.device == device and c.is_contiguous():
+            if c.dtype is dt and c.shape == per_sample and c.device == device and c.is_contiguous():
                 out.append(c.detach() if c.requires_grad else c)  # the common case: nothing to convert
                 continue
             if not c.is_floating_point():
