@@ -191,7 +191,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2000, help="rounds on tiny tensors (middle size: / 20)")
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"training sizes, of {list(SIZES)}")
+    parser.add_argument("--tables", default="forward,train", help="which tables: forward, train or both")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), backends {K.backend_info('cpu')}\n")
-    print(forward_table(args.rounds), "\n")
-    print(train_table(args.rounds, tuple(args.sizes.split(","))))
+    if "forward" in args.tables:
+        print(forward_table(args.rounds), "\n")
+    if "train" in args.tables:
+        print(train_table(args.rounds, tuple(args.sizes.split(","))))
