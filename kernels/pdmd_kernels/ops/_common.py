@@ -179,9 +179,12 @@ def function_apply(cls):
     unwrap dead functorch wrappers of the tensor arguments, then ``_C._FunctionBase.apply``; inside
     transforms, ``custom_function_call``. This does the same, with the tensor positions known.
     """
-    base = super(torch.autograd.Function, cls).apply
-    transforms_active = torch._C._are_functorch_transforms_active
-    unwrap = torch._C._functorch.unwrap_if_dead
+    try:  # the names Function.apply itself uses (torch 2.1 and later)
+        base = super(torch.autograd.Function, cls).apply
+        transforms_active = torch._C._are_functorch_transforms_active
+        unwrap = torch._C._functorch.unwrap_if_dead
+    except AttributeError:  # a torch without them: the ordinary apply
+        return cls.apply
 
     def apply(*args):
         if transforms_active():
