@@ -304,3 +304,146 @@ def test_triton_kernels_compile_for_sm90_with_vector_accesses():
     for r in rows:
         reads, writes = LATENT_ACCESSES[r["kernel"]]
         assert r["ld_v4"] >= reads and r["st_v4"] >= writes, r
+
+
+# ---------------------------------------------------------------- tiny inputs: the fast paths (issue 13 item 2)
+
+_renoise_mod = importlib.import_module("pdmd_kernels.ops.renoise")
+_common = importlib.import_module("pdmd_kernels.ops._common")
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _node_names(t):
+    """Type names of every autograd node behind ``t``."""
+    names, todo, seen = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.add(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def _renoise_case(shape, dtype, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    x_s, noise, up = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
+    a, s = torch.rand(shape[0], generator=gen) + 0.1, torch.rand(shape[0], generator=gen) + 0.1
+    return x_s, noise, up, a, s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 8), (3, 5, 7), (4,), (2, 16, 32, 33)])
+def test_renoise_tiny_path_is_the_reference_and_large_path_the_backend(shape, dtype):
+    """With a gradient to compute and no backend forced, renoise at most SMALL elements runs the
+    reference's lines under torch's autograd (value and gradients equal to R.renoise's, bit for bit);
+    above SMALL, or with a backend forced, the backend's Function (within rounding of float64)."""
+    small = torch.Size(shape).numel() <= _renoise_mod.SMALL
+    assert small == (shape != (2, 16, 32, 33))  # both sides of the threshold are covered
+    x_s, noise, up, a, s = _renoise_case(shape, dtype)
+    xl, nl = x_s.clone().requires_grad_(), noise.clone().requires_grad_()
+    with K.use_backend(None):  # the default rule, whatever $PDMD_KERNELS_BACKEND says
+        x_t = K.renoise(xl, noise=nl, alpha_ts=a, sigma_ts=s)
+    grads = torch.autograd.grad(x_t, (xl, nl), up)
+    assert ("_RenoiseBackward" in _node_names(x_t)) != small
+    assert x_t.dtype == dtype and all(g.dtype == dtype for g in grads)
+    rl, rn = x_s.clone().requires_grad_(), noise.clone().requires_grad_()
+    ref = R.renoise(rl, rn, a, s)
+    ref_grads = torch.autograd.grad(ref, (rl, rn), up)
+    if small:
+        assert torch.equal(x_t, ref) and all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+    # either side: within the rounding of a few float32 operations of the float64 value
+    tol = {torch.float32: 4 * EPS32, torch.float64: 4 * EPS32, torch.bfloat16: 2 ** -7}[dtype]
+    x64 = R.renoise(x_s.double(), noise.double(), a.double(), s.double())
+    assert (x_t.double() - x64).abs().max() <= tol * x64.abs().max()
+    for g, c in zip(grads, (a, s)):
+        g64 = R.bcast(c.double(), up) * up.double()
+        assert (g.double() - g64).abs().max() <= tol * g64.abs().max()
+
+
+def test_renoise_tiny_path_only_by_the_default_rule():
+    """A forced backend runs at every size (the op tests check each backend on tiny shapes), and
+    without a gradient the backend's forward runs."""
+    x_s, noise, _, a, s = _renoise_case((2, 8), torch.float32)
+    xl = x_s.clone().requires_grad_()
+    with K.use_backend("reference"):
+        assert "_RenoiseBackward" in _node_names(K.renoise(xl, noise=noise, alpha_ts=a, sigma_ts=s))
+    with K.use_backend(None):
+        assert "_RenoiseBackward" not in _node_names(K.renoise(xl, noise=noise, alpha_ts=a, sigma_ts=s))
+        assert K.renoise(x_s, noise=noise, alpha_ts=a, sigma_ts=s).grad_fn is None
+
+
+def _loss_cases(x, others, w):
+    """(name, fn(x, returns)) of the three one-pass losses on ``x`` and three latent-size ``others``."""
+    c, u, f = others
+    cs = (torch.full((x.shape[0],), 0.8), torch.full((x.shape[0],), 0.3), 0.5, torch.full((x.shape[0],), 0.6))
+    return [
+        ("dmd_theory", lambda xx, r: K.dmd_loss(xx, real_cond=c, real_uncond=u, fake=f, guidance_scale=3.0,
+                                                weight=w, returns=r)),
+        ("dmd_normalized", lambda xx, r: K.dmd_loss(xx, real_cond=c, real_uncond=u, fake=f, guidance_scale=2.0,
+                                                    form="normalized", returns=r)),
+        ("subinterval", lambda xx, r: sub(xx, c, u, cs, clamp_max=None, check=False)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference", _NATIVE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 8), (3,), (2, 4, 9, 11)])
+def test_loss_sum_and_mean_backward_scale_the_saved_gradient(backend, dtype, shape):
+    """loss.sum() (and c * loss.sum()) hand backward a broadcast scalar (stride 0): the saved gradient is
+    scaled in place (float32/float64: one multiply by the 0-d element). loss.mean()'s gradient is a
+    materialised [B] (torch divides the expanded scalar), so it takes the copy path, as per-sample
+    grad_outputs do. Both equal grad * g, and the DMD gradient of the float64 reference."""
+    gen = torch.Generator().manual_seed(11)
+    x, *others = (torch.randn(shape, generator=gen).to(dtype) for _ in range(4))
+    w = torch.rand(shape[0], generator=gen) + 0.5
+    with K.use_backend(backend):
+        for name, fn in _loss_cases(x, others, w):
+            for reduce, factor in (("sum", 1.0), ("scaled_sum", 2.5), ("mean", 1.0 / shape[0])):
+                xl = x.clone().requires_grad_()
+                loss = fn(xl, "loss")
+                (loss.mean() if reduce == "mean" else factor * loss.sum()).backward()
+                k = torch.full((shape[0],), factor, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+                xc = x.clone().requires_grad_()
+                (copied,) = torch.autograd.grad(fn(xc, "loss"), xc, k)
+                assert torch.equal(xl.grad, copied), (name, reduce)
+            if name.startswith("dmd"):  # the gradient itself against float64
+                form = name.split("_")[1]
+                d = lambda t: t.double().reshape(shape[0], -1)  # noqa: E731  (the reference wants [B, N])
+                g = R.dmd_loss_grad(d(x), d(others[0]), d(others[2]), d(others[1]), 3.0 if form == "theory" else 2.0,
+                                    w.double() if form == "theory" else None, form) / shape[0]
+                tol = 8 * EPS32 if dtype != torch.bfloat16 else 2 ** -7
+                assert (d(xl.grad) - g).abs().max() <= tol * g.abs().max() + 1e-30
+
+
+def test_number_coefficients_are_shared_constants_except_zero():
+    """A Python-number coefficient becomes one cached [B] tensor per (value, B, dtype, device); zeros
+    are fresh (so -0.0 keeps its sign); values equal torch.full's."""
+    like = torch.zeros(3, 4)
+    a, b = _common.coef("w", 0.25, like), _common.coef("w", 0.25, like)
+    assert a is b and torch.equal(a, torch.full((3,), 0.25)) and a.dtype == torch.float32
+    assert _common.coef("w", 0.25, like.double()).dtype == torch.float64
+    z, nz = _common.coef("w", 0.0, like), _common.coef("w", -0.0, like)
+    assert z is not _common.coef("w", 0.0, like)
+    assert bool(torch.signbit(nz).all()) and not bool(torch.signbit(z).any())
+    x, c, f = (torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    for _ in range(2):  # a float and the same value as a tensor: the same loss
+        assert torch.equal(K.dmd_loss(x, real_cond=c, fake=f, weight=0.25),
+                           K.dmd_loss(x, real_cond=c, fake=f, weight=torch.full((3,), 0.25)))
+
+
+def test_function_apply_matches_autograd_function_apply():
+    """The ops' Function.apply shortcut builds the same node and gradients as torch's own apply."""
+    x, c, f = (torch.randn(2, 5, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    dmd_mod = importlib.import_module("pdmd_kernels.ops.dmd_loss")
+    xl = x.clone().requires_grad_()
+    loss = K.dmd_loss(xl, real_cond=c, fake=f, weight=0.5)
+    assert type(loss.grad_fn).__name__ == "_TrainBackward"
+    loss.sum().backward()
+    impl = dispatch.select("dmd_loss", "cpu", torch.float32)[1]
+    xr = x.clone().requires_grad_()
+    with torch.no_grad():
+        l2, _, g = impl.train(xr, c, None, f, torch.ones(2), torch.full((2,), 0.5), "theory", 1e-6)
+    dmd_mod._Train.apply(xr, dmd_mod._Saved(l2, g, True, impl)).sum().backward()
+    assert torch.equal(loss.detach(), l2) and torch.equal(xl.grad, xr.grad)

@@ -241,6 +241,8 @@ def test_no_host_sync_per_call(backend):
                 d.mean().backward()
             x_s_leaf = x_s.clone().requires_grad_()
             K.renoise(x_s_leaf, noise=noise, alpha_ts=coefs[0], sigma_ts=coefs[1]).sum().backward()
+            with K.use_backend(None):  # the default rule: tiny renoise takes the reference's lines (its SMALL)
+                K.renoise(x_s_leaf, noise=noise, alpha_ts=0.9, sigma_ts=coefs[1]).sum().backward()
         assert mode.syncs == 0
         with CountSyncs() as mode:
             sub(pred, x_s, noise, coefs)  # check=True (the default) with tensors: one read

@@ -11,19 +11,34 @@ from torch import Tensor
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def latents(**tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
+def latents(names: tuple[str, ...], *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     """Check latent-size inputs agree in shape and device (any float dtypes); return them in one dtype.
 
-    Mixed dtypes are promoted to float32 (float64 if any is float64): a copy of the narrower inputs,
-    the price of e.g. float32 noise beside bfloat16 latents. 1-D ``[B]`` latents are one value per sample.
+    ``names``: the arguments' names, for the errors. Mixed dtypes are promoted to float32 (float64 if
+    any is float64): a copy of the narrower inputs, the price of e.g. float32 noise beside bfloat16
+    latents. 1-D ``[B]`` latents are one value per sample. ``None`` entries (optional inputs) pass.
     """
+    first = tensors[0]
+    if isinstance(first, Tensor):  # the common case: one test per tensor, the diagnosis only on a miss
+        shape, device, dtype = first.shape, first.device, first.dtype
+        for t in tensors[1:]:
+            if t is not None and (not isinstance(t, Tensor) or t.dtype is not dtype or t.shape != shape
+                                  or t.device != device):
+                break
+        else:
+            if shape and shape[0] and dtype in FLOATS and first.numel():
+                return tensors
+    return tuple(_latents_slow(dict(zip(names, tensors))))
+
+
+def _latents_slow(tensors: dict) -> list[Optional[Tensor]]:
     names = list(tensors)
     first_name, first = names[0], tensors[names[0]]
     if not isinstance(first, Tensor):
         raise ValueError(f"{first_name} must be a tensor, got {type(first).__name__}")
     shape, device, dtype = first.shape, first.device, first.dtype
     mixed = False
-    for name in names[1:]:  # the common case costs three comparisons per tensor
+    for name in names[1:]:
         t = tensors[name]
         if t is None:
             continue
@@ -60,21 +75,54 @@ def coef(name: str, c, like: Tensor) -> Tensor:
 
     Accepts a Python number, a 0-d or one-element tensor, ``[B]``, or ``[B, 1, ...]``. Never reads values.
     """
-    bsz, dt = like.shape[0], compute_dtype(like)
-    if isinstance(c, Tensor):
-        if c.dtype == dt and c.shape == (bsz,) and c.device == like.device and c.is_contiguous():
-            return c.detach()  # the common case: nothing to convert
-        if not c.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got {c.dtype}")
-        if c.device != like.device:
-            raise ValueError(f"{name} is on {c.device} but the latents are on {like.device}")
-        if c.numel() == 1:
-            return c.detach().reshape(1).to(dt).expand(bsz).contiguous()
-        if c.dim() >= 1 and c.shape[0] == bsz and c.numel() == bsz:
-            return c.detach().reshape(bsz).to(dt).contiguous()
-        raise ValueError(f"{name} must be a number, a 0-d tensor, [{bsz}] or [{bsz}, 1, ...] (one per sample), "
-                         f"got shape {tuple(c.shape)}")
-    return torch.full((bsz,), number(name, c), dtype=dt, device=like.device)
+    return coefs(like, (name,), c)[0]
+
+
+def coefs(like: Tensor, names: tuple[str, ...], *values) -> list[Tensor]:
+    """:func:`coef` of each value (``names`` for the errors), the latents' batch, dtype and device read once."""
+    per_sample, device = like.shape[:1], like.device
+    bsz = per_sample[0]
+    dt = torch.float64 if like.dtype is torch.float64 else torch.float32
+    out = []
+    for name, c in zip(names, values):
+        if isinstance(c, Tensor):
+            if c.dtype is dt and c.shape == per_sample and c.device == device and c.is_contiguous():
+                out.append(c.detach() if c.requires_grad else c)  # the common case: nothing to convert
+                continue
+            if not c.is_floating_point():
+                raise ValueError(f"{name} must be a floating tensor, got {c.dtype}")
+            if c.device != device:
+                raise ValueError(f"{name} is on {c.device} but the latents are on {device}")
+            if c.numel() == 1:
+                out.append(c.detach().reshape(1).to(dt).expand(bsz).contiguous())
+            elif c.dim() >= 1 and c.shape[0] == bsz and c.numel() == bsz:
+                out.append(c.detach().reshape(bsz).to(dt).contiguous())
+            else:
+                raise ValueError(f"{name} must be a number, a 0-d tensor, [{bsz}] or [{bsz}, 1, ...] (one per sample), "
+                                 f"got shape {tuple(c.shape)}")
+        else:
+            out.append(constant(number(name, c), bsz, dt, device))
+    return out
+
+
+_CONSTANTS: dict = {}
+_CONSTANTS_MAX = 256  # distinct (value, B, dtype, device); beyond that, a new tensor per call
+
+
+def constant(v: float, bsz: int, dt: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.full((bsz,), v)``, shared between calls in eager mode (a dict lookup instead of an allocation
+    per call: a Python-number coefficient is the common case). Read-only by contract: no op or backend
+    writes its coefficients. Entries are never dropped (a captured CUDA graph may hold one), only capped;
+    zeros are not shared (-0.0 == 0.0 as a key, and the sign of a zero product must stay exact)."""
+    if v == 0 or torch.compiler.is_compiling():  # a traced graph makes its own constant
+        return torch.full((bsz,), v, dtype=dt, device=device)
+    key = (v, bsz, dt, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = torch.full((bsz,), v, dtype=dt, device=device)
+        if len(_CONSTANTS) < _CONSTANTS_MAX:
+            _CONSTANTS[key] = t
+    return t
 
 
 def number(name: str, v, positive: bool = False, allow_none: bool = False) -> float:
@@ -98,13 +146,9 @@ def bcast(c: Tensor, like: Tensor) -> Tensor:
     return c.view(c.shape[0], *([1] * (like.dim() - 1)))
 
 
-def needs_grad(*tensors: Optional[Tensor]) -> list[bool]:
-    on = torch.is_grad_enabled()
-    return [bool(on and t is not None and t.requires_grad) for t in tensors]
-
-
 def broadcast_scalar(grad: Tensor) -> bool:
-    """True for the stride-0 [B] that ``loss.sum()`` / ``loss.mean()`` hand to backward."""
+    """True for the stride-0 [B] that ``loss.sum()`` (or ``c * loss.sum()``) hands to backward
+    (``loss.mean()``'s is a materialised [B]: torch divides the expanded scalar)."""
     return grad.dim() == 1 and grad.stride(0) == 0
 
 
@@ -114,6 +158,8 @@ def scale_saved_(g: Tensor, grad: Tensor, inplace: bool, impl=None) -> Tensor:
     ``grad`` [B] float32; a broadcast scalar is applied as its one element (no [B] copy). A backend
     with ``scale_(g, k)`` (native: one vectorised pass in float32 math) does the in-place product.
     """
+    if inplace and grad.dtype == g.dtype and grad.dim() == 1 and grad.stride(0) == 0:
+        return g.mul_(grad[0])  # loss.sum() on float32/float64: one multiply by a 0-d element
     # 16-bit g: torch's mixed-dtype in-place multiply by a float32 scale is not vectorised on CPU
     if (inplace and g.dtype in (torch.bfloat16, torch.float16) and hasattr(impl, "scale_") and g.is_contiguous()
             and g.dim() > 1):
@@ -124,3 +170,25 @@ def scale_saved_(g: Tensor, grad: Tensor, inplace: bool, impl=None) -> Tensor:
     if inplace:
         return g.mul_(k)
     return (g * k).to(g.dtype)
+
+
+def function_apply(cls):
+    """``cls.apply`` without ``torch.autograd.Function.apply``'s Python wrapper (~2 us of a tiny call).
+
+    For a Function without ``setup_context``, ``Function.apply`` is: outside functorch transforms,
+    unwrap dead functorch wrappers of the tensor arguments, then ``_C._FunctionBase.apply``; inside
+    transforms, ``custom_function_call``. This does the same, with the tensor positions known.
+    """
+    try:  # the names Function.apply itself uses (torch 2.1 and later)
+        base = super(torch.autograd.Function, cls).apply
+        transforms_active = torch._C._are_functorch_transforms_active
+        unwrap = torch._C._functorch.unwrap_if_dead
+    except AttributeError:  # a torch without them: the ordinary apply
+        return cls.apply
+
+    def apply(*args):
+        if transforms_active():
+            return cls.apply(*args)
+        return base(*(unwrap(a) if isinstance(a, Tensor) else a for a in args))
+
+    return apply

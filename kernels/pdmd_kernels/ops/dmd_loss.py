@@ -12,6 +12,7 @@ Native kernels: ``csrc/dmd_loss.cpp``; Triton: ``../triton_backend.py``.
 """
 from __future__ import annotations
 
+import math
 import types
 
 import torch
@@ -27,6 +28,8 @@ OP = "dmd_loss"
 FORMS = ("theory", "normalized")
 CFG = ("uncond", "cond")
 RETURNS = ("loss", "grad", "grad_abs_mean")
+_LATENTS = ("x", "real_cond", "real_uncond", "fake")
+_COEFS = ("guidance_scale", "weight")
 register_op(OP)
 
 
@@ -49,26 +52,27 @@ def dmd_loss(x: Tensor, *, real_cond: Tensor, fake: Tensor, real_uncond: Tensor 
     scaled in place); "grad_abs_mean": (loss, mean|g| per sample), what Self-Forcing logs.
     Only ``x`` gets a gradient; it is computed in the loss's pass and backward only scales it.
     """
-    C.choice("form", form, FORMS)
-    C.choice("cfg", cfg, CFG)
-    C.choice("returns", returns, RETURNS)
-    x, real_cond, real_uncond, fake = C.latents(x=x, real_cond=real_cond, real_uncond=real_uncond, fake=fake)
+    if form not in FORMS or cfg not in CFG or returns not in RETURNS:
+        C.choice("form", form, FORMS), C.choice("cfg", cfg, CFG), C.choice("returns", returns, RETURNS)
+    x, real_cond, real_uncond, fake = C.latents(_LATENTS, x, real_cond, real_uncond, fake)
     if form == "theory":
         if weight is None:
             raise ValueError("weight (a number or per-sample tensor) is required for form='theory'")
-        weight = C.coef("weight", weight, x)
+        scale, weight = C.coefs(x, _COEFS, guidance_scale, weight)
     elif weight is not None:
         raise ValueError("weight is only used by form='theory'; the normalized form has its own normaliser")
-    scale = C.coef("guidance_scale", guidance_scale, x)
+    else:
+        scale = C.coef("guidance_scale", guidance_scale, x)
     if cfg == "cond":  # cond + s (cond - uncond) = uncond + (s + 1)(cond - uncond)
         scale = scale + 1.0
-    min_norm = C.number("min_norm", min_norm, positive=True)
+    if type(min_norm) is not float or not 0.0 < min_norm < math.inf:
+        min_norm = C.number("min_norm", min_norm, positive=True)
     flat = x.dim() == 1
     if flat:
         x, real_cond, fake = x.unsqueeze(1), real_cond.unsqueeze(1), fake.unsqueeze(1)
         real_uncond = None if real_uncond is None else real_uncond.unsqueeze(1)
     args = (x, real_cond, real_uncond, fake, scale, weight, form, min_norm)
-    train = C.needs_grad(x)[0]
+    train = x.requires_grad and torch.is_grad_enabled()
     compiling = torch.compiler.is_compiling()
     if not train and returns == "loss":  # eager: the backend directly (a custom op call costs tens of us)
         return (_forward_op(*args) if compiling else select(OP, x.device.type, x.dtype)[1].forward(*args))[0]
@@ -79,9 +83,12 @@ def dmd_loss(x: Tensor, *, real_cond: Tensor, fake: Tensor, real_uncond: Tensor 
         g = g.detach()
     else:
         impl = select(OP, x.device.type, x.dtype)[1]
-        with torch.no_grad():  # the kernel's own gradient: nothing for autograd to record
+        torch._C._set_grad_enabled(False)  # the kernel's own gradient: nothing for autograd to record
+        try:
             loss, _, g = impl.train(*args)
-        loss = _Train.apply(x, _Saved(loss, g, returns != "grad", impl))
+        finally:
+            torch._C._set_grad_enabled(True)
+        loss = _train_apply(x, _Saved(loss, g, returns != "grad", impl))
     if returns == "loss":
         return loss
     if returns == "grad":
@@ -152,14 +159,17 @@ class _Train(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         saved = ctx.saved
-        if saved.g is None:
-            raise RuntimeError("pdmd_kernels.dmd_loss: backward through the same graph twice after a loss.sum()/mean() "
+        g = saved.g
+        if g is None:
+            raise RuntimeError("pdmd_kernels.dmd_loss: backward through the same graph twice after a loss.sum() "
                                "backward is not supported (the saved gradient was scaled in place)")
-        inplace = saved.inplace and C.broadcast_scalar(grad)  # per-sample grad_outputs may come again: a copy
-        gx = C.scale_saved_(saved.g, grad, inplace=inplace, impl=saved.impl)
-        if inplace:
+        if saved.inplace and grad.stride(0) == 0:  # per-sample grad_outputs may come again: a copy
             saved.g = None
-        return gx, None
+            return C.scale_saved_(g, grad, inplace=True, impl=saved.impl), None
+        return C.scale_saved_(g, grad, inplace=False), None
+
+
+_train_apply = C.function_apply(_Train)
 
 
 # ---------------------------------------------------------------- the reference backend

@@ -10,6 +10,7 @@ Losses are float32 (float64 for float64 inputs). Native kernels: ``csrc/subinter
 """
 from __future__ import annotations
 
+import math
 import types
 
 import torch
@@ -23,6 +24,8 @@ __all__ = ["subinterval_loss", "check_order"]
 
 OP = "subinterval_loss"
 PREDICTIONS = ("flow", "x0", "eps")
+_LATENTS = ("pred", "x_s", "noise")
+_COEFS = ("alpha_s", "sigma_s", "alpha_t", "sigma_t")
 register_op(OP)
 
 
@@ -41,27 +44,32 @@ def subinterval_loss(pred: Tensor, *, x_s: Tensor, noise: Tensor, alpha_s, sigma
     Gradients flow to pred, x_s and noise; with grad enabled they are computed in the loss's pass and
     backward only scales them.
     """
-    pred, x_s, noise = C.latents(pred=pred, x_s=x_s, noise=noise)
-    coefs = [C.coef(n, c, pred) for n, c in
-             (("alpha_s", alpha_s), ("sigma_s", sigma_s), ("alpha_t", alpha_t), ("sigma_t", sigma_t))]
-    cmax = C.number("clamp_max", clamp_max, positive=True, allow_none=True)
-    C.choice("prediction", prediction, PREDICTIONS)
+    pred, x_s, noise = C.latents(_LATENTS, pred, x_s, noise)
+    coefs = C.coefs(pred, _COEFS, alpha_s, sigma_s, alpha_t, sigma_t)
+    cmax = math.inf if clamp_max is None else C.number("clamp_max", clamp_max, positive=True)
+    if prediction not in PREDICTIONS:
+        C.choice("prediction", prediction, PREDICTIONS)
     if check and not torch.compiler.is_compiling():  # a traced graph cannot read values: check at the boundary
         check_order(alpha_s, sigma_s, alpha_t, sigma_t, coefs)
     if pred.dim() == 1:  # one value per sample: the kernels see [B, 1]
         pred, x_s, noise = pred.unsqueeze(1), x_s.unsqueeze(1), noise.unsqueeze(1)
-    needs = C.needs_grad(pred, x_s, noise)
-    if not any(needs):
-        if torch.compiler.is_compiling():
-            return _forward_op(pred, x_s, noise, *coefs, cmax, prediction)
-        # eager: the backend directly (a custom op call costs tens of microseconds of Python)
-        return select(OP, pred.device.type, pred.dtype)[1].forward(pred, x_s, noise, *coefs, cmax, prediction)
+    needs = (pred.requires_grad, x_s.requires_grad, noise.requires_grad) if torch.is_grad_enabled() else _NONE
     if torch.compiler.is_compiling():
-        return _train_op(pred, x_s, noise, *coefs, cmax, prediction, needs)[0]
+        if needs == _NONE:
+            return _forward_op(pred, x_s, noise, *coefs, cmax, prediction)
+        return _train_op(pred, x_s, noise, *coefs, cmax, prediction, list(needs))[0]
     impl = select(OP, pred.device.type, pred.dtype)[1]
-    with torch.no_grad():  # the kernel's own gradient: nothing for autograd to record
-        loss, *grads = impl.train(pred, x_s, noise, *coefs, cmax, prediction, tuple(needs))
-    return _Train.apply(pred, x_s, noise, _Saved(loss, grads, impl))
+    if needs == _NONE:  # eager: the backend directly (a custom op call costs tens of microseconds of Python)
+        return impl.forward(pred, x_s, noise, *coefs, cmax, prediction)
+    torch._C._set_grad_enabled(False)  # the kernel's own gradient: nothing for autograd to record
+    try:
+        loss, *grads = impl.train(pred, x_s, noise, *coefs, cmax, prediction, needs)
+    finally:
+        torch._C._set_grad_enabled(True)
+    return _train_apply(pred, x_s, noise, _Saved(loss, grads, impl))
+
+
+_NONE = (False, False, False)
 
 
 def check_order(alpha_s, sigma_s, alpha_t, sigma_t, coefs) -> None:
@@ -152,15 +160,18 @@ class _Train(torch.autograd.Function):
         saved = ctx.saved
         if saved.grads is None:
             raise RuntimeError("pdmd_kernels.subinterval_loss: backward through the same graph twice after a "
-                               "loss.sum()/mean() backward is not supported (the saved gradient was scaled in place)")
-        # in place only for loss.sum()/mean() (a broadcast scalar): per-sample grad_outputs (gradcheck,
+                               "loss.sum() backward is not supported (the saved gradient was scaled in place)")
+        # in place only for loss.sum() (a broadcast scalar): per-sample grad_outputs (gradcheck,
         # autograd.grad with several vectors) may come again, so they get a scaled copy
-        inplace = C.broadcast_scalar(grad)
+        inplace = grad.stride(0) == 0
         grads = [None if g is None else C.scale_saved_(g, grad, inplace=inplace, impl=saved.impl)
                  for g in saved.grads]
         if inplace:
             saved.grads = None
         return (*grads, None)
+
+
+_train_apply = C.function_apply(_Train)
 
 
 # ---------------------------------------------------------------- the reference backend
