@@ -174,6 +174,7 @@ from pdmd.tools.plan_config import arch_from_config, plan_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED = {"wan2.1-t2v-14b": ("wan2.1-14b", 512), "wan2.2-t2v-a14b": ("wan2.2-a14b", 512),
+           "wan2.2-i2v-a14b": ("wan2.2-i2v-a14b", 512),
            "qwen-image": ("qwen-image", 512), "sd3.5-medium": ("sd3.5-medium", 77 + 256)}
 
 
@@ -189,21 +190,25 @@ def _wan_tokens(frames, height, width):
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_plan_config_of_each_shipped_config_is_the_preset_plan(name, capsys):
     """The config path reads the settings right: its numbers equal the preset planner's for the settings the
-    config holds (batch 64 over 8 GPUs, its largest resolution, rank 64, 2 experts, the family's text tokens)."""
+    config holds (its micro-batch over 8 GPUs, its largest resolution, rank 64, 2 experts, the family's text tokens,
+    its memory.recipe)."""
     arch, text = SHIPPED[name]
     out = _plan_json(capsys, "--config", str(CONFIGS / f"{name}.yaml"), "--gpus", "8")
     cfg = load_config(CONFIGS / f"{name}.yaml")
     res = max(cfg.data.resolutions, key=lambda r: out["resolutions"][cfg.data.resolutions.index(r)]["tokens"])
-    preset = make_plan(arch, gpus=8, batch=8, frames=res[0], height=res[1], width=res[2], lora_rank=64, experts=2,
+    b = cfg.distill.batch_size // 8
+    preset = make_plan(arch, gpus=8, batch=b, frames=res[0], height=res[1], width=res[2], lora_rank=64, experts=2,
                        text_tokens=text)
     assert out["model"]["arch"] == arch and "model.arch" in out["model"]["source"]
-    assert out["batch_per_gpu"] == 8 and out["text_tokens"] == text and out["planned_resolution"] == list(res)
+    assert out["batch_per_gpu"] == b and out["text_tokens"] == text and out["planned_resolution"] == list(res)
     assert out["ours_bytes"] == preset.ours and out["reference_bytes"] == preset.reference
     assert out["activations_bytes"] == preset.activations
-    assert out["choice"]["switches"] == [] and out["memory.recipe"] == "none"  # the shipped configs choose none
+    recipe = cfg.memory.recipe
+    assert out["choice"]["switches"] == ([] if recipe == "none" else list(recipe)) and out["memory.recipe"] == recipe
+    assert out["choice"]["fits"]  # every shipped config fits the 8 x 80 GiB its comment runs it on
     assert main(["plan", "--config", str(CONFIGS / f"{name}.yaml")]) == 0  # the text form, one GPU
     text_out = capsys.readouterr().out
-    assert "the config's choice: memory.recipe 'none'" in text_out and "bytes per base parameter" in text_out
+    assert f"the config's choice: memory.recipe {recipe!r}" in text_out and "bytes per base parameter" in text_out
 
 
 def test_plan_config_batch_and_resolution_move_the_activations_by_the_formula(capsys):
@@ -341,9 +346,9 @@ def test_plan_config_clear_errors(tmp_path, capsys):
         ("--config", str(CONFIGS / "toy.yaml")): "plans a real-model config",
         ("--config", str(CONFIGS / "digits.yaml")): "embedded digits task",
         ("--config", wan, "--set", "model.arch=sdxl"): "model.arch must be a published wan architecture, one of "
-                                                       "['wan2.1-1.3b', 'wan2.1-14b', 'wan2.2-a14b']",
+                                                       "['wan2.1-1.3b', 'wan2.1-14b', 'wan2.2-a14b', 'wan2.2-i2v-a14b']",
         ("--config", wan, "--set", "model.arch=null"): "name it with model.arch in the config (or pdmd plan --model), "
-                                                       "one of ['wan2.1-1.3b', 'wan2.1-14b', 'wan2.2-a14b']",
+                                                       "one of ['wan2.1-1.3b', 'wan2.1-14b', 'wan2.2-a14b', 'wan2.2-i2v-a14b']",
         ("--config", wan, "--model", "sd3.5-medium"): "--model 'sd3.5-medium' is not a wan architecture",
         ("--config", wan, "--gpus", "3"): "distill.batch_size 64 does not split evenly over 3 GPUs",
         ("--config", wan, "--batch", "2"): "--batch is a preset flag; with --config set distill.batch_size",
