@@ -114,9 +114,11 @@ def scale_saved_(g: Tensor, grad: Tensor, inplace: bool, impl=None) -> Tensor:
     ``grad`` [B] float32; a broadcast scalar is applied as its one element (no [B] copy). A backend
     with ``scale_(g, k)`` (native: one vectorised pass in float32 math) does the in-place product.
     """
-    # 16-bit g: torch's mixed-dtype in-place multiply by a float32 scale is not vectorised on CPU
-    if (inplace and g.dtype in (torch.bfloat16, torch.float16) and hasattr(impl, "scale_") and g.is_contiguous()
-            and g.dim() > 1):
+    # The backend's scale_ when it has one (native): torch's mixed-dtype in-place multiply of a 16-bit g by a
+    # float32 scale is not vectorised on CPU, and the native one skips rows scaled by exactly 1 (the
+    # loss.sum().backward() case: kf * v == v), reading the [B] scale on the host: no sync on a CPU backend.
+    if (inplace and g.dtype in (torch.float32, torch.bfloat16, torch.float16) and hasattr(impl, "scale_")
+            and g.is_contiguous() and g.dim() > 1):
         impl.scale_(g, grad.detach().to(torch.float32).contiguous())
         return g
     k = grad[:1] if broadcast_scalar(grad) else grad
