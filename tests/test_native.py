@@ -382,7 +382,8 @@ def test_instruction_set_choice_and_errors():
 
 def test_backward_scaling_by_one_is_skipped_and_exact():
     """loss.sum().backward() hands the one-pass op's backward a scale of exactly 1: the native scale_ leaves
-    the gradient as its kernel wrote it (no pass); any other scale multiplies in float32, in place."""
+    the gradient as its kernel wrote it (no pass); any other scale multiplies in float32, in place (scale_)
+    or into a fresh tensor (scale: a per-sample grad, e.g. from loss.mean(), keeps the saved gradient)."""
     table = {}
     native.register_backends(lambda op, name, impl, supports: table.setdefault(op, impl))
     scale_ = table["dmd_loss"].scale_
@@ -396,3 +397,10 @@ def test_backward_scaling_by_one_is_skipped_and_exact():
         expected = (g.float() * k[:, None]).to(dtype)
         scale_(g, k)
         assert torch.equal(_bits(g[1:]), _bits(expected[1:])) and torch.equal(_bits(g[0]), before.view(3, -1)[0])
+        # out of place (the saved gradient kept): torch's (g * k).to(dtype) bit for bit, g untouched
+        kept = _bits(g).clone()
+        out = table["dmd_loss"].scale(g, k)
+        assert out.data_ptr() != g.data_ptr() and torch.equal(_bits(g), kept)
+        expected = (g.float() * k[:, None]).to(dtype)
+        nan = expected.isnan()
+        assert torch.equal(out.isnan(), nan) and torch.equal(_bits(out)[~nan], _bits(expected)[~nan])

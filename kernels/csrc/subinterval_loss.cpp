@@ -164,6 +164,27 @@ void scale_rows_(at::Tensor g, const at::Tensor& k) {
   }); });
 }
 
+// k[b] * g[b, :] into a fresh tensor of g's dtype (float32 math, one rounding: as torch's
+// (g * k).to(g.dtype)): the backward of a one-pass op when the saved gradient must stay as it is
+// (a per-sample incoming gradient, e.g. from loss.mean(), may come again through the same graph).
+at::Tensor scale_rows(const at::Tensor& g, const at::Tensor& k) {
+  check_batch(g, "g");
+  const int64_t B = g.size(0), N = g.numel() / B;
+  const auto kb = coef(k, "k", B);
+  const at::Tensor G = g.contiguous();
+  at::Tensor out = fresh_like(G);
+  dispatch(G.scalar_type(), [&](auto tag) { with_isa([&](auto isa) {
+    using T = decltype(tag);
+    using K = SubKernels<decltype(isa)::value>;
+    const auto v = raw<T>(G);
+    const auto o = raw_mut<T>(out);
+    for_blocks(B, N, [&](int64_t b, int64_t off, int64_t len, int64_t) {
+      K::template scale_to_block<T>(v + off, len, float(kb[b]), o + off);
+    });
+  }); });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdmd_native, m) {
@@ -176,6 +197,7 @@ TORCH_LIBRARY_FRAGMENT(pdmd_native, m) {
         "Tensor alpha_t, Tensor sigma_t, float clamp_max, str prediction, bool[3] needs) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scale_rows_(Tensor(a!) g, Tensor k) -> ()");
+  m.def("scale_rows(Tensor g, Tensor k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pdmd_native, CPU, m) {
@@ -183,4 +205,5 @@ TORCH_LIBRARY_IMPL(pdmd_native, CPU, m) {
   m.impl("subinterval_loss_bwd", &subinterval_loss_bwd);
   m.impl("subinterval_loss_train", &subinterval_loss_train);
   m.impl("scale_rows_", &scale_rows_);
+  m.impl("scale_rows", &scale_rows);
 }

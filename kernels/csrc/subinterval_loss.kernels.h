@@ -68,4 +68,11 @@ template <> struct SubKernels<PDMD_ISA> {
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) v[i] = Io<T>::store(k * Io<T>::load(v[i]));
   }
+
+  // out[i] = k * v[i] in float32 math, in v's dtype
+  template <typename T>
+  static void scale_to_block(const S<T>* __restrict__ v, int64_t len, float k, S<T>* __restrict__ out) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) out[i] = Io<T>::store(k * Io<T>::load(v[i]));
+  }
 };

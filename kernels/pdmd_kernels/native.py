@@ -51,7 +51,7 @@ def library_path() -> Path | None:
 
 # every op the sources define: a library missing one was built from older sources
 _OPS = ("subinterval_loss_fwd", "subinterval_loss_bwd", "subinterval_loss_train", "dmd_loss_fwd", "dmd_loss_bwd",
-        "dmd_loss_train", "scale_rows_", "renoise", "renoise_bwd", "adamw8bitv_step", "adamw8bitv_multi_step",
+        "dmd_loss_train", "scale_rows_", "scale_rows", "renoise", "renoise_bwd", "adamw8bitv_step", "adamw8bitv_multi_step",
         "isa", "isas", "set_isa")
 ISA_ENV = "PDMD_NATIVE_ISA"
 
@@ -253,10 +253,14 @@ def register_backends(register_backend) -> None:
     def scale_(g, k):  # the one-pass ops' backward: g[b] *= k[b] in place, float32 math
         _ops().scale_rows_(g, k)
 
+    def scale(g, k):  # the same into a fresh tensor (the saved g kept as it is)
+        return _ops().scale_rows(g, k)
+
     register_backend("subinterval_loss", "native",
-                     types.SimpleNamespace(forward=subinterval_loss, train=sub_train, scale_=scale_), supports)
-    register_backend("dmd_loss", "native", types.SimpleNamespace(forward=dmd_fwd, train=dmd_train, scale_=scale_),
+                     types.SimpleNamespace(forward=subinterval_loss, train=sub_train, scale_=scale_, scale=scale),
                      supports)
+    register_backend("dmd_loss", "native",
+                     types.SimpleNamespace(forward=dmd_fwd, train=dmd_train, scale_=scale_, scale=scale), supports)
     register_backend("renoise", "native", types.SimpleNamespace(
         forward=renoise,
         backward=lambda grad, alpha_ts, sigma_ts, dtypes, needs: renoise_grads(grad, alpha_ts, sigma_ts, needs)),
