@@ -5,7 +5,8 @@ Run (benchmarks are not collected by the test suite):
         --benchmark-json runs/bench_native.json
     PYTHONPATH=kernels python bench/bench_native.py runs/bench_native.json   # markdown table for bench/RESULTS.md
     PYTHONPATH=kernels python bench/bench_native.py --interleaved 15       # variants in alternation
-PDMD_BENCH_THREADS=1 runs it on one thread (all three implementations).
+PDMD_BENCH_THREADS=1 runs it on one thread (all three implementations); PDMD_BENCH_REDUCE=mean reduces the
+losses by .mean() instead of .sum() before backward (see REDUCE).
 
 Each case is one training use of the op: the subinterval loss with a gradient for pred only (the
 fake-score update), the DMD loss with CFG (cond + uncond, scale 4.5) and a gradient for x, renoise
@@ -29,6 +30,10 @@ from pdmd_kernels import reference as R
 
 if os.environ.get("PDMD_BENCH_THREADS"):  # e.g. 1: a figure less sensitive to a shared machine's load
     torch.set_num_threads(int(os.environ["PDMD_BENCH_THREADS"]))
+# The per-sample losses are reduced by .sum() (default) or .mean() (PDMD_BENCH_REDUCE=mean) before backward,
+# the same in every variant. With .sum() the one-pass ops' backward scale is exactly 1 and the native one
+# skips its pass over the gradient; .mean() measures the case that still scales (by 1/B).
+REDUCE = {"sum": torch.sum, "mean": torch.mean}[os.environ.get("PDMD_BENCH_REDUCE", "sum")]
 SIZES = {"4M": (4, 16, 256, 256), "16M": (4, 16, 512, 512)}
 ROUNDS = {"4M": 15, "16M": 7}  # the minimum is reported: the machine is shared, so slow rounds are others' load
 IMPLS = ("native", "eager", "compiled")
@@ -74,15 +79,15 @@ def make_case(op, impl, shape, dtype):
             def run():
                 p.grad = None
                 with K.use_backend("native"):
-                    K.subinterval_loss(p, x_s=x_s, noise=noise, alpha_s=coefs[0], sigma_s=coefs[1], alpha_t=coefs[2],
-                                       sigma_t=coefs[3], clamp_max=100.0, check=False).sum().backward()
+                    REDUCE(K.subinterval_loss(p, x_s=x_s, noise=noise, alpha_s=coefs[0], sigma_s=coefs[1],
+                                              alpha_t=coefs[2], sigma_t=coefs[3], clamp_max=100.0, check=False)).backward()
         else:
             f = R.subinterval_loss if impl == "eager" else compiled(R.subinterval_loss)
             p = pred.clone().requires_grad_()
 
             def run():
                 p.grad = None
-                f(p, x_s, noise, *coefs, 100.0).sum().backward()
+                REDUCE(f(p, x_s, noise, *coefs, 100.0)).backward()
     elif op.startswith("dmd"):
         form = op.split("_")[1]
         x, real_cond, real_uncond, fake = t
@@ -93,15 +98,15 @@ def make_case(op, impl, shape, dtype):
             def run():
                 xg.grad = None
                 with K.use_backend("native"):
-                    K.dmd_loss(xg, real_cond=real_cond, fake=fake, real_uncond=real_uncond, guidance_scale=4.5,
-                               weight=weight, form=form).sum().backward()
+                    REDUCE(K.dmd_loss(xg, real_cond=real_cond, fake=fake, real_uncond=real_uncond, guidance_scale=4.5,
+                                      weight=weight, form=form)).backward()
         else:
             f = ref_dmd_loss if impl == "eager" else compiled(ref_dmd_loss)
             xg = x.clone().requires_grad_()
 
             def run():
                 xg.grad = None
-                f(xg, real_cond, real_uncond, fake, 4.5, weight, form).sum().backward()
+                REDUCE(f(xg, real_cond, real_uncond, fake, 4.5, weight, form)).backward()
     elif op == "renoise":
         x_s, noise, grad_out = t[0], t[1], t[2]
         a, sg = coefs[0], coefs[1]
@@ -211,7 +216,8 @@ def interleaved(rounds: int = 15, dtypes=(torch.float32,), sizes=None) -> str:
                         run()
                         best[impl] = min(best[impl], time.perf_counter() - start)
                 n, e, c = (best[i] * 1e3 for i in IMPLS)
-                out.append(f"| {op} {size} {str(dtype).split('.')[1]} {torch.get_num_threads()}T | {n:.1f} | {e:.1f} | "
+                red = "" if REDUCE is torch.sum else " mean"
+                out.append(f"| {op} {size} {str(dtype).split('.')[1]} {torch.get_num_threads()}T{red} | {n:.1f} | {e:.1f} | "
                            f"{c:.1f} | {e / n:.1f}x | {c / n:.2f}x |")
                 print(out[-1], file=sys.stderr, flush=True)
     return "\n".join(out)

@@ -313,3 +313,94 @@ def test_build_is_portable_by_default_and_native_is_an_opt_in(monkeypatch):
     before = native.library_path()
     assert "--arch" in build.build(force=True, arch="x86-64-v3 -O0")  # one -march value, nothing else
     assert native.library_path() == before  # refused before touching the library
+
+
+def _bits(t):
+    """A tensor's raw bits (NaN payloads and -0 included), for exact comparisons."""
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _train_ops(dtype):
+    """The one-pass training ops and the backward's in-place scaling, on shapes with lane tails (sizes not a
+    multiple of 16, blocks straddled), special values (inf, NaN, huge) in every input, and CFG."""
+    table = {}
+    native.register_backends(lambda op, name, impl, supports: table.setdefault(op, impl))
+    gen = torch.Generator().manual_seed(11)
+    out = []
+    for shape in ((3, 8193 + 7), (2, 5, 61)):
+        x, cond, uncond, fake = (torch.randn(shape, generator=gen).to(dtype) for _ in range(4))
+        for t, v in ((x, math.inf), (cond, math.nan), (fake, -math.inf), (uncond, 3e38)):
+            t.view(-1)[torch.randint(0, t.numel(), (5,), generator=gen)] = v
+        w, scale = torch.rand(shape[0], generator=gen), torch.rand(shape[0], generator=gen) * 4
+        coefs = coefficients(shape[0], gen)
+        clean = [torch.randn(shape, generator=gen).to(dtype) for _ in range(3)]  # finite: sums without inf
+        for needs in ((True, False, False), (True, True, True), (False, True, True)):
+            out += [g for g in table["subinterval_loss"].train(*clean, *coefs, 50.0, "flow", needs) if g is not None]
+        for form, weight in (("normalized", None), ("theory", w)):
+            for u in (uncond, None):
+                loss, norm, g = table["dmd_loss"].train(x, cond, u, fake, scale, weight, form, 1e-6)
+                out += [loss, norm, g.clone()]
+                table["dmd_loss"].scale_(g, torch.rand(shape[0], generator=gen) + 0.5)
+                out.append(g)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_instruction_set_computes_the_same_bits(dtype):
+    """The loss kernels are compiled for SSE4.2 (the baseline), AVX2 and AVX-512 and picked at load time;
+    every copy must give the same bits as the baseline on every op (fixed-lane sums, no FMA), or results
+    would depend on the CPU. Compared bit for bit (-0 included), NaN as NaN."""
+    isas = native.isas()
+    assert isas[0] == "baseline" and native.isa() in isas
+    if len(isas) == 1:
+        pytest.skip("this CPU runs only the baseline kernels (no AVX2): nothing to compare")
+    results = {}
+    for isa in isas:
+        with native.use_isa(isa):
+            assert native.isa() == isa
+            results[isa] = _all_ops(dtype) + _train_ops(dtype)
+    for isa in isas[1:]:
+        for i, (u, v) in enumerate(zip(results["baseline"], results[isa])):
+            # NaN is compared as NaN: its sign and payload come from which operand of an addition was the
+            # NaN, which the compiler may swap (a + b == b + a for every value but not for NaN bits)
+            nan = u.isnan()
+            assert u.shape == v.shape and torch.equal(nan, v.isnan()), f"output {i}: {isa} has other NaNs"
+            assert torch.equal(_bits(u)[~nan], _bits(v)[~nan]), f"output {i}: {isa} differs from baseline"
+
+
+def test_instruction_set_choice_and_errors():
+    assert native.isa() == native.isas()[-1] or "PDMD_NATIVE_ISA" in __import__("os").environ
+    with pytest.raises(ValueError, match="auto, baseline, avx2 or avx512"):
+        native.set_isa("sse9")
+    before = native.set_isa("baseline")
+    try:
+        assert native.isa() == "baseline" and "kernels baseline" in native.build_info()
+    finally:
+        native.set_isa(before)
+    assert native.isa() == before
+
+
+def test_backward_scaling_by_one_is_skipped_and_exact():
+    """loss.sum().backward() hands the one-pass op's backward a scale of exactly 1: the native scale_ leaves
+    the gradient as its kernel wrote it (no pass); any other scale multiplies in float32, in place (scale_)
+    or into a fresh tensor (scale: a per-sample grad, e.g. from loss.mean(), keeps the saved gradient)."""
+    table = {}
+    native.register_backends(lambda op, name, impl, supports: table.setdefault(op, impl))
+    scale_ = table["dmd_loss"].scale_
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.randn(3, 5000).to(dtype)
+        g[0, :3] = torch.tensor([math.inf, -0.0, math.nan])
+        before = _bits(g).clone()
+        scale_(g, torch.ones(3))
+        assert torch.equal(_bits(g), before)
+        k = torch.tensor([1.0, 0.25, -3.0])
+        expected = (g.float() * k[:, None]).to(dtype)
+        scale_(g, k)
+        assert torch.equal(_bits(g[1:]), _bits(expected[1:])) and torch.equal(_bits(g[0]), before.view(3, -1)[0])
+        # out of place (the saved gradient kept): torch's (g * k).to(dtype) bit for bit, g untouched
+        kept = _bits(g).clone()
+        out = table["dmd_loss"].scale(g, k)
+        assert out.data_ptr() != g.data_ptr() and torch.equal(_bits(g), kept)
+        expected = (g.float() * k[:, None]).to(dtype)
+        nan = expected.isnan()
+        assert torch.equal(out.isnan(), nan) and torch.equal(_bits(out)[~nan], _bits(expected)[~nan])

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -29,7 +30,42 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+// ---------------------------------------------------------------- instruction-set dispatch
+// The loss ops' block kernels are compiled once per instruction set (isa_instances.h): the baseline of
+// the build's -march (x86-64-v2, SSE4.2, by default), and on x86-64 with GCC also AVX2 and AVX-512 copies.
+// The library picks one at load time (the best this CPU supports; PDMD_NATIVE_ISA or set_isa to force
+// one), held here. Every copy runs the same IEEE float32 operations in the same order (fixed-lane
+// sums, no FMA: -ffp-contract=off, and the FMA instructions are not even enabled), so they compute
+// the same bits; only the vector width of the loops differs.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define PDMD_MULTI_ISA 1
+#else
+#define PDMD_MULTI_ISA 0
+#endif
+namespace pdmd_native_isa {
+extern std::atomic<int> active;  // defined in pdmd_native.cpp: one value for the whole library
+}
+
 namespace {
+
+constexpr int kIsaBaseline = 0, kIsaAvx2 = 1, kIsaAvx512 = 2;
+
+// Calls f(std::integral_constant<int, ISA>{}) for the active instruction set: the op picks its
+// kernels' copy once per call (Kernels<decltype(isa)::value>::...).
+template <typename F> inline void with_isa(F&& f) {
+#if PDMD_MULTI_ISA
+  switch (pdmd_native_isa::active.load(std::memory_order_relaxed)) {
+    case kIsaAvx512: f(std::integral_constant<int, kIsaAvx512>{}); return;
+    case kIsaAvx2: f(std::integral_constant<int, kIsaAvx2>{}); return;
+    default: break;
+  }
+#endif
+  f(std::integral_constant<int, kIsaBaseline>{});
+}
 
 constexpr int64_t kBlock = 8192;       // elements of one sample per parallel task
 constexpr int64_t kParallelMin = 32768; // fewer elements than this per thread: not worth a thread
@@ -193,6 +229,32 @@ template <int K, typename F> PDMD_INLINE std::array<float, K> lane_sums(int64_t 
   }
   std::array<float, K> out;
   for (int k = 0; k < K; ++k) out[k] = acc[k].total();
+  return out;
+}
+
+// ---------------------------------------------------------------- outputs
+// A fresh contiguous output like t. A large one is advised for transparent huge pages before its first
+// write: the ops write each output once, straight after allocating it, and at latent sizes the page
+// faults of a fresh allocation (one per 4 KiB page, each zeroing it in the kernel) cost more than the
+// op's own reads (measured: 16M float32 elements, 64 MB, ~30 ms of faults vs ~12 ms to copy into
+// memory already touched). With THP in "madvise" mode (the common default) a 2 MiB page takes one
+// fault. Only a hint: the values are the same whether or not the kernel grants huge pages.
+inline void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.nbytes();
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + bytes) & ~(kHuge - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // errors: no advice, same values
+#else
+  (void)t;
+#endif
+}
+
+inline at::Tensor fresh_like(const at::Tensor& t) {
+  at::Tensor out = at::empty_like(t, at::MemoryFormat::Contiguous);
+  advise_huge_pages(out);
   return out;
 }
 

@@ -38,57 +38,18 @@ std::vector<float> dmd_weight(const std::optional<at::Tensor>& weight, const Dmd
   return std::vector<float>(w.begin(), w.end());
 }
 
-// The guided teacher prediction at element i (uncond pointer u may be null: template HasU).
-#define PDMD_REAL (HasU ? Io<T>::load(u[i]) + scale * (Io<T>::load(c[i]) - Io<T>::load(u[i])) : Io<T>::load(c[i]))
+template <int ISA> struct DmdKernels;  // the block kernels, one specialisation per instruction set
+#define PDMD_KERNELS "dmd_loss.kernels.h"
+#include "isa_instances.h"
 
-template <typename T, bool HasU>
-float theory_sq_sum(const typename Io<T>::S* __restrict__ c, const typename Io<T>::S* __restrict__ u,
-                    const typename Io<T>::S* __restrict__ f, int64_t len, float scale, float w) {
-  return lane_sums<1>(len, [&](int64_t i, float* t) {
-    const float g = w * (PDMD_REAL - Io<T>::load(f[i]));
-    t[0] = g * g;
-  })[0];
-}
-
-// (sum |x - real|, sum over finite d of d^2) with d = fake - real.
-template <typename T, bool HasU>
-std::pair<float, float> normalized_sums(const typename Io<T>::S* __restrict__ x, const typename Io<T>::S* __restrict__ c,
-                                        const typename Io<T>::S* __restrict__ u, const typename Io<T>::S* __restrict__ f,
-                                        int64_t len, float scale, bool with_d) {
-  // s1 by the same loop in both cases: the backward's normaliser equals the forward's bit for bit.
-  // Two single sums (a second pass over a block that is still in cache): GCC 12 does not vectorise
-  // one loop with two lane accumulators.
-  const float s1 = lane_sums<1>(len, [&](int64_t i, float* t) { t[0] = std::fabs(Io<T>::load(x[i]) - PDMD_REAL); })[0];
-  if (!with_d) return {s1, 0.f};
-  const float s2 = lane_sums<1>(len, [&](int64_t i, float* t) {
-    const float d = Io<T>::load(f[i]) - PDMD_REAL;
-    t[0] = std::fabs(d) <= FLT_MAX ? d * d : 0.f;  // finite d only (NaN compares false); a float compare vectorises
-  })[0];
-  return {s1, s2};
-}
-
-template <typename T, bool HasU>
-void dmd_grad_block(const typename Io<T>::S* __restrict__ c, const typename Io<T>::S* __restrict__ u,
-                    const typename Io<T>::S* __restrict__ f, int64_t len, float scale, bool theory, float k,
-                    float gb, typename Io<T>::S* __restrict__ out) {
-  if (theory) {  // k = grad[b] * w[b]
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) out[i] = Io<T>::store(k * (PDMD_REAL - Io<T>::load(f[i])));
-  } else {  // k = 1 / norm[b]
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float g = (Io<T>::load(f[i]) - PDMD_REAL) * k;
-      out[i] = Io<T>::store(gb * (is_finite(g) ? g : 0.f));
-    }
-  }
-}
-#undef PDMD_REAL
-
-// Calls f(T{}, std::bool_constant<HasU>{}) for the inputs' dtype and whether uncond is given.
+// for the inputs' dtype, whether uncond is given and the active instruction set:
+// Calls f(T{}, std::bool_constant<HasU>{}, std::integral_constant<int, ISA>{}) (the active instruction set).
 template <typename F> void dispatch_dmd(const DmdIn& in, F&& f) {
   dispatch(in.X.scalar_type(), [&](auto tag) {
-    if (in.U.defined()) f(tag, std::true_type{});
-    else f(tag, std::false_type{});
+    with_isa([&](auto isa) {
+      if (in.U.defined()) f(tag, std::true_type{}, isa);
+      else f(tag, std::false_type{}, isa);
+    });
   });
 }
 
@@ -97,16 +58,17 @@ std::vector<double> dmd_norm(const DmdIn& in, const std::vector<double>& scale, 
                              std::vector<double>* dsq) {
   std::vector<double> p1, p2;
   int64_t nblk = 0;
-  dispatch_dmd(in, [&](auto tag, auto has_u) {
+  dispatch_dmd(in, [&](auto tag, auto has_u, auto isa) {
     using T = decltype(tag);
     constexpr bool HasU = decltype(has_u)::value;
+    using K = DmdKernels<decltype(isa)::value>;
     const auto x = raw<T>(in.X), c = raw<T>(in.C), f = raw<T>(in.F);
     const auto u = HasU ? raw<T>(in.U) : nullptr;
     const int64_t n = in.B * std::max<int64_t>(1, (in.N + kBlock - 1) / kBlock);
     p1.assign(n, 0.0);
     p2.assign(n, 0.0);
     nblk = for_blocks(in.B, in.N, [&](int64_t b, int64_t off, int64_t len, int64_t task) {
-      const auto s = normalized_sums<T, HasU>(x + off, c + off, HasU ? u + off : nullptr, f + off, len,
+      const auto s = K::template normalized_sums<T, HasU>(x + off, c + off, HasU ? u + off : nullptr, f + off, len,
                                               float(scale[b]), dsq != nullptr);
       p1[task] = s.first;
       p2[task] = s.second;
@@ -142,14 +104,15 @@ std::tuple<at::Tensor, at::Tensor> dmd_loss_fwd(const at::Tensor& x, const at::T
   }
   std::vector<double> partial;
   int64_t nblk = 0;
-  dispatch_dmd(in, [&](auto tag, auto has_u) {
+  dispatch_dmd(in, [&](auto tag, auto has_u, auto isa) {
     using T = decltype(tag);
     constexpr bool HasU = decltype(has_u)::value;
+    using K = DmdKernels<decltype(isa)::value>;
     const auto c = raw<T>(in.C), f = raw<T>(in.F);
     const auto u = HasU ? raw<T>(in.U) : nullptr;
     partial.assign(in.B * std::max<int64_t>(1, (in.N + kBlock - 1) / kBlock), 0.0);
     nblk = for_blocks(in.B, in.N, [&](int64_t b, int64_t off, int64_t len, int64_t task) {
-      partial[task] = theory_sq_sum<T, HasU>(c + off, HasU ? u + off : nullptr, f + off, len, float(scale[b]), w[b]);
+      partial[task] = K::template theory_sq_sum<T, HasU>(c + off, HasU ? u + off : nullptr, f + off, len, float(scale[b]), w[b]);
     });
   });
   auto loss = per_sample(partial, in.B, nblk);
@@ -170,16 +133,17 @@ at::Tensor dmd_loss_bwd(const at::Tensor& grad, const at::Tensor& x, const at::T
   if (!in.theory)
     nrm = (norm.has_value() && norm->defined() && norm->numel() > 0) ? coef(*norm, "norm", in.B)
                                                                       : dmd_norm(in, scale, min_norm, nullptr);
-  at::Tensor out = at::empty_like(in.X);
-  dispatch_dmd(in, [&](auto tag, auto has_u) {
+  at::Tensor out = fresh_like(in.X);
+  dispatch_dmd(in, [&](auto tag, auto has_u, auto isa) {
     using T = decltype(tag);
     constexpr bool HasU = decltype(has_u)::value;
+    using K = DmdKernels<decltype(isa)::value>;
     const auto c = raw<T>(in.C), f = raw<T>(in.F);
     const auto u = HasU ? raw<T>(in.U) : nullptr;
     const auto o = raw_mut<T>(out);
     for_blocks(in.B, in.N, [&](int64_t b, int64_t off, int64_t len, int64_t) {
       const float k = in.theory ? float(g[b] * w[b]) : float(1.0 / nrm[b]);
-      dmd_grad_block<T, HasU>(c + off, HasU ? u + off : nullptr, f + off, len, float(scale[b]), in.theory, k,
+      K::template grad_block<T, HasU>(c + off, HasU ? u + off : nullptr, f + off, len, float(scale[b]), in.theory, k,
                               float(g[b]), o + off);
     });
   });
@@ -204,34 +168,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dmd_loss_train(
     for (int64_t b = 0; b < in.B; ++b)
       loss[b] = std::isfinite(nrm[b]) ? 0.5 * dsq[b] / (nrm[b] * nrm[b]) : 0.0;
   }
-  at::Tensor out = at::empty_like(in.X);
+  at::Tensor out = fresh_like(in.X);
   int64_t nblk = 0;
-  dispatch_dmd(in, [&](auto tag, auto has_u) {
+  dispatch_dmd(in, [&](auto tag, auto has_u, auto isa) {
     using T = decltype(tag);
     constexpr bool HasU = decltype(has_u)::value;
+    using K = DmdKernels<decltype(isa)::value>;
     const auto c = raw<T>(in.C), f = raw<T>(in.F);
     const auto u = HasU ? raw<T>(in.U) : nullptr;
     const auto o = raw_mut<T>(out);
     partial.assign(in.B * std::max<int64_t>(1, (in.N + kBlock - 1) / kBlock), 0.0);
     nblk = for_blocks(in.B, in.N, [&](int64_t b, int64_t off, int64_t len, int64_t task) {
-      if (std::is_same_v<T, float> && in.theory) {  // one loop: square sum (theory_sq_sum's lanes) and store
-        // (float32 only, as in subinterval_loss_train)
-        const float sc = float(scale[b]), wb = w[b];
-        const auto cc = c + off, uu = HasU ? u + off : nullptr, ff = f + off;
-        const auto oo = o + off;
-        partial[task] = lane_sums<1>(len, [&](int64_t i, float* t) {
-          const float g = wb * ((HasU ? Io<T>::load(uu[i]) + sc * (Io<T>::load(cc[i]) - Io<T>::load(uu[i]))
-                                      : Io<T>::load(cc[i])) - Io<T>::load(ff[i]));
-          t[0] = g * g;
-          oo[i] = Io<T>::store(g);
-        })[0];
-        return;
+      if (in.theory) {
+        partial[task] = K::template theory_train_block<T, HasU>(c + off, HasU ? u + off : nullptr, f + off, len,
+                                                                float(scale[b]), w[b], o + off);
+      } else {
+        K::template grad_block<T, HasU>(c + off, HasU ? u + off : nullptr, f + off, len, float(scale[b]), false,
+                                        float(1.0 / nrm[b]), 1.0f, o + off);
       }
-      if (in.theory)  // 16-bit types: the sum, then the store while the block is in cache
-        partial[task] = theory_sq_sum<T, HasU>(c + off, HasU ? u + off : nullptr, f + off, len, float(scale[b]), w[b]);
-      const float k = in.theory ? float(w[b]) : float(1.0 / nrm[b]);
-      dmd_grad_block<T, HasU>(c + off, HasU ? u + off : nullptr, f + off, len, float(scale[b]), in.theory, k, 1.0f,
-                              o + off);
     });
   });
   if (in.theory) {

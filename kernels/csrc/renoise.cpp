@@ -6,30 +6,9 @@
 namespace {
 
 // ---------------------------------------------------------------- renoise
-template <typename T>
-void axpby_block(const typename Io<T>::S* __restrict__ x, const typename Io<T>::S* __restrict__ y, int64_t len,
-                 float a, float b, typename Io<T>::S* __restrict__ out) {
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) out[i] = Io<T>::store(a * Io<T>::load(x[i]) + b * Io<T>::load(y[i]));
-}
-
-template <typename T>
-void scale2_block(const typename Io<T>::S* __restrict__ g, int64_t len, float a, float b,
-                  typename Io<T>::S* __restrict__ ox, typename Io<T>::S* __restrict__ on) {
-  if (ox && on) {
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float v = Io<T>::load(g[i]);
-      ox[i] = Io<T>::store(a * v);
-      on[i] = Io<T>::store(b * v);
-    }
-  } else {
-    typename Io<T>::S* __restrict__ o = ox ? ox : on;
-    const float k = ox ? a : b;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) o[i] = Io<T>::store(k * Io<T>::load(g[i]));
-  }
-}
+template <int ISA> struct RenoiseKernels;  // the block kernels, one specialisation per instruction set
+#define PDMD_KERNELS "renoise.kernels.h"
+#include "isa_instances.h"
 
 // x_t = alpha_ts x_s + sigma_ts noise, float32 math, in x_s's dtype.
 at::Tensor renoise(const at::Tensor& x_s, const at::Tensor& noise, const at::Tensor& alpha_ts,
@@ -39,15 +18,16 @@ at::Tensor renoise(const at::Tensor& x_s, const at::Tensor& noise, const at::Ten
   const int64_t B = x_s.size(0), N = x_s.numel() / B;
   const auto a = coef(alpha_ts, "alpha_ts", B), s = coef(sigma_ts, "sigma_ts", B);
   const at::Tensor X = x_s.contiguous(), E = noise.contiguous();
-  at::Tensor out = at::empty_like(X);
-  dispatch(X.scalar_type(), [&](auto tag) {
+  at::Tensor out = fresh_like(X);
+  dispatch(X.scalar_type(), [&](auto tag) { with_isa([&](auto isa) {
     using T = decltype(tag);
+    using K = RenoiseKernels<decltype(isa)::value>;
     const auto x = raw<T>(X), e = raw<T>(E);
     const auto o = raw_mut<T>(out);
     for_blocks(B, N, [&](int64_t b, int64_t off, int64_t len, int64_t) {
-      axpby_block<T>(x + off, e + off, len, float(a[b]), float(s[b]), o + off);
+      K::template axpby_block<T>(x + off, e + off, len, float(a[b]), float(s[b]), o + off);
     });
-  });
+  }); });
   return out;
 }
 
@@ -59,17 +39,18 @@ std::tuple<at::Tensor, at::Tensor> renoise_bwd(const at::Tensor& grad, const at:
   const auto a = coef(alpha_ts, "alpha_ts", B), s = coef(sigma_ts, "sigma_ts", B);
   const at::Tensor G = grad.contiguous();
   at::Tensor gx, gn;
-  if (needs[0]) gx = at::empty_like(G);
-  if (needs[1]) gn = at::empty_like(G);
+  if (needs[0]) gx = fresh_like(G);
+  if (needs[1]) gn = fresh_like(G);
   if (!needs[0] && !needs[1]) return {gx, gn};
-  dispatch(G.scalar_type(), [&](auto tag) {
+  dispatch(G.scalar_type(), [&](auto tag) { with_isa([&](auto isa) {
     using T = decltype(tag);
+    using K = RenoiseKernels<decltype(isa)::value>;
     const auto g = raw<T>(G);
     const auto ox = raw_mut<T>(gx), on = raw_mut<T>(gn);
     for_blocks(B, N, [&](int64_t b, int64_t off, int64_t len, int64_t) {
-      scale2_block<T>(g + off, len, float(a[b]), float(s[b]), ox ? ox + off : nullptr, on ? on + off : nullptr);
+      K::template scale2_block<T>(g + off, len, float(a[b]), float(s[b]), ox ? ox + off : nullptr, on ? on + off : nullptr);
     });
-  });
+  }); });
   return {gx, gn};
 }
 

@@ -39,14 +39,9 @@ std::vector<SubCoef> subinterval_coefs(const at::Tensor& alpha_s, const at::Tens
   return c;
 }
 
-template <typename T>
-float residual_sq_sum(const typename Io<T>::S* __restrict__ p, const typename Io<T>::S* __restrict__ x,
-                      const typename Io<T>::S* __restrict__ n, int64_t len, SubCoef c) {
-  return lane_sums<1>(len, [&](int64_t i, float* t) {
-    const float r = c.st * Io<T>::load(p[i]) - c.a * Io<T>::load(n[i]) - c.b * Io<T>::load(x[i]);
-    t[0] = r * r;
-  })[0];
-}
+template <int ISA> struct SubKernels;  // the block kernels, one specialisation per instruction set
+#define PDMD_KERNELS "subinterval_loss.kernels.h"
+#include "isa_instances.h"
 
 at::Tensor subinterval_loss_fwd(const at::Tensor& pred, const at::Tensor& x_s, const at::Tensor& noise,
                                 const at::Tensor& alpha_s, const at::Tensor& sigma_s,
@@ -60,45 +55,18 @@ at::Tensor subinterval_loss_fwd(const at::Tensor& pred, const at::Tensor& x_s, c
   const at::Tensor P = pred.contiguous(), X = x_s.contiguous(), E = noise.contiguous();
   std::vector<double> partial;
   int64_t nblk = 0;
-  dispatch(pred.scalar_type(), [&](auto tag) {
+  dispatch(pred.scalar_type(), [&](auto tag) { with_isa([&](auto isa) {
     using T = decltype(tag);
+    using K = SubKernels<decltype(isa)::value>;
     const auto p = raw<T>(P), x = raw<T>(X), e = raw<T>(E);
     partial.assign(B * std::max<int64_t>(1, (N + kBlock - 1) / kBlock), 0.0);
     nblk = for_blocks(B, N, [&](int64_t b, int64_t off, int64_t len, int64_t task) {
-      partial[task] = residual_sq_sum<T>(p + off, x + off, e + off, len, c[b]);
+      partial[task] = K::template residual_sq_sum<T>(p + off, x + off, e + off, len, c[b]);
     });
-  });
+  }); });
   auto sums = per_sample(partial, B, nblk);
   for (int64_t b = 0; b < B; ++b) sums[b] = c[b].w * sums[b] / double(N);
   return float_vector(sums);
-}
-
-template <typename T>
-void subinterval_grad_block(const typename Io<T>::S* __restrict__ p, const typename Io<T>::S* __restrict__ x,
-                            const typename Io<T>::S* __restrict__ n, int64_t len, SubCoef c, float kp,
-                            float kx, float kn, typename Io<T>::S* __restrict__ gp,
-                            typename Io<T>::S* __restrict__ gx, typename Io<T>::S* __restrict__ gn) {
-  // One loop per combination actually asked for, so an unneeded gradient costs no store.
-#define PDMD_R (c.st * Io<T>::load(p[i]) - c.a * Io<T>::load(n[i]) - c.b * Io<T>::load(x[i]))
-  if (gp && gx && gn) {
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float r = PDMD_R;
-      gp[i] = Io<T>::store(kp * r); gx[i] = Io<T>::store(kx * r); gn[i] = Io<T>::store(kn * r);
-    }
-  } else if (gp && !gx && !gn) {
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) gp[i] = Io<T>::store(kp * PDMD_R);
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float r = PDMD_R;
-      if (gp) gp[i] = Io<T>::store(kp * r);
-      if (gx) gx[i] = Io<T>::store(kx * r);
-      if (gn) gn[i] = Io<T>::store(kn * r);
-    }
-  }
-#undef PDMD_R
 }
 
 // Gradients of sum_b grad[b] * loss[b] with respect to (pred, x_s, noise), in the input dtype;
@@ -115,21 +83,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subinterval_loss_bwd(
   const auto g = coef(grad, "grad", B);
   const at::Tensor P = pred.contiguous(), X = x_s.contiguous(), E = noise.contiguous();
   at::Tensor gp, gx, gn;
-  if (needs[0]) gp = at::empty_like(P);
-  if (needs[1]) gx = at::empty_like(X);
-  if (needs[2]) gn = at::empty_like(E);
+  if (needs[0]) gp = fresh_like(P);
+  if (needs[1]) gx = fresh_like(X);
+  if (needs[2]) gn = fresh_like(E);
   if (!needs[0] && !needs[1] && !needs[2]) return {gp, gx, gn};
-  dispatch(pred.scalar_type(), [&](auto tag) {
+  dispatch(pred.scalar_type(), [&](auto tag) { with_isa([&](auto isa) {
     using T = decltype(tag);
+    using K = SubKernels<decltype(isa)::value>;
     const auto p = raw<T>(P), x = raw<T>(X), e = raw<T>(E);
     const auto op = raw_mut<T>(gp), ox = raw_mut<T>(gx), oe = raw_mut<T>(gn);
     for_blocks(B, N, [&](int64_t b, int64_t off, int64_t len, int64_t) {
       const double k = 2.0 * g[b] * c[b].w / double(N);
-      subinterval_grad_block<T>(p + off, x + off, e + off, len, c[b], float(k * c[b].st),
-                                float(-k * c[b].b), float(-k * c[b].a), op ? op + off : nullptr,
-                                ox ? ox + off : nullptr, oe ? oe + off : nullptr);
+      K::template grad_block<T>(p + off, x + off, e + off, len, c[b], float(k * c[b].st), float(-k * c[b].b),
+                                float(-k * c[b].a), op ? op + off : nullptr, ox ? ox + off : nullptr,
+                                oe ? oe + off : nullptr);
     });
-  });
+  }); });
   return {gp, gx, gn};
 }
 
@@ -149,41 +118,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> subinterval_loss_trai
   const auto c = subinterval_coefs(alpha_s, sigma_s, alpha_t, sigma_t, clamp_max, prediction, B);
   const at::Tensor P = pred.contiguous(), X = x_s.contiguous(), E = noise.contiguous();
   at::Tensor gp, gx, gn;
-  if (needs[0]) gp = at::empty_like(P);
-  if (needs[1]) gx = at::empty_like(X);
-  if (needs[2]) gn = at::empty_like(E);
+  if (needs[0]) gp = fresh_like(P);
+  if (needs[1]) gx = fresh_like(X);
+  if (needs[2]) gn = fresh_like(E);
   std::vector<double> partial;
   int64_t nblk = 0;
-  dispatch(pred.scalar_type(), [&](auto tag) {
+  dispatch(pred.scalar_type(), [&](auto tag) { with_isa([&](auto isa) {
     using T = decltype(tag);
+    using K = SubKernels<decltype(isa)::value>;
     const auto p = raw<T>(P), x = raw<T>(X), e = raw<T>(E);
     const auto op = raw_mut<T>(gp), ox = raw_mut<T>(gx), oe = raw_mut<T>(gn);
     partial.assign(B * std::max<int64_t>(1, (N + kBlock - 1) / kBlock), 0.0);
     nblk = for_blocks(B, N, [&](int64_t b, int64_t off, int64_t len, int64_t task) {
-      // the common case (the fake-score update) in float32: one loop, sum and store together. Not for 16-bit
-      // types: GCC does not vectorise the rounding store inside the lane loop (measured 1.3x slower).
-      if (std::is_same_v<T, float> && op && !ox && !oe) {
-        const float kp = float(2.0 * c[b].w / double(N) * c[b].st);
-        const SubCoef cb = c[b];
-        const auto pp = p + off, xx = x + off, ee = e + off;
-        const auto o = op + off;
-        // the same lanes as residual_sq_sum: the loss is bit-identical to subinterval_loss_fwd's
-        partial[task] = lane_sums<1>(len, [&](int64_t i, float* t) {
-          const float r = cb.st * Io<T>::load(pp[i]) - cb.a * Io<T>::load(ee[i]) - cb.b * Io<T>::load(xx[i]);
-          t[0] = r * r;
-          o[i] = Io<T>::store(kp * r);
-        })[0];
-        return;
-      }
-      partial[task] = residual_sq_sum<T>(p + off, x + off, e + off, len, c[b]);
-      if (op || ox || oe) {  // the block is still in cache: this second loop reads no memory again
-        const double k = 2.0 * c[b].w / double(N);
-        subinterval_grad_block<T>(p + off, x + off, e + off, len, c[b], float(k * c[b].st), float(-k * c[b].b),
-                                  float(-k * c[b].a), op ? op + off : nullptr, ox ? ox + off : nullptr,
-                                  oe ? oe + off : nullptr);
-      }
+      const double k = 2.0 * c[b].w / double(N);
+      partial[task] = K::template train_block<T>(p + off, x + off, e + off, len, c[b], float(k * c[b].st),
+                                                 float(-k * c[b].b), float(-k * c[b].a), op ? op + off : nullptr,
+                                                 ox ? ox + off : nullptr, oe ? oe + off : nullptr);
     });
-  });
+  }); });
   auto sums = per_sample(partial, B, nblk);
   for (int64_t b = 0; b < B; ++b) sums[b] = c[b].w * sums[b] / double(N);
   return {float_vector(sums), gp, gx, gn};
@@ -198,16 +150,39 @@ void scale_rows_(at::Tensor g, const at::Tensor& k) {
   TORCH_CHECK_VALUE(g.is_contiguous(), "g must be contiguous");
   const int64_t B = g.size(0), N = g.numel() / B;
   const auto kb = coef(k, "k", B);
-  dispatch(g.scalar_type(), [&](auto tag) {
+  // A row scaled by exactly 1 is left as it is: kf * v == v for every float32 v (and the 16-bit store of
+  // it gives back its bits, NaN payloads aside), so the common loss.sum().backward() costs no pass here.
+  if (std::all_of(kb.begin(), kb.end(), [](double v) { return float(v) == 1.0f; })) return;
+  dispatch(g.scalar_type(), [&](auto tag) { with_isa([&](auto isa) {
     using T = decltype(tag);
+    using K = SubKernels<decltype(isa)::value>;
     const auto o = raw_mut<T>(g);
     for_blocks(B, N, [&](int64_t b, int64_t off, int64_t len, int64_t) {
       const float kf = float(kb[b]);
-      auto* __restrict__ v = o + off;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) v[i] = Io<T>::store(kf * Io<T>::load(v[i]));
+      if (kf != 1.0f) K::template scale_block<T>(o + off, len, kf);
     });
-  });
+  }); });
+}
+
+// k[b] * g[b, :] into a fresh tensor of g's dtype (float32 math, one rounding: as torch's
+// (g * k).to(g.dtype)): the backward of a one-pass op when the saved gradient must stay as it is
+// (a per-sample incoming gradient, e.g. from loss.mean(), may come again through the same graph).
+at::Tensor scale_rows(const at::Tensor& g, const at::Tensor& k) {
+  check_batch(g, "g");
+  const int64_t B = g.size(0), N = g.numel() / B;
+  const auto kb = coef(k, "k", B);
+  const at::Tensor G = g.contiguous();
+  at::Tensor out = fresh_like(G);
+  dispatch(G.scalar_type(), [&](auto tag) { with_isa([&](auto isa) {
+    using T = decltype(tag);
+    using K = SubKernels<decltype(isa)::value>;
+    const auto v = raw<T>(G);
+    const auto o = raw_mut<T>(out);
+    for_blocks(B, N, [&](int64_t b, int64_t off, int64_t len, int64_t) {
+      K::template scale_to_block<T>(v + off, len, float(kb[b]), o + off);
+    });
+  }); });
+  return out;
 }
 
 }  // namespace
@@ -222,6 +197,7 @@ TORCH_LIBRARY_FRAGMENT(pdmd_native, m) {
         "Tensor alpha_t, Tensor sigma_t, float clamp_max, str prediction, bool[3] needs) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scale_rows_(Tensor(a!) g, Tensor k) -> ()");
+  m.def("scale_rows(Tensor g, Tensor k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pdmd_native, CPU, m) {
@@ -229,4 +205,5 @@ TORCH_LIBRARY_IMPL(pdmd_native, CPU, m) {
   m.impl("subinterval_loss_bwd", &subinterval_loss_bwd);
   m.impl("subinterval_loss_train", &subinterval_loss_train);
   m.impl("scale_rows_", &scale_rows_);
+  m.impl("scale_rows", &scale_rows);
 }

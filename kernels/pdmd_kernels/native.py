@@ -9,6 +9,8 @@ compute in float32 and return losses in float32 and gradients in the inputs' dty
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,10 @@ __all__ = [
     "unavailable_reason",
     "library_path",
     "build_info",
+    "isa",
+    "isas",
+    "set_isa",
+    "use_isa",
     "supports",
     "DTYPES",
     "subinterval_loss",
@@ -45,7 +51,9 @@ def library_path() -> Path | None:
 
 # every op the sources define: a library missing one was built from older sources
 _OPS = ("subinterval_loss_fwd", "subinterval_loss_bwd", "subinterval_loss_train", "dmd_loss_fwd", "dmd_loss_bwd",
-        "dmd_loss_train", "scale_rows_", "renoise", "renoise_bwd", "adamw8bitv_step", "adamw8bitv_multi_step")
+        "dmd_loss_train", "scale_rows_", "scale_rows", "renoise", "renoise_bwd", "adamw8bitv_step", "adamw8bitv_multi_step",
+        "isa", "isas", "set_isa")
+ISA_ENV = "PDMD_NATIVE_ISA"
 
 
 def _load() -> str | None:
@@ -63,6 +71,11 @@ def _load() -> str | None:
         reason = f"{path.name} failed to load ({type(e).__name__}: {e}); rebuild with `python -m pdmd_kernels.build --force`"
         warnings.warn(f"pdmd_kernels native backend unavailable: {reason}", RuntimeWarning, stacklevel=2)
         return reason
+    want = os.environ.get(ISA_ENV, "").strip() or "auto"
+    try:
+        torch.ops.pdmd_native.set_isa(want)
+    except (ValueError, RuntimeError) as e:  # a bad override must not break the import: the best copy is used
+        warnings.warn(f"${ISA_ENV}={want!r} ignored: {e}", RuntimeWarning, stacklevel=2)
     return None
 
 
@@ -82,6 +95,37 @@ def unavailable_reason() -> str | None:
 def build_info() -> str | None:
     """Torch version, instruction set and block size the library was built with (None if unavailable)."""
     return torch.ops.pdmd_native.build_info() if available() else None
+
+
+def isa() -> str | None:
+    """The instruction set of the loss kernels in use: "baseline" (the build's -march, x86-64-v2 by
+    default), "avx2" or "avx512" (None if unavailable). Chosen at load time: the best this CPU runs,
+    or ``$PDMD_NATIVE_ISA`` (auto, baseline, avx2, avx512). Every choice computes the same bits."""
+    return torch.ops.pdmd_native.isa() if available() else None
+
+
+def isas() -> list[str]:
+    """The instruction sets of the loss kernels this CPU can run, baseline first ([] if unavailable)."""
+    return list(torch.ops.pdmd_native.isas()) if available() else []
+
+
+def set_isa(name: str) -> str:
+    """Use the loss kernels compiled for ``name`` (auto, baseline, avx2, avx512); returns the previous one.
+
+    For tests and benchmarks: the results are the same bits whichever is used (fixed-lane sums, no FMA).
+    ValueError for a name this CPU (or this build) cannot run.
+    """
+    return torch.ops.pdmd_native.set_isa(name) if available() else _ops()
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """``with native.use_isa("baseline"): ...`` runs the block with that copy of the kernels, then restores."""
+    before = set_isa(name)
+    try:
+        yield
+    finally:
+        set_isa(before)
 
 
 def supports(device_type: str, dtype: torch.dtype, forced: bool = False) -> bool:
@@ -209,10 +253,14 @@ def register_backends(register_backend) -> None:
     def scale_(g, k):  # the one-pass ops' backward: g[b] *= k[b] in place, float32 math
         _ops().scale_rows_(g, k)
 
+    def scale(g, k):  # the same into a fresh tensor (the saved g kept as it is)
+        return _ops().scale_rows(g, k)
+
     register_backend("subinterval_loss", "native",
-                     types.SimpleNamespace(forward=subinterval_loss, train=sub_train, scale_=scale_), supports)
-    register_backend("dmd_loss", "native", types.SimpleNamespace(forward=dmd_fwd, train=dmd_train, scale_=scale_),
+                     types.SimpleNamespace(forward=subinterval_loss, train=sub_train, scale_=scale_, scale=scale),
                      supports)
+    register_backend("dmd_loss", "native",
+                     types.SimpleNamespace(forward=dmd_fwd, train=dmd_train, scale_=scale_, scale=scale), supports)
     register_backend("renoise", "native", types.SimpleNamespace(
         forward=renoise,
         backward=lambda grad, alpha_ts, sigma_ts, dtypes, needs: renoise_grads(grad, alpha_ts, sigma_ts, needs)),

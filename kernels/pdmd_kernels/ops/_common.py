@@ -152,19 +152,29 @@ def broadcast_scalar(grad: Tensor) -> bool:
     return grad.dim() == 1 and grad.stride(0) == 0
 
 
+NATIVE_SCALE_MIN = 1 << 15  # elements: from here a float32 backward scale goes to the backend's scale_
+
+
 def scale_saved_(g: Tensor, grad: Tensor, inplace: bool, impl=None) -> Tensor:
     """Backward of a one-pass op: ``grad[b] * g``, in place when ``inplace`` (then ``g`` is spent).
 
     ``grad`` [B] float32; a broadcast scalar is applied as its one element (no [B] copy). A backend
-    with ``scale_(g, k)`` (native: one vectorised pass in float32 math) does the in-place product.
+    with ``scale_(g, k)`` and ``scale(g, k)`` (native: one vectorised pass in float32 math; rows scaled by
+    exactly 1 skipped in place) does the product, in place or into a fresh tensor.
     """
+    # The backend's scale_ when it has one (native) on a large g: torch's mixed-dtype in-place multiply of a 16-bit g
+    # by a float32 scale is not vectorised on CPU, and the native one skips rows scaled by exactly 1 (the
+    # loss.sum().backward() case: kf * v == v), reading the [B] scale on the host: no sync on a CPU backend. On a
+    # small float32 g the call's own cost dominates: one multiply by a 0-d element is cheaper (the same bits).
+    if (g.dtype in (torch.float32, torch.bfloat16, torch.float16) and hasattr(impl, "scale_")
+            and g.is_contiguous() and g.dim() > 1 and (g.dtype != torch.float32 or g.numel() >= NATIVE_SCALE_MIN)):
+        k = grad.detach().to(torch.float32).contiguous()
+        if inplace:
+            impl.scale_(g, k)
+            return g
+        return impl.scale(g, k)  # a fresh tensor in one pass (torch's bfloat16 * float32 goes through float32)
     if inplace and grad.dtype == g.dtype and grad.dim() == 1 and grad.stride(0) == 0:
         return g.mul_(grad[0])  # loss.sum() on float32/float64: one multiply by a 0-d element
-    # 16-bit g: torch's mixed-dtype in-place multiply by a float32 scale is not vectorised on CPU
-    if (inplace and g.dtype in (torch.bfloat16, torch.float16) and hasattr(impl, "scale_") and g.is_contiguous()
-            and g.dim() > 1):
-        impl.scale_(g, grad.detach().to(torch.float32).contiguous())
-        return g
     k = grad[:1] if broadcast_scalar(grad) else grad
     k = bcast(k.to(torch.float64 if g.dtype == torch.float64 else torch.float32), g)
     if inplace:
