@@ -86,12 +86,14 @@ def _res_name(resolution) -> str:
     return f"{f}x{h}x{w}"
 
 
-def _settings(kind, spec, prompts, negative_prompt, max_sequence_length):
-    """(negative prompt, token limit, padded length, digest) of a cache of ``prompts`` with these settings."""
+def _settings(kind, spec, prompts, negative_prompt, max_sequence_length, images_digest=None):
+    """(negative prompt, token limit, padded length, digest) of a cache of ``prompts`` (and the conditioning images
+    of ``images_digest``) with these settings."""
     negative = spec.prompts.default_negative if negative_prompt is None else negative_prompt
     max_len = max_sequence_length or spec.prompts.max_sequence_length
     pad_to = spec.prompts.padded_length(max_len)
-    return negative, max_len, pad_to, _digest(kind, list(prompts), negative, pad_to if pad_to is not None else max_len)
+    return negative, max_len, pad_to, _digest(kind, list(prompts), negative, pad_to if pad_to is not None else max_len,
+                                              images_digest)
 
 
 def is_cached(out_dir, kind: str, prompts: Sequence[str], negative_prompt: str | None = None,
@@ -123,11 +125,11 @@ def encode_with(kind: str, components: dict, prompts: Sequence[str], out_dir, ne
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if max_sequence_length is not None and spec.prompts.max_sequence_length is None:
         raise ValueError(f"max_sequence_length: {spec.title} takes none (it pads per batch with a mask)")
-    negative, max_len, pad_to, digest = _settings(kind, spec, prompts, negative_prompt, max_sequence_length)
+    negative, max_len, pad_to, digest = _settings(kind, spec, prompts, negative_prompt, max_sequence_length,
+                                                  images_digest)
     out = Path(out_dir)
     meta = {"kind": kind, "count": len(prompts), "negative_prompt": negative, "pad_to": pad_to, "shard_size": shard_size,
-            "digest": _digest(kind, prompts, negative, pad_to if pad_to is not None else max_len, images_digest),
-            "prompts": prompts}
+            "digest": digest, "prompts": prompts}
     if images_digest is not None:
         meta["images"] = {"keys": list(spec.prompts.images.keys), "digest": images_digest}
     old = read_json(out / META) if (out / META).is_file() else None

@@ -161,6 +161,17 @@ def encode_validation(cfg: RunConfig, progress: bool = True) -> Path | None:
                           device=cfg.device, progress=progress, replace=True, **extra)
 
 
+def export_now(cfg: RunConfig, trainer, folder, par, extra: dict | None = None) -> dict:
+    """The experts as they are into ``folder`` (``export.sampler``, ``export.format``); the adapters are gathered on
+    every rank (FSDP2), rank 0 writes. Returns the manifest."""
+    from pdmd.pipeline.export import export_experts, formats_of
+
+    plan = trainer.plan
+    return export_experts(trainer.experts.module, folder, list(plan.timesteps[:-1]), list(plan.boundaries[1:-1]),
+                          sampler=cfg.export.sampler, write=par.is_main, extra=extra,
+                          formats=formats_of(cfg.export.format))
+
+
 class PeriodicExport(Periodic):
     """Every ``export.export_every`` updates the experts as they are, into ``<export dir>/step_N/`` (LoRA files and
     manifest with its ``step``; written beside it and renamed whole); the ``export.keep`` newest are kept. The
@@ -168,8 +179,7 @@ class PeriodicExport(Periodic):
 
     def __init__(self, cfg: RunConfig, out: Path, par):
         super().__init__(cfg.export.export_every, par)
-        self.dir, self.keep, self.sampler = Path(cfg.export.dir or out / "experts"), cfg.export.keep, cfg.export.sampler
-        self.format = cfg.export.format
+        self.cfg, self.dir, self.keep = cfg, Path(cfg.export.dir or out / "experts"), cfg.export.keep
         if par.is_main:
             clean_step_temps(self.dir)
 
@@ -177,14 +187,9 @@ class PeriodicExport(Periodic):
         return (step_dir(self.dir, trainer.step) / MANIFEST).is_file()
 
     def run(self, trainer) -> None:
-        from pdmd.pipeline.export import export_experts, formats_of
-
         dest = step_dir(self.dir, trainer.step)
         tmp = staging(dest) if self.par.is_main else dest
-        plan = trainer.plan
-        export_experts(trainer.experts.module, tmp, list(plan.timesteps[:-1]), list(plan.boundaries[1:-1]),
-                       sampler=self.sampler, write=self.par.is_main, extra={"step": trainer.step},
-                       formats=formats_of(self.format))
+        export_now(self.cfg, trainer, tmp, self.par, extra={"step": trainer.step})
         if self.par.is_main:
             install_dir(tmp, dest)
             rotate_steps(self.dir, self.keep, trainer.step)
@@ -267,13 +272,7 @@ class RealHooks(Hooks):
         return cbs
 
     def finish(self, cfg, trainer, out, par, seconds):
-        from pdmd.pipeline.export import export_experts, formats_of
-
-        plan = trainer.plan
-        manifest = export_experts(trainer.experts.module, cfg.export.dir or out / "experts", list(plan.timesteps[:-1]),
-                                  list(plan.boundaries[1:-1]), sampler=cfg.export.sampler,
-                                  write=par.is_main,  # adapters gathered on every rank
-                                  formats=formats_of(cfg.export.format))
+        manifest = export_now(cfg, trainer, cfg.export.dir or out / "experts", par)
         manifest["seconds"] = round(seconds["distillation"], 1)
         return manifest
 
